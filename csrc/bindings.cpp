@@ -1,0 +1,128 @@
+// sparsekern._C: raw pointers (as Python ints) and sizes in, nothing torch-specific, so the
+// extension does not depend on the installed torch's C++ ABI. Python validates every input
+// (sparsekern/ops/*.py) before it reaches these entry points.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "sparsekern/bn_relu.h"
+#include "sparsekern/channel_absmax.h"
+#include "sparsekern_build_info.h"
+
+namespace py = pybind11;
+using sparsekern::DType;
+using sparsekern::View4;
+
+namespace {
+
+View4 make_view(int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr, int64_t sl) {
+  return View4{n, c, r, l, sn, sc, sr, sl};
+}
+
+DType make_dtype(int code) {
+  if (code < 0 || code > 2) throw std::invalid_argument("sparsekern._C: unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+template <typename T>
+T* ptr(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+#ifdef SPARSEKERN_WITH_CUDA
+void check_cuda(const char* err, const char* op) {
+  if (err && err[0]) throw std::runtime_error(std::string("sparsekern._C.") + op + ": " + err);
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "sparsekern compiled kernels (C++ CPU and, when built with nvcc, CUDA)";
+
+#ifdef SPARSEKERN_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+#ifdef SPARSEKERN_WITH_OPENMP
+  m.attr("with_openmp") = true;
+#else
+  m.attr("with_openmp") = false;
+#endif
+
+  m.def("build_info", []() {
+    py::dict d;
+    d["compiler"] = SPARSEKERN_COMPILER;
+    d["pybind11"] = SPARSEKERN_PYBIND11_VERSION;
+#ifdef SPARSEKERN_WITH_OPENMP
+    d["openmp"] = true;
+#else
+    d["openmp"] = false;
+#endif
+#if defined(__AVX2__) && defined(__F16C__)
+    d["cpu_simd"] = "avx2+f16c";
+#else
+    d["cpu_simd"] = "scalar";
+#endif
+#ifdef SPARSEKERN_WITH_CUDA
+    d["cuda"] = SPARSEKERN_CUDA_VERSION;
+    d["cuda_archs"] = SPARSEKERN_CUDA_ARCHS;
+#else
+    d["cuda"] = py::none();
+    d["cuda_archs"] = py::none();
+#endif
+    return d;
+  });
+
+  m.def(
+      "channel_absmax_cpu",
+      [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
+         int64_t sl, uintptr_t out, uintptr_t pos) {
+        sparsekern::channel_absmax_cpu(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
+                                       ptr<float>(out), ptr<int64_t>(pos));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+  m.def(
+      "bn_relu_cpu",
+      [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
+         int64_t sl, uintptr_t scale, uintptr_t shift, uintptr_t dead, uintptr_t y, int64_t ysn, int64_t ysc,
+         int64_t ysr, int64_t ysl, uintptr_t out_max) {
+        sparsekern::bn_relu_cpu(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
+                                ptr<const float>(scale), ptr<const float>(shift), ptr<const uint8_t>(dead),
+                                ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl), ptr<float>(out_max));
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+#ifdef SPARSEKERN_WITH_CUDA
+  m.def(
+      "channel_absmax_cuda",
+      [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
+         int64_t sl, uintptr_t out, uintptr_t pos, uintptr_t stream) {
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = sparsekern::channel_absmax_cuda(ptr<const void>(x), make_dtype(dtype),
+                                                make_view(n, c, r, l, sn, sc, sr, sl), ptr<float>(out),
+                                                ptr<int64_t>(pos), ptr<void>(stream));
+        }
+        check_cuda(err, "channel_absmax_cuda");
+      });
+  m.def(
+      "bn_relu_cuda",
+      [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
+         int64_t sl, uintptr_t scale, uintptr_t shift, uintptr_t dead, uintptr_t y, int64_t ysn, int64_t ysc,
+         int64_t ysr, int64_t ysl, uintptr_t out_max, uintptr_t stream) {
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = sparsekern::bn_relu_cuda(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
+                                         ptr<const float>(scale), ptr<const float>(shift), ptr<const uint8_t>(dead),
+                                         ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl),
+                                         ptr<float>(out_max), ptr<void>(stream));
+        }
+        check_cuda(err, "bn_relu_cuda");
+      });
+#endif
+}

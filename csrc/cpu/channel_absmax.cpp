@@ -1,0 +1,238 @@
+// channel_absmax on the CPU: out[n, c] = max |x[n, c, :, :]|, NaN-propagating, with an
+// optional count of positive elements from the same pass.
+//
+// Two layouts get a vectorised path:
+//  * rows   (stride_l == 1, e.g. NCHW): each (n, c) reduces R contiguous rows of L elements;
+//           OpenMP over the N*C (n, c) pairs.
+//  * inner-channel (stride_c == 1, e.g. channels_last, or (N, C)): each position holds a
+//           contiguous run of channels; a task owns (n, block of channels, chunk of
+//           positions) and keeps its running maxima in a small buffer, so every byte is read
+//           once and sequentially. Position chunks exist so that small N still fills the cores.
+// Anything else goes through a scalar strided loop (correct, not fast).
+//
+// NaN handling: max instructions drop NaN operands, so NaN is tracked in a separate mask
+// and written as the result at the end.
+#include "sparsekern/channel_absmax.h"
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "sparsekern/cpu_simd.h"
+
+#ifdef SPARSEKERN_WITH_OPENMP
+#include <omp.h>
+#endif
+
+namespace sparsekern {
+namespace {
+
+using cpu::bf16_t;
+using cpu::f16_t;
+using cpu::to_float;
+
+inline int max_threads() {
+#ifdef SPARSEKERN_WITH_OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+struct RowAcc {
+  float mx = 0.0f;
+  bool nan = false;
+  int64_t pos = 0;
+};
+
+// Reduce `len` contiguous elements into acc.
+template <typename T, bool COUNT>
+inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
+  int64_t i = 0;
+#ifdef SPARSEKERN_AVX2
+  if (len >= 32) {
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
+    __m256 bad = _mm256_setzero_ps();
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0;
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 32 <= len; i += 32) {
+      __m256 a0 = cpu::load8(p + i), a1 = cpu::load8(p + i + 8);
+      __m256 a2 = cpu::load8(p + i + 16), a3 = cpu::load8(p + i + 24);
+      if (COUNT) {
+        c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a0, zero, _CMP_GT_OQ)));
+        c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(a1, zero, _CMP_GT_OQ)));
+        c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a2, zero, _CMP_GT_OQ)));
+        c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(a3, zero, _CMP_GT_OQ)));
+      }
+      // unordered(a, b) is true if either is NaN: two compares cover four vectors.
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, a1, _CMP_UNORD_Q));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a2, a3, _CMP_UNORD_Q));
+      m0 = _mm256_max_ps(m0, cpu::abs8(a0));
+      m1 = _mm256_max_ps(m1, cpu::abs8(a1));
+      m2 = _mm256_max_ps(m2, cpu::abs8(a2));
+      m3 = _mm256_max_ps(m3, cpu::abs8(a3));
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    for (float v : lanes) acc.mx = std::max(acc.mx, v);
+    if (_mm256_movemask_ps(bad)) acc.nan = true;
+    if (COUNT) {
+      alignas(32) int32_t cl[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(cl), _mm256_add_epi32(c0, c1));
+      for (int32_t v : cl) acc.pos += v;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    const float v = to_float(p[i]);
+    if (v != v) acc.nan = true;
+    acc.mx = std::max(acc.mx, std::fabs(v));
+    if (COUNT) acc.pos += v > 0.0f;
+  }
+}
+
+template <typename T, bool COUNT>
+void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
+  const int64_t tasks = v.n * v.c;
+#pragma omp parallel for schedule(static) if (tasks * v.r * v.l > 32768)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t n = t / v.c, c = t % v.c;
+    const T* base = x + n * v.sn + c * v.sc;
+    RowAcc acc;
+    if (v.r == 1 || v.sr == v.l) {
+      reduce_row<T, COUNT>(base, v.r * v.l, acc);
+    } else {
+      for (int64_t r = 0; r < v.r; ++r) reduce_row<T, COUNT>(base + r * v.sr, v.l, acc);
+    }
+    out[t] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.mx;
+    if (COUNT) pos[t] = acc.pos;
+  }
+}
+
+constexpr int64_t kChannelBlock = 256;
+
+// Reduce positions [p0, p1) of sample n, channels [c0, c0 + cb), into mx / bad / cnt.
+template <typename T, bool COUNT>
+void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int64_t cb, int64_t p0,
+                         int64_t p1, float* mx, float* bad, int32_t* cnt) {
+  for (int64_t c = 0; c < cb; ++c) { mx[c] = 0.0f; bad[c] = 0.0f; cnt[c] = 0; }
+  const T* base = x + n * v.sn + c0;  // stride_c == 1
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = base + (p / v.l) * v.sr + (p % v.l) * v.sl;
+    int64_t c = 0;
+#ifdef SPARSEKERN_AVX2
+    const __m256 zero = _mm256_setzero_ps();
+    for (; c + 8 <= cb; c += 8) {
+      __m256 a = cpu::load8(row + c);
+      _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), cpu::abs8(a)));
+      _mm256_storeu_ps(bad + c, _mm256_or_ps(_mm256_loadu_ps(bad + c), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
+      if (COUNT) {
+        __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + c));
+        k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cnt + c), k);
+      }
+    }
+#endif
+    for (; c < cb; ++c) {
+      const float a = to_float(row[c]);
+      if (a != a) bad[c] = 1.0f;  // any nonzero bit pattern marks NaN
+      mx[c] = std::max(mx[c], std::fabs(a));
+      if (COUNT) cnt[c] += a > 0.0f;
+    }
+  }
+}
+
+template <typename T, bool COUNT>
+void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
+  const int64_t positions = v.r * v.l;
+  const int64_t cblocks = (v.c + kChannelBlock - 1) / kChannelBlock;
+  const int64_t threads = max_threads();
+  // Split positions only when (n, channel block) pairs alone cannot fill the cores.
+  int64_t splits = 1;
+  if (v.n * cblocks < 2 * threads && positions >= 64) {
+    splits = std::min<int64_t>((2 * threads + v.n * cblocks - 1) / (v.n * cblocks), positions / 32);
+    splits = std::max<int64_t>(splits, 1);
+  }
+  const int64_t tasks = v.n * cblocks * splits;
+  // Partial results per task; merged below (cheap: tasks * kChannelBlock values).
+  std::vector<float> pmx(tasks * kChannelBlock), pbad(tasks * kChannelBlock);
+  std::vector<int32_t> pcnt(COUNT ? tasks * kChannelBlock : 0);
+#pragma omp parallel for schedule(static) if (v.n * v.c * positions > 32768)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t s = t % splits, nb = t / splits;
+    const int64_t n = nb / cblocks, b = nb % cblocks;
+    const int64_t c0 = b * kChannelBlock, cb = std::min(kChannelBlock, v.c - c0);
+    const int64_t p0 = positions * s / splits, p1 = positions * (s + 1) / splits;
+    inner_channel_block<T, COUNT>(x, v, n, c0, cb, p0, p1, &pmx[t * kChannelBlock], &pbad[t * kChannelBlock],
+                                  COUNT ? &pcnt[t * kChannelBlock] : nullptr);
+  }
+  for (int64_t nb = 0; nb < v.n * cblocks; ++nb) {
+    const int64_t n = nb / cblocks, c0 = (nb % cblocks) * kChannelBlock;
+    const int64_t cb = std::min(kChannelBlock, v.c - c0);
+    for (int64_t c = 0; c < cb; ++c) {
+      float m = 0.0f;
+      bool nan = false;
+      int64_t k = 0;
+      for (int64_t s = 0; s < splits; ++s) {
+        const int64_t i = (nb * splits + s) * kChannelBlock + c;
+        m = std::max(m, pmx[i]);
+        nan = nan || pbad[i] != 0.0f;
+        if (COUNT) k += pcnt[i];
+      }
+      out[n * v.c + c0 + c] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
+      if (COUNT) pos[n * v.c + c0 + c] = k;
+    }
+  }
+}
+
+template <typename T, bool COUNT>
+void strided_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
+#pragma omp parallel for schedule(static)
+  for (int64_t t = 0; t < v.n * v.c; ++t) {
+    const int64_t n = t / v.c, c = t % v.c;
+    RowAcc acc;
+    for (int64_t r = 0; r < v.r; ++r)
+      for (int64_t l = 0; l < v.l; ++l) {
+        const float a = to_float(x[n * v.sn + c * v.sc + r * v.sr + l * v.sl]);
+        if (a != a) acc.nan = true;
+        acc.mx = std::max(acc.mx, std::fabs(a));
+        if (COUNT) acc.pos += a > 0.0f;
+      }
+    out[t] = acc.nan ? std::numeric_limits<float>::quiet_NaN() : acc.mx;
+    if (COUNT) pos[t] = acc.pos;
+  }
+}
+
+template <typename T, bool COUNT>
+void dispatch_layout(const T* x, const View4& v, float* out, int64_t* pos) {
+  if (v.sl == 1 && v.l >= 16) {
+    rows_kernel<T, COUNT>(x, v, out, pos);
+  } else if (v.sc == 1) {
+    inner_channel_kernel<T, COUNT>(x, v, out, pos);
+  } else if (v.sl == 1) {
+    rows_kernel<T, COUNT>(x, v, out, pos);
+  } else {
+    strided_kernel<T, COUNT>(x, v, out, pos);
+  }
+}
+
+template <typename T>
+void dispatch_count(const void* x, const View4& v, float* out, int64_t* pos) {
+  if (pos) {
+    dispatch_layout<T, true>(static_cast<const T*>(x), v, out, pos);
+  } else {
+    dispatch_layout<T, false>(static_cast<const T*>(x), v, out, pos);
+  }
+}
+
+}  // namespace
+
+void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos) {
+  switch (dtype) {
+    case DType::kFloat32: dispatch_count<float>(x, v, out_max, out_pos); break;
+    case DType::kFloat16: dispatch_count<cpu::f16_t>(x, v, out_max, out_pos); break;
+    case DType::kBFloat16: dispatch_count<cpu::bf16_t>(x, v, out_max, out_pos); break;
+  }
+}
+
+}  // namespace sparsekern

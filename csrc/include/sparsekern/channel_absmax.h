@@ -1,0 +1,17 @@
+#pragma once
+#include "sparsekern/common.h"
+
+namespace sparsekern {
+
+// out_max[n*C + c] = max over (r, l) of |x[n, c, r, l]| as float32; NaN if any element was NaN.
+// out_pos (nullable): number of elements > 0 per (n, c).
+void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos);
+
+#ifdef SPARSEKERN_WITH_CUDA
+// Same contract on device pointers, launched on `stream` (a cudaStream_t). Returns a
+// non-empty error string on failure.
+const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max,
+                                int64_t* out_pos, void* stream);
+#endif
+
+}  // namespace sparsekern

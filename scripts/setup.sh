@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One-time set-up from a fresh clone: Python dependencies, the Fashion-MNIST data package
+# (where apt is available) and the compiled extension. Safe to run again: it skips what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+
+# torch: keep an installed torch >= 2.11 with torchvision (e.g. a GPU image), else pin 2.14.1.
+if ! "$PY" - <<'PYEOF' 2>/dev/null
+import sys, torch, torchvision
+major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+sys.exit(0 if (major, minor) >= (2, 11) else 1)
+PYEOF
+then
+  "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+fi
+"$PY" -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja setuptools wheel numpy tqdm matplotlib \
+  pytest pytest-benchmark
+
+# Real Fashion-MNIST from Debian (the default dataset); skipped quietly where apt is absent.
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) \
+    || echo "setup: could not install dataset-fashion-mnist with apt; pass --data-root to use another copy" >&2
+fi
+
+# sparsekern itself, editable, with sparsekern._C built by CMake (CUDA kernels when nvcc is found).
+"$PY" -m pip install -q --no-build-isolation -e .
+"$PY" -c "import sparsekern, json; print('sparsekern backends:', json.dumps(sparsekern.backends()['available']))"

@@ -1,0 +1,137 @@
+"""Which kernel backends exist on this machine, and which one an op call uses.
+
+Backends, in the order ``auto`` tries them:
+  cuda   - the CUDA C++ kernels in ``sparsekern._C`` (CUDA tensors; _C built with nvcc)
+  triton - the Triton kernels (CUDA tensors; or CPU tensors when TRITON_INTERPRET=1)
+  cpp    - the C++ CPU kernels in ``sparsekern._C`` (CPU tensors)
+  torch  - the pure-torch reference (anything; always available)
+
+``SPARSEKERN_BACKEND`` (auto|cuda|triton|cpp|torch) sets the default for calls that pass
+``backend="auto"``. Nothing here touches a CUDA driver at import time.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from functools import lru_cache
+
+import torch
+
+BACKENDS = ("cuda", "triton", "cpp", "torch")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call."""
+
+
+@lru_cache(maxsize=1)
+def _load_extension():
+    """Import sparsekern._C once; return (module or None, reason it failed or None)."""
+    try:
+        from sparsekern import _C  # type: ignore[attr-defined]
+    except ImportError as exc:
+        reason = (
+            f"sparsekern._C could not be loaded ({exc}); running on torch {torch.__version__}. "
+            "Rebuild it with `pip install --no-build-isolation -e .` from the source tree."
+        )
+        warnings.warn(
+            f"{reason} Falling back to the pure-torch reference kernels (slow on CPU).",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None, reason
+    return _C, None
+
+
+def extension():
+    """The compiled extension module, or None if it did not build / load."""
+    return _load_extension()[0]
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@lru_cache(maxsize=1)
+def triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_supports(backend: str, device: torch.device) -> tuple[bool, str]:
+    """(can run, why not) for a backend on tensors living on ``device``."""
+    if backend == "torch":
+        return True, ""
+    if backend == "cpp":
+        ext = extension()
+        if ext is None:
+            return False, _load_extension()[1] or "sparsekern._C is not built"
+        if device.type != "cpu":
+            return False, f"the cpp backend runs on CPU tensors, got a {device.type} tensor"
+        return True, ""
+    if backend == "cuda":
+        ext = extension()
+        if ext is None:
+            return False, _load_extension()[1] or "sparsekern._C is not built"
+        if not getattr(ext, "with_cuda", False):
+            return False, "sparsekern._C was built without CUDA kernels (nvcc not found or SPARSEKERN_CUDA=0)"
+        if device.type != "cuda":
+            return False, f"the cuda backend runs on CUDA tensors, got a {device.type} tensor"
+        return True, ""
+    if backend == "triton":
+        if not triton_importable():
+            return False, "triton is not installed"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and triton_interpret():
+            return True, ""
+        return False, (
+            f"the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), "
+            f"got a {device.type} tensor"
+        )
+    raise ValueError(f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}")
+
+
+def resolve(backend: str, device: torch.device, *, op: str) -> str:
+    """Pick the backend for one call. Explicit requests never fall back silently."""
+    if backend == "auto":
+        backend = os.environ.get("SPARSEKERN_BACKEND", "auto")
+    if backend != "auto":
+        ok, why = backend_supports(backend, device)
+        if not ok:
+            raise BackendUnavailableError(f"{op}: backend {backend!r} is unavailable: {why}")
+        return backend
+    for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+        if backend_supports(candidate, device)[0]:
+            return candidate
+    return "torch"
+
+
+def backends() -> dict:
+    """What is available here, and what sparsekern._C was built with."""
+    ext = extension()
+    cuda_ok = torch.cuda.is_available()
+    info = {
+        "torch": torch.__version__,
+        "triton": None,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda_ok else None,
+        "extension": None if ext is None else dict(ext.build_info()),
+        "extension_error": _load_extension()[1],
+        "available": {
+            "cpu": [b for b in ("cpp", "torch") if backend_supports(b, torch.device("cpu"))[0]]
+            + (["triton"] if backend_supports("triton", torch.device("cpu"))[0] else []),
+            "cuda": [b for b in BACKENDS if backend_supports(b, torch.device("cuda"))[0]] if cuda_ok else [],
+        },
+        "default": os.environ.get("SPARSEKERN_BACKEND", "auto"),
+    }
+    if triton_importable():
+        import triton
+
+        info["triton"] = triton.__version__
+    return info
+
+
+def cuda_stream_ptr(t: torch.Tensor) -> int:
+    """The raw cudaStream_t of the caller's current stream on t's device."""
+    return torch.cuda.current_stream(t.device).cuda_stream
