@@ -115,7 +115,11 @@ constexpr int64_t kChannelBlock = 256;
 template <typename T, bool COUNT>
 void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int64_t cb, int64_t p0,
                          int64_t p1, float* mx, float* bad, int32_t* cnt) {
-  for (int64_t c = 0; c < cb; ++c) { mx[c] = 0.0f; bad[c] = 0.0f; cnt[c] = 0; }
+  for (int64_t c = 0; c < cb; ++c) {
+    mx[c] = 0.0f;
+    bad[c] = 0.0f;
+    if (COUNT) cnt[c] = 0;  // cnt is null when not counting
+  }
   const T* base = x + n * v.sn + c0;  // stride_c == 1
   for (int64_t p = p0; p < p1; ++p) {
     const T* row = base + (p / v.l) * v.sr + (p % v.l) * v.sl;
