@@ -61,7 +61,7 @@ setup(
     ext_modules=[CMakeExtension("sparsekern._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
-    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
+    install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest", "pytest-benchmark"],
         "bench": ["pytest-benchmark", "torch-pruning"],

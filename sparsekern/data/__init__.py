@@ -1,0 +1,115 @@
+"""Datasets for sparsity experiments, behind one entry point.
+
+    from sparsekern.data import get_dataset, dataset_info, make_loader
+    train = get_dataset("fashion_mnist", train=True, augment=True)
+    loader = make_loader(train, batch_size=40, shuffle=True, seed=0)
+    info = dataset_info("fashion_mnist")   # DatasetInfo(in_channels=1, num_classes=10, image_size=28)
+
+Names: ``fashion_mnist`` (default of the project), ``cifar10``, ``cifar100``, ``imagenet``
+(an ImageFolder tree with 1000 classes), ``imagefolder`` (any ImageFolder tree; ``root``
+required), ``synthetic``. Hyphens and case are ignored (``Fashion-MNIST`` works). Nothing is
+ever downloaded: a missing corpus raises FileNotFoundError saying how to get it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+from sparsekern.data.datasets import (
+    DATA_ENV,
+    DatasetInfo,
+    InMemoryImageDataset,
+    SyntheticDataset,
+    TensorBatchLoader,
+    dataset_not_found,
+    load_cifar,
+    load_image_folder,
+    make_loader,
+    set_loader_epoch,
+)
+from sparsekern.data.fashion_mnist import FashionMNIST, load_fashion_mnist, read_idx
+
+_INFO = {
+    "fashion_mnist": DatasetInfo(1, 10, 28),
+    "cifar10": DatasetInfo(3, 10, 32),
+    "cifar100": DatasetInfo(3, 100, 32),
+    "imagenet": DatasetInfo(3, 1000, 224),
+    "synthetic": DatasetInfo(1, 10, 28),  # SyntheticDataset's defaults
+}
+DATASETS = tuple(_INFO) + ("imagefolder",)
+
+
+def _canonical(name: str) -> str:
+    key = name.lower().replace("-", "_")
+    key = {"fashionmnist": "fashion_mnist", "cifar_10": "cifar10", "cifar_100": "cifar100"}.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    return key
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Input channels, class count and image size of dataset ``name``.
+
+    ``imagefolder`` has no fixed answer: use the ``info`` attribute of the loaded dataset.
+    """
+    key = _canonical(name)
+    if key == "imagefolder":
+        raise ValueError("an imagefolder's class count depends on the folder: use get_dataset(...).info")
+    return _INFO[key]
+
+
+def get_dataset(
+    name: str,
+    *,
+    train: bool,
+    root: Optional[Union[str, Path]] = None,
+    augment: bool = False,
+    **options,
+):
+    """Load dataset ``name`` (split ``train``) from ``root`` (or the default places).
+
+    Every returned dataset has an ``info`` attribute (:class:`DatasetInfo`). Options:
+    ``synthetic`` takes ``num_samples`` (default 512), ``shape``, ``num_classes``, ``seed``;
+    ``imagenet`` / ``imagefolder`` take ``image_size`` and ``resize_size``.
+    """
+    key = _canonical(name)
+    if key not in ("synthetic", "imagenet", "imagefolder") and options:
+        raise TypeError(f"dataset {key!r} takes no options {sorted(options)}")
+    if key == "fashion_mnist":
+        return FashionMNIST(root, train=train, augment=augment)
+    if key in ("cifar10", "cifar100"):
+        return load_cifar(10 if key == "cifar10" else 100, root, train=train, augment=augment)
+    if key == "synthetic":
+        options.setdefault("num_samples", 512)
+        return SyntheticDataset(train=train, augment=augment, **options)
+    if key == "imagenet":
+        if root is None:
+            if not os.environ.get(DATA_ENV):
+                raise dataset_not_found(
+                    "ImageNet", [], f"Point root (or ${DATA_ENV}/imagenet) at a folder with train/ and val/."
+                )
+            root = Path(os.environ[DATA_ENV]) / "imagenet"
+        return load_image_folder(root, train=train, augment=augment, **options)
+    if root is None:
+        raise ValueError("the imagefolder dataset needs root= (the folder with one sub-folder per class)")
+    return load_image_folder(root, train=train, augment=augment, **options)
+
+
+__all__ = [
+    "DATA_ENV",
+    "DATASETS",
+    "DatasetInfo",
+    "FashionMNIST",
+    "InMemoryImageDataset",
+    "SyntheticDataset",
+    "TensorBatchLoader",
+    "dataset_info",
+    "get_dataset",
+    "load_cifar",
+    "load_fashion_mnist",
+    "load_image_folder",
+    "make_loader",
+    "read_idx",
+    "set_loader_epoch",
+]
