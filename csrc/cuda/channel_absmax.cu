@@ -1,7 +1,393 @@
-// Placeholder until the CUDA kernel lands; keeps the CUDA build linking.
+// channel_absmax on CUDA: out[n, c] = max |x[n, c, r, l]| as float32, NaN-propagating, with an
+// optional count of positive elements from the same pass.
+//
+// Exact by integer arithmetic. For non-negative IEEE values the bit patterns order like
+// unsigned integers, and every NaN with its sign cleared sorts above +inf. So the kernels
+// clear the sign bit and take an unsigned max of the raw storage bits:
+//  * the max is exact in every dtype, subnormals included (float max instructions would
+//    flush them under --use_fast_math's ftz);
+//  * a NaN wins the max by itself: no separate flag;
+//  * fp16 / bf16 are never converted except the one final value per (n, c).
+// Likewise "x > 0" is "raw bits in [1, +inf]": sign clear, not zero, not NaN.
+//
+// Layouts (the same choice as the CPU kernel):
+//  * rows (stride_l == 1, e.g. NCHW): a group of G lanes (4..32, by row length) reduces one
+//    (n, c) row with 16-byte loads from the first 16-byte aligned element on (scalar head and
+//    tail), four loads in flight per lane.
+//  * channels (stride_c == 1, e.g. channels_last, (N, C)): a 256-thread block owns
+//    (n, a tile of channels, a range of positions). threadIdx % TX picks VEC adjacent channels
+//    (one 16-byte load when alignment allows), threadIdx / TX walks the positions, and a
+//    shared-memory tree combines the position partials.
+//  * anything else: the rows kernel with scalar strided loads.
+// When N*C alone cannot fill the GPU, positions are split across groups / blocks; the partial
+// results meet through atomicMax on the float bits (same ordering argument: non-negative
+// floats and NaN) and atomicAdd on the counts, into outputs zeroed first.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
 #include "sparsekern/channel_absmax.h"
+
 namespace sparsekern {
-const char* channel_absmax_cuda(const void*, DType, const View4&, float*, int64_t*, void*) {
-  return "channel_absmax_cuda is not implemented yet";
+namespace {
+
+constexpr int kThreads = 256;
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// Storage traits: the unsigned type holding one element, the mask that clears its sign, the
+// bits of +inf, and the conversion of a (sign-cleared) bit pattern to float.
+struct F32 {
+  using U = uint32_t;
+  static constexpr uint32_t kAbs = 0x7fffffffu, kAll = 0xffffffffu, kInf = 0x7f800000u;
+  static __device__ float to_float(uint32_t b) { return __uint_as_float(b); }
+};
+struct F16 {
+  using U = uint16_t;
+  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7c00u;
+  // Exact: every half (subnormals too) is a normal float; NaN stays NaN.
+  static __device__ float to_float(uint32_t b) { return __half2float(__ushort_as_half(static_cast<unsigned short>(b))); }
+};
+struct BF16 {
+  using U = uint16_t;
+  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7f80u;
+  static __device__ float to_float(uint32_t b) {
+    return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
+  }
+};
+
+// A thread's running result: max of sign-cleared bits, and (COUNT) the positives it saw.
+// A thread's own count is 32-bit (overflow would need 2^32 elements through one thread);
+// group and block totals are 64-bit.
+struct Acc {
+  uint32_t mx = 0;
+  uint32_t pos = 0;
+};
+
+template <class D, bool COUNT>
+__device__ __forceinline__ void take(uint32_t raw, Acc& a) {
+  a.mx = max(a.mx, raw & D::kAbs);
+  if (COUNT) a.pos += ((raw - 1u) & D::kAll) < D::kInf;
 }
+
+// One 16-byte word: 4 floats or 8 halves (little endian: the low half comes first).
+template <class D, bool COUNT>
+__device__ __forceinline__ void take_vec(const uint4& w, Acc& a) {
+  const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (sizeof(typename D::U) == 4) {
+      take<D, COUNT>(words[k], a);
+    } else {
+      take<D, COUNT>(words[k] & 0xffffu, a);
+      take<D, COUNT>(words[k] >> 16, a);
+    }
+  }
+}
+
+template <class D>
+__device__ __forceinline__ uint32_t load_bits(const typename D::U* p) {
+  return static_cast<uint32_t>(__ldg(p));
+}
+
+// Store one (n, c) result; `atomic` when several splits contribute to it (outputs pre-zeroed).
+template <class D, bool COUNT>
+__device__ __forceinline__ void store(float* out, int64_t* pos, int64_t i, uint32_t mx, uint64_t count,
+                                      bool atomic) {
+  const float m = D::to_float(mx);  // non-negative or a positive NaN
+  if (atomic) {
+    atomicMax(reinterpret_cast<unsigned int*>(out + i), __float_as_uint(m));
+    if (COUNT) atomicAdd(reinterpret_cast<unsigned long long*>(pos + i), static_cast<unsigned long long>(count));
+  } else {
+    out[i] = m;
+    if (COUNT) pos[i] = static_cast<int64_t>(count);
+  }
+}
+
+// Reduce `len` contiguous elements at p with the `group` lanes of a group (lane = 0..group-1).
+template <class D, bool COUNT>
+__device__ void reduce_contiguous(const typename D::U* p, int64_t len, int lane, int group, Acc& a) {
+  using U = typename D::U;
+  constexpr int kVec = 16 / sizeof(U);
+  // Scalar head up to the first 16-byte boundary (p is always element aligned).
+  const int64_t head = imin(((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / sizeof(U), len);
+  for (int64_t i = lane; i < head; i += group) take<D, COUNT>(load_bits<D>(p + i), a);
+  const uint4* vec = reinterpret_cast<const uint4*>(p + head);
+  const int64_t nvec = (len - head) / kVec;
+  int64_t i = lane;
+  for (; i + 3 * group < nvec; i += 4 * group) {  // four independent loads in flight
+    const uint4 w0 = __ldg(vec + i), w1 = __ldg(vec + i + group);
+    const uint4 w2 = __ldg(vec + i + 2 * group), w3 = __ldg(vec + i + 3 * group);
+    take_vec<D, COUNT>(w0, a);
+    take_vec<D, COUNT>(w1, a);
+    take_vec<D, COUNT>(w2, a);
+    take_vec<D, COUNT>(w3, a);
+  }
+  for (; i < nvec; i += group) take_vec<D, COUNT>(__ldg(vec + i), a);
+  for (int64_t j = head + nvec * kVec + lane; j < len; j += group) take<D, COUNT>(load_bits<D>(p + j), a);
+}
+
+// Work item = ((n, c) row, split). A group of `group` lanes takes one item; the loop is
+// warp-uniform so every lane reaches the shuffles, valid item or not.
+template <class D, bool COUNT, bool CONTIG>
+__global__ void __launch_bounds__(kThreads)
+    rows_kernel(const typename D::U* __restrict__ x, View4 v, int group, int64_t splits, int64_t split_len,
+                float* __restrict__ out, int64_t* __restrict__ pos) {
+  const int64_t rows = v.n * v.c, items = rows * splits, positions = v.r * v.l;
+  const int groups_per_warp = 32 / group;
+  const int lane = threadIdx.x % 32, g_lane = lane % group;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * (kThreads / 32);
+  for (int64_t w = (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x) / 32; w * groups_per_warp < items;
+       w += warps) {
+    const int64_t item = w * groups_per_warp + lane / group;
+    Acc a;
+    if (item < items) {
+      const int64_t t = item / splits, s = item % splits;
+      const typename D::U* base = x + (t / v.c) * v.sn + (t % v.c) * v.sc;
+      int64_t p = s * split_len;
+      const int64_t p_end = imin(positions, p + split_len);
+      int64_t r = p / v.l, l = p - r * v.l;
+      while (p < p_end) {  // one contiguous run of a row r per step
+        const int64_t len = imin(v.l - l, p_end - p);
+        const typename D::U* run = base + r * v.sr + l * v.sl;
+        if (CONTIG) {
+          reduce_contiguous<D, COUNT>(run, len, g_lane, group, a);
+        } else {
+          for (int64_t i = g_lane; i < len; i += group) take<D, COUNT>(load_bits<D>(run + i * v.sl), a);
+        }
+        p += len;
+        ++r;
+        l = 0;
+      }
+    }
+    uint64_t count = a.pos;
+    for (int o = group / 2; o > 0; o >>= 1) {
+      a.mx = max(a.mx, __shfl_xor_sync(kFullMask, a.mx, o));
+      if (COUNT) count += __shfl_xor_sync(kFullMask, count, o);
+    }
+    if (item < items && g_lane == 0) store<D, COUNT>(out, pos, item / splits, a.mx, count, splits > 1);
+  }
+}
+
+// Work unit = (n, channel tile, split), one per block at a time (block-uniform loop, so the
+// __syncthreads are safe). Requires stride_c == 1; VEC > 1 also requires 16-byte alignment of
+// every (n, position) run of channels and C % VEC == 0 (checked by the launcher).
+template <class D, bool COUNT, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    channels_kernel(const typename D::U* __restrict__ x, View4 v, int tx_count, int64_t splits, int64_t split_len,
+                    float* __restrict__ out, int64_t* __restrict__ pos) {
+  __shared__ uint32_t s_mx[VEC * kThreads];
+  __shared__ unsigned long long s_pos[COUNT ? VEC * kThreads : 1];
+  const int tx = threadIdx.x % tx_count, ty = threadIdx.x / tx_count, ty_count = kThreads / tx_count;
+  const int64_t tile = static_cast<int64_t>(tx_count) * VEC;
+  const int64_t tiles = (v.c + tile - 1) / tile, units = v.n * tiles * splits, positions = v.r * v.l;
+  // Advancing a position by ty_count moves (r, l) by (dr, dl): no division in the loop.
+  const int64_t dr = ty_count / v.l, dl = ty_count % v.l;
+  for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
+    const int64_t s = u % splits, nt = u / splits, n = nt / tiles;
+    const int64_t c0 = (nt % tiles) * tile + static_cast<int64_t>(tx) * VEC;
+    Acc a[VEC];
+    if (c0 < v.c) {
+      const typename D::U* base = x + n * v.sn + c0;
+      int64_t p = s * split_len + ty;
+      const int64_t p_end = imin(positions, (s + 1) * split_len);
+      int64_t r = p / v.l, l = p - r * v.l;
+      // Several positions' loads in flight per thread; not for 8-channel (fp16/bf16) vectors,
+      // whose eight accumulators already fill the registers (unrolling them spills on sm_90).
+#pragma unroll(VEC > 4 ? 1 : 4)
+      for (; p < p_end; p += ty_count) {
+        const typename D::U* q = base + r * v.sr + l * v.sl;
+        if (VEC > 1) {  // VEC adjacent channels, one accumulator each
+          const uint4 w = __ldg(reinterpret_cast<const uint4*>(q));
+          const uint32_t words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            const uint32_t raw = sizeof(typename D::U) == 4 ? words[j] : (words[j / 2] >> (16 * (j % 2))) & 0xffffu;
+            take<D, COUNT>(raw, a[j]);
+          }
+        } else {
+          take<D, COUNT>(load_bits<D>(q), a[0]);
+        }
+        l += dl;
+        r += dr;
+        if (l >= v.l) {
+          l -= v.l;
+          ++r;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      s_mx[j * kThreads + threadIdx.x] = a[j].mx;
+      if (COUNT) s_pos[j * kThreads + threadIdx.x] = a[j].pos;
+    }
+    __syncthreads();
+    for (int half = ty_count / 2; half > 0; half /= 2) {  // tree over the position partials
+      if (ty < half) {
+        const int other = threadIdx.x + half * tx_count;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          s_mx[j * kThreads + threadIdx.x] = max(s_mx[j * kThreads + threadIdx.x], s_mx[j * kThreads + other]);
+          if (COUNT) s_pos[j * kThreads + threadIdx.x] += s_pos[j * kThreads + other];
+        }
+      }
+      __syncthreads();
+    }
+    if (ty == 0 && c0 < v.c) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        if (c0 + j < v.c) {
+          store<D, COUNT>(out, pos, n * v.c + c0 + j, s_mx[j * kThreads + threadIdx.x],
+                          COUNT ? s_pos[j * kThreads + threadIdx.x] : 0, splits > 1);
+        }
+      }
+    }
+    __syncthreads();  // the next unit reuses the shared arrays
+  }
+}
+
+inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t pow2_floor(int64_t v) {
+  int64_t p = 1;
+  while (p * 2 <= v) p *= 2;
+  return p;
+}
+
+inline int64_t pow2_ceil(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
+
+// Positions per split so that `units` pieces of work become about `target`, each split at
+// least `min_len` positions long (a multiple of `align`, which keeps split starts aligned).
+int64_t split_length(int64_t units, int64_t positions, int64_t target, int64_t min_len, int64_t align) {
+  if (units >= target || positions <= min_len) return positions;
+  const int64_t wanted = imin(ceil_div(target, units), ceil_div(positions, min_len));
+  return imin(positions, ceil_div(ceil_div(positions, wanted), align) * align);
+}
+
+template <class D, bool COUNT>
+const char* launch(const void* x_raw, const View4& v, float* out, int64_t* pos, cudaStream_t stream, int sms) {
+  using U = typename D::U;
+  constexpr int kVec = 16 / sizeof(U);
+  const U* x = static_cast<const U*>(x_raw);
+  const int64_t rows = v.n * v.c, positions = v.r * v.l;
+  const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads);  // one full wave
+  int64_t split_len = positions;
+
+  const bool rows_layout = (v.sl == 1 && v.l >= 16) || v.sc != 1;
+  if (rows_layout) {
+    const bool contig = v.sl == 1;
+    // Group size: about two 16-byte loads per lane per row (or two elements when strided).
+    // A split gives each lane at least four loads' worth (one unrolled step).
+    const int64_t per_lane = contig ? 2 * kVec : 2;
+    const int group = static_cast<int>(imin(32, imax(4, pow2_floor(v.l / per_lane))));
+    const int64_t groups_in_flight = max_blocks * (kThreads / group);
+    split_len = split_length(rows, positions, groups_in_flight, static_cast<int64_t>(group) * per_lane * 2, kVec);
+    const int64_t splits = ceil_div(positions, split_len);
+    if (splits > 1) {
+      cudaMemsetAsync(out, 0, rows * sizeof(float), stream);
+      if (COUNT) cudaMemsetAsync(pos, 0, rows * sizeof(int64_t), stream);
+    }
+    const int64_t blocks = imin(ceil_div(rows * splits, kThreads / group), max_blocks);
+    if (contig) {
+      rows_kernel<D, COUNT, true><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos);
+    } else {
+      rows_kernel<D, COUNT, false><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos);
+    }
+  } else {
+    // stride_c == 1. Vector loads need every run of channels 16-byte aligned and whole vectors.
+    const bool vec = reinterpret_cast<uintptr_t>(x) % 16 == 0 && v.c % kVec == 0 && v.sn % kVec == 0 &&
+                     v.sr % kVec == 0 && v.sl % kVec == 0;
+    const int64_t lanes_needed = ceil_div(v.c, vec ? kVec : 1);
+    const int tx_count = static_cast<int>(imin(32, pow2_ceil(lanes_needed)));
+    const int64_t tiles = ceil_div(v.c, static_cast<int64_t>(tx_count) * (vec ? kVec : 1));
+    const int ty_count = kThreads / tx_count;
+    // A split gives each thread at least eight positions.
+    split_len = split_length(v.n * tiles, positions, max_blocks, static_cast<int64_t>(ty_count) * 8, 1);
+    const int64_t splits = ceil_div(positions, split_len);
+    if (splits > 1) {
+      cudaMemsetAsync(out, 0, rows * sizeof(float), stream);
+      if (COUNT) cudaMemsetAsync(pos, 0, rows * sizeof(int64_t), stream);
+    }
+    const int64_t blocks = imin(v.n * tiles * splits, 4 * max_blocks);
+    if (vec) {
+      channels_kernel<D, COUNT, kVec><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out, pos);
+    } else {
+      channels_kernel<D, COUNT, 1><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out, pos);
+    }
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <class D>
+const char* launch_count(const void* x, const View4& v, float* out, int64_t* pos, cudaStream_t stream, int sms) {
+  return pos ? launch<D, true>(x, v, out, pos, stream, sms) : launch<D, false>(x, v, out, pos, stream, sms);
+}
+
+// Makes the device that owns `ptr` current (the caller's current device may be another one)
+// and gives the caller its device back when it goes out of scope.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(const void* ptr) {
+    cudaPointerAttributes attr;
+    err_ = cudaPointerGetAttributes(&attr, ptr);
+    if (err_ != cudaSuccess) return;
+    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
+      message_ = "channel_absmax_cuda: the input is not CUDA device memory";
+      return;
+    }
+    device_ = attr.device;
+    err_ = cudaGetDevice(&caller_);
+    if (err_ == cudaSuccess && caller_ != device_) {
+      err_ = cudaSetDevice(device_);
+      switched_ = err_ == cudaSuccess;
+    }
+  }
+  ~DeviceGuard() {
+    if (switched_) cudaSetDevice(caller_);
+  }
+  const char* error() const { return message_ ? message_ : (err_ == cudaSuccess ? nullptr : cudaGetErrorString(err_)); }
+  int device() const { return device_; }
+
+ private:
+  cudaError_t err_ = cudaSuccess;
+  const char* message_ = nullptr;
+  int device_ = 0, caller_ = 0;
+  bool switched_ = false;
+};
+
+}  // namespace
+
+const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos,
+                                void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t rows = v.n * v.c;
+  if (rows == 0) return nullptr;
+  DeviceGuard guard(x);
+  if (guard.error()) return guard.error();
+  if (v.r * v.l == 0) {  // max over no positions is 0, as in the reference
+    cudaMemsetAsync(out_max, 0, rows * sizeof(float), stream);
+    if (out_pos) cudaMemsetAsync(out_pos, 0, rows * sizeof(int64_t), stream);
+    const cudaError_t err = cudaGetLastError();
+    return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  }
+  int sms = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, guard.device());
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  switch (dtype) {
+    case DType::kFloat32: return launch_count<F32>(x, v, out_max, out_pos, stream, sms);
+    case DType::kFloat16: return launch_count<F16>(x, v, out_max, out_pos, stream, sms);
+    case DType::kBFloat16: return launch_count<BF16>(x, v, out_max, out_pos, stream, sms);
+  }
+  return "channel_absmax_cuda: unknown dtype";
+}
+
 }  // namespace sparsekern

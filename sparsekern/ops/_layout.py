@@ -3,7 +3,7 @@
 Kernels see a tensor as four dims: N (samples), C (channels), then the positions after
 the channel dim folded into at most two dims R x L with element strides. Folding trailing
 dims costs nothing when their strides allow it (contiguous NCHW becomes R=1, L=H*W;
-channels_last becomes R=H, L=W with stride_l = C), so no copy is made for the layouts
+channels_last becomes R=1, L=H*W with stride_l = C), so no copy is made for the layouts
 that matter; an input whose trailing dims cannot be folded into two is copied once.
 """
 from __future__ import annotations

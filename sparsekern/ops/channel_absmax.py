@@ -9,6 +9,8 @@ NaN: a (n, c) that saw a NaN gets NaN in the result (never a number). +-Inf give
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsekern import _backend
@@ -20,7 +22,8 @@ OP = "channel_absmax"
 def channel_absmax_reference(x: torch.Tensor, count_positive: bool = False):
     """Pure-torch definition; the oracle the kernels are tested against, and the last fallback."""
     n, c = x.shape[0], x.shape[1]
-    flat = x.reshape(n, c, -1)
+    # Explicit trailing size: reshape(n, c, -1) is ambiguous when n or c is 0.
+    flat = x.reshape(n, c, math.prod(x.shape[2:]))
     if flat.shape[2] == 0:
         m = torch.zeros(n, c, dtype=torch.float32, device=x.device)
     else:
