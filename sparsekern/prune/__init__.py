@@ -1,0 +1,40 @@
+"""Harvest filter-level sparsity: remove dead (and constant) channels exactly.
+
+    from sparsekern.prune import PrunePlan, prune_model
+    plan = PrunePlan.from_gamma(model)                  # |gamma| < 1e-3: constant relu(beta)
+    pruned, report = prune_model(model, plan, batch)    # verified against the original on `batch`
+    print(report.summary())
+    plan.save("plan.json"); PrunePlan.load("plan.json").apply(fresh_model, batch)
+
+- ``plan.py``: PrunePlan (from dead masks, gamma, an analysis, or baseline scores) and its
+  JSON manifest;
+- ``graph.py``: channel dependency analysis with torch.fx (BN, activations, residual adds,
+  concatenations, depthwise convs, flatten -> Linear);
+- ``surgery.py``: exact surgery, constant folding, verification, PruneReport;
+- ``fold.py``: BatchNorm folding for inference; ``flops.py``: params and MACs / FLOPs.
+"""
+from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
+from sparsekern.prune.fold import fold_bn, foldable_pairs
+from sparsekern.prune.graph import ChannelGraph, UnsupportedModelError, analyze_dependencies
+from sparsekern.prune.plan import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores
+from sparsekern.prune.surgery import LayerReport, PruneReport, PruneVerificationError, prune_model
+
+__all__ = [
+    "PrunePlan",
+    "LayerPlan",
+    "prune_model",
+    "PruneReport",
+    "LayerReport",
+    "PruneVerificationError",
+    "UnsupportedModelError",
+    "ChannelGraph",
+    "analyze_dependencies",
+    "fold_bn",
+    "foldable_pairs",
+    "count_params",
+    "count_macs",
+    "count_flops",
+    "macs_by_layer",
+    "filter_l1_scores",
+    "bn_gamma_scores",
+]

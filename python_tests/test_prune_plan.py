@@ -1,0 +1,181 @@
+"""PrunePlan constructors, the JSON manifest, and the baseline score helpers."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.models import build_model
+from sparsekern.prune import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores, prune_model
+
+
+def randomize_bn(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            c = m.num_features
+            m.weight.data = torch.rand(c, generator=g) + 0.5
+            m.bias.data = torch.randn(c, generator=g) * 0.5
+            m.running_mean = torch.randn(c, generator=g) * 0.3
+            m.running_var = torch.rand(c, generator=g) + 0.5
+    return model
+
+
+def unit_net(activation=nn.ReLU, pool=None):
+    """Conv-BN-act(-pool) -> 1x1 conv -> global pool -> Linear."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), activation()]
+    if pool is not None:
+        layers.append(pool)
+    layers += [nn.Conv2d(6, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+    return randomize_bn(nn.Sequential(*layers)).eval()
+
+
+def test_layer_plan_validation():
+    layer = LayerPlan(channels=5, kept=[4, 0, 2], constants={1: 0.5, 3: 0.0})
+    assert layer.kept == [0, 2, 4] and layer.removed == [1, 3] and layer.constants == {1: 0.5}
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        LayerPlan(channels=5, kept=[5])
+    with pytest.raises(ValueError, match="distinct"):
+        LayerPlan(channels=5, kept=[1, 1])
+    with pytest.raises(ValueError, match="only for removed"):
+        LayerPlan(channels=5, kept=[0, 1], constants={1: 2.0})
+    with pytest.raises(ValueError, match="finite"):
+        LayerPlan(channels=5, kept=[0], constants={1: float("inf")})
+    with pytest.raises(ValueError, match="positive int"):
+        LayerPlan(channels=0, kept=[])
+
+
+def test_from_dead_masks():
+    net = unit_net()
+    plan = PrunePlan.from_dead_masks({"0": torch.tensor([True, False, False, True, False, False])}, model=net)
+    assert plan.layers["0"].kept == [1, 2, 4, 5] and plan.layers["0"].removed == [0, 3]
+    assert plan.exact and plan.model_class == "torch.nn.modules.container.Sequential" and plan.num_removed == 2
+    with pytest.raises(TypeError, match="bool tensor"):
+        PrunePlan.from_dead_masks({"0": torch.zeros(6)})
+    with pytest.raises(ValueError, match="1-D"):
+        PrunePlan.from_dead_masks({"0": torch.zeros(2, 3, dtype=torch.bool)})
+    with pytest.raises(ValueError, match="has 6 output channels, but 5"):
+        PrunePlan.from_dead_masks({"0": torch.zeros(5, dtype=torch.bool)}, model=net)
+
+
+def test_from_gamma_constants_follow_the_activation():
+    net = unit_net(activation=nn.ReLU6, pool=nn.MaxPool2d(2))
+    bn = net[1]
+    bn.weight.data[[0, 1, 2, 3]] = torch.tensor([0.0, 9.99e-4, 1e-3, 0.0])
+    bn.bias.data[[0, 1, 3]] = torch.tensor([-0.5, 0.25, 7.0])
+    plan = PrunePlan.from_gamma(net, threshold=1e-3)
+    layer = plan.layers["0"]
+    # |gamma| < 1e-3 in float64: channel 2 (gamma = float32(1e-3) > 1e-3) stays.
+    assert layer.removed == [0, 1, 3]
+    # relu6(beta): 0 (dead, no entry), 0.25, and 7 clipped to 6.
+    assert layer.constants == pytest.approx({1: 0.25, 3: 6.0})
+    assert "4" not in plan.layers  # the 1x1 conv has no BN: not a gamma candidate
+
+
+def test_from_gamma_leaves_out_constants_a_padded_average_pool_would_spread():
+    net = unit_net(pool=nn.AvgPool2d(3, stride=1, padding=1))
+    net[1].weight.data[[0, 1]] = 0.0
+    net[1].bias.data[[0, 1]] = torch.tensor([-1.0, 0.5])
+    plan = PrunePlan.from_gamma(net)
+    assert plan.layers["0"].removed == [0]  # relu(-1) = 0 averages to 0 everywhere
+    assert any("channel 1" in note for note in plan.notes)
+    pruned, _ = prune_model(net, plan, (2, 1, 8, 8))
+    assert pruned[0].out_channels == 5
+
+
+def test_manifest_round_trip_applies_to_a_fresh_instance(tmp_path):
+    net = unit_net()
+    net[1].weight.data[[1, 4]] = 0.0
+    net[1].bias.data[[1, 4]] = torch.tensor([-0.3, 0.6])  # 4 is a constant: folded via the 1x1 conv
+    plan = PrunePlan.from_gamma(net, input_shape=(2, 1, 8, 8))
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    data = json.loads(path.read_text())
+    assert data["format"] == "sparsekern.prune_plan" and data["version"] == 1
+    assert data["layers"]["0"] == {"channels": 6, "kept": [0, 2, 3, 5], "constants": {"4": pytest.approx(0.6)}}
+    loaded = PrunePlan.load(path)
+    assert loaded.to_dict() == plan.to_dict() and loaded.input_shape == (2, 1, 8, 8)
+
+    fresh = unit_net()  # a new instance of the same definition, given the trained weights
+    fresh.load_state_dict(net.state_dict())
+    expected = plan.apply(net)  # example inputs default to the plan's input shape
+    got = loaded.apply(fresh)
+    assert expected.state_dict().keys() == got.state_dict().keys()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(value, got.state_dict()[key]), key
+    assert got[0].out_channels == 4 and got[3].in_channels == 4
+
+
+def test_manifest_errors(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON"):
+        PrunePlan.load(path)
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not a prune plan"):
+        PrunePlan.load(path)
+    path.write_text(json.dumps({"format": "sparsekern.prune_plan", "version": 99, "layers": {}}))
+    with pytest.raises(ValueError, match="version 99"):
+        PrunePlan.load(path)
+
+
+def test_from_scores_per_layer_and_global():
+    net = unit_net()
+    scores = {"0": torch.tensor([0.1, 0.9, 0.5, 0.3, 0.8, 0.2]), "3": torch.tensor([0.95, 0.6, 0.01, 0.7])}
+    per_layer = PrunePlan.from_scores(net, scores, keep_ratio=0.5)
+    assert per_layer.layers["0"].kept == [1, 2, 4] and per_layer.layers["3"].kept == [0, 3]
+    assert not per_layer.exact
+    # Global: the 5 best of 10 scores are 0.95, 0.9, 0.8, 0.7, 0.6.
+    global_plan = PrunePlan.from_scores(net, scores, keep_ratio=0.5, scope="global")
+    assert global_plan.layers["0"].kept == [1, 4] and global_plan.layers["3"].kept == [0, 1, 3]
+    tiny = PrunePlan.from_scores(net, scores, keep_ratio=0.1, scope="global")
+    assert tiny.layers["3"].kept == [0] and tiny.layers["0"].kept == [1]  # every layer keeps its best
+    with pytest.raises(ValueError, match="keep_ratio"):
+        PrunePlan.from_scores(net, scores, keep_ratio=0.0)
+    with pytest.raises(ValueError, match="has 6 output channels, but 2"):
+        PrunePlan.from_scores(net, {"0": torch.ones(2)}, keep_ratio=0.5)
+    with pytest.raises(ValueError, match="NaN"):
+        PrunePlan.from_scores(net, {"0": torch.full((6,), float("nan"))}, keep_ratio=0.5)
+
+
+def test_baseline_scores():
+    net = unit_net()
+    l1 = filter_l1_scores(net)
+    assert set(l1) == {"0", "3", "6"}
+    assert torch.allclose(l1["0"], net[0].weight.detach().double().abs().sum((1, 2, 3)))
+    gamma = bn_gamma_scores(net)
+    assert set(gamma) == {"0"} and torch.equal(gamma["0"], net[1].weight.detach().double().abs())
+
+
+def test_from_analysis_matches_hooked_activations():
+    torch.manual_seed(0)
+    net = build_model("basicnet", in_channels=1, num_classes=10, width=0.125).eval()
+    net.features.c3.bn.weight.data[[0, 2]] = 0.0
+    net.features.c3.bn.bias.data[[0, 2]] = -1.0
+    batches = [torch.randn(4, 1, 16, 16) for _ in range(2)]
+    result = sparsekern.analyze(net, batches, progress=False, selectivity="none")
+    plan = PrunePlan.from_analysis(result)
+
+    # Independent reference: corpus max of every post-ReLU map, from forward hooks.
+    peak = {}
+    hooks = [
+        getattr(net.features, f"c{i}").relu.register_forward_hook(
+            lambda m, a, out, i=i: peak.__setitem__(i, torch.maximum(peak.get(i, out.new_zeros(out.shape[1])), out.amax((0, 2, 3))))
+        )
+        for i in range(1, 8)
+    ]
+    with torch.no_grad():
+        for x in batches:
+            net(x)
+    for h in hooks:
+        h.remove()
+    for i in range(1, 8):
+        dead = torch.nonzero(peak[i].double() < 1e-12).flatten().tolist()
+        assert plan.layers[f"features.c{i}.conv"].removed == dead
+    assert {0, 2} <= set(plan.layers["features.c3.conv"].removed)
+    pruned = plan.apply(net, torch.cat(batches))
+    with torch.no_grad():
+        x = torch.cat(batches)
+        assert torch.allclose(pruned(x), net(x), atol=1e-5)

@@ -1,0 +1,343 @@
+"""PrunePlan: which output channels of which layers to remove, and a JSON manifest of it.
+
+A plan maps a prunable layer - the qualified module name of a Conv (groups == 1) or Linear
+whose output channels go, or of a BN / activation of its unit, which resolves to that layer -
+to the sorted kept channel indices, the original channel count, and, for removed channels that
+are not 0, the constant they output. That value is taken where the layer's *private chain*
+ends (see ``graph.py``): after the ReLU of a Conv-BN-ReLU unit; at the BN output for a BN that
+feeds a residual add. Dead channels (value 0) have no constant entry.
+
+Plans come from:
+- ``from_dead_masks({layer: bool mask})``: True = dead (outputs 0);
+- ``from_gamma(model, threshold)``: channels with |gamma| < threshold output beta from their
+  BN, so the unit outputs the constant act(beta) (relu(beta) in a Conv-BN-ReLU unit);
+- ``from_analysis(result, threshold)``: channels dead by activation in ``sparsekern.analyze``;
+- ``from_scores(model, scores, keep_ratio)``: baselines (L1-norm filter pruning, Network
+  Slimming's global |gamma| threshold). These remove live channels: the plan is *lossy*
+  (``exact = False``) and surgery behaves as if the removed channels output 0.
+
+``save(path)`` / ``load(path)`` write and read a small JSON manifest (format name and version,
+model class, input shape if known, layer -> channels / kept / constants); it holds no
+modules or tensors and applies to any instance of the same model definition.
+``apply(model, example_inputs)`` runs :func:`sparsekern.prune.surgery.prune_model`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from sparsekern.prune.graph import ChannelGraph
+from sparsekern.prune.surgery import class_path, prune_model
+
+MANIFEST_FORMAT = "sparsekern.prune_plan"
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class LayerPlan:
+    """One layer of a plan: ``channels`` originally, ``kept`` (sorted) stay; removed channels
+    output 0 unless ``constants`` gives their value."""
+
+    channels: int
+    kept: list
+    constants: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
+            raise ValueError(f"channels must be a positive int, got {self.channels!r}")
+        kept = sorted(int(c) for c in self.kept)
+        if len(set(kept)) != len(kept) or any(not 0 <= c < self.channels for c in kept):
+            raise ValueError(f"kept must be distinct channel indices in [0, {self.channels}), got {self.kept!r}")
+        self.kept = kept
+        constants = {int(c): float(v) for c, v in self.constants.items()}
+        for c, v in constants.items():
+            if c in set(kept) or not 0 <= c < self.channels:
+                raise ValueError(f"constant for channel {c}: constants are only for removed channels in [0, {self.channels})")
+            if not math.isfinite(v):
+                raise ValueError(f"constant for channel {c} is {v}; constants must be finite")
+        self.constants = {c: v for c, v in sorted(constants.items()) if v != 0.0}
+
+    @property
+    def removed(self) -> list:
+        """Sorted removed channel indices."""
+        kept = set(self.kept)
+        return [c for c in range(self.channels) if c not in kept]
+
+
+@dataclass
+class PrunePlan:
+    """Channels to remove per layer (see the module docstring).
+
+    exact: True when every removed channel really is 0 / the stated constant (surgery verifies
+    against the original model); False for score-based baselines.
+    model_class: ``module.Class`` of the model the plan was made for (checked on apply), or None.
+    input_shape: an input shape to verify on when ``apply`` gets no example inputs, or None.
+    source: how the plan was made (free text, kept in the manifest). notes: remarks from its
+    construction (e.g. channels a constructor could not treat as constant).
+    """
+
+    layers: dict = field(default_factory=dict)
+    exact: bool = True
+    model_class: Optional[str] = None
+    input_shape: Optional[tuple] = None
+    source: str = ""
+    notes: list = field(default_factory=list)
+
+    # --- constructors ----------------------------------------------------------------------
+    @classmethod
+    def from_dead_masks(cls, masks: dict, *, model: Optional[nn.Module] = None, constants: Optional[dict] = None,
+                        input_shape=None) -> "PrunePlan":
+        """``{layer: 1-D bool mask}`` with True for each dead channel (removed, value 0).
+
+        ``constants``: optional ``{layer: {channel: value}}`` for removed channels that output
+        a nonzero constant. ``model`` (optional) records the model class and checks channel counts.
+        """
+        layers = {}
+        for name, mask in masks.items():
+            mask = _bool_mask(mask, f"mask for layer {name!r}")
+            if model is not None:
+                _check_channels(model, name, mask.numel())
+            layers[name] = LayerPlan(
+                channels=mask.numel(),
+                kept=torch.nonzero(~mask).flatten().tolist(),
+                constants=dict((constants or {}).get(name, {})),
+            )
+        return cls(
+            layers=layers, exact=True, model_class=class_path(model) if model is not None else None,
+            input_shape=_shape_or_none(input_shape), source="from_dead_masks",
+        )
+
+    @classmethod
+    def from_gamma(cls, model: nn.Module, threshold: float = 1e-3, *, input_shape=None) -> "PrunePlan":
+        """Channels whose BN has |gamma| < ``threshold`` (compared in float64).
+
+        Such a BN outputs beta + gamma * x_hat, taken as the constant beta (exact when gamma is
+        exactly 0; otherwise surgery's verification judges the error); the constant the unit
+        outputs is beta passed through the rest of its private chain, e.g. relu(beta). A channel
+        whose chain does not keep a constant (e.g. a zero-padded average pool) is left out, with
+        a note. Only Conv/Linear layers followed by a BN are considered.
+        """
+        _check_threshold(threshold)
+        graph = ChannelGraph(model)
+        layers, notes = {}, []
+        for layer in graph.chains:
+            bn = graph.chain_bn(layer)
+            if bn is None or bn.detail["module"].weight is None:
+                continue
+            gamma = bn.detail["module"].weight.detach().double().abs().cpu()
+            kept, constants = [], {}
+            for c in range(gamma.numel()):
+                value = graph.chain_constant_from_bn(layer, c) if gamma[c] < threshold else None
+                if value is None:
+                    if gamma[c] < threshold:
+                        notes.append(f"{layer}: channel {c} has |gamma| < {threshold:g} but its unit's output is not constant")
+                    kept.append(c)
+                elif value != 0.0:
+                    constants[c] = value
+            layers[layer] = LayerPlan(channels=gamma.numel(), kept=kept, constants=constants)
+        return cls(
+            layers=layers, exact=True, model_class=class_path(model), input_shape=_shape_or_none(input_shape),
+            source=f"from_gamma(threshold={threshold:g})", notes=notes,
+        )
+
+    @classmethod
+    def from_analysis(cls, result, threshold: float = 1e-12, *, input_shape=None) -> "PrunePlan":
+        """Channels dead by activation (corpus max < ``threshold``) in a ``sparsekern.analyze``
+        result, keyed by the Conv/Linear that produces each feature.
+
+        Features without such a layer (a ReLU after a concat or a pooling) are skipped. For a
+        ResNet residual feature relu(bn2(conv2(x)) + shortcut) the channel is requested for
+        conv2 only; surgery removes it only if every layer tied by the residual adds removes it
+        too, so stages with a projection shortcut keep their channels. Two features of one
+        layer: a channel is dead only if dead in both.
+        """
+        _check_threshold(threshold)
+        masks: dict = {}
+        for feature in result.features:
+            if feature.layer_module_name is None or feature.kind not in ("bn", "conv", "linear", "residual"):
+                continue
+            dead = result.stats[feature.name].dead_mask(threshold).cpu()
+            name = feature.layer_module_name
+            masks[name] = dead if name not in masks else masks[name] & dead
+        plan = cls.from_dead_masks(masks, input_shape=input_shape)
+        plan.source = f"from_analysis(threshold={threshold:g})"
+        return plan
+
+    @classmethod
+    def from_scores(cls, model: nn.Module, scores: dict, keep_ratio: float, *, scope: str = "layer",
+                    input_shape=None) -> "PrunePlan":
+        """Keep the highest-scoring channels: a lossy baseline plan (``exact = False``).
+
+        scores: ``{layer: 1-D tensor}``, one score per output channel (e.g. from
+        :func:`filter_l1_scores` for Li et al.'s L1-norm pruning, :func:`bn_gamma_scores` for
+        Network Slimming). scope "layer": keep round(keep_ratio * C) channels of each layer;
+        "global": keep the round(keep_ratio * total) best channels over all listed layers (one
+        global threshold, as Network Slimming does). Every layer keeps at least one channel.
+        """
+        if not 0.0 < keep_ratio <= 1.0:
+            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+        if scope not in ("layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        checked = {}
+        for name, s in scores.items():
+            s = torch.as_tensor(s).detach().double().cpu()
+            if s.dim() != 1:
+                raise ValueError(f"scores for layer {name!r} must be 1-D, got shape {tuple(s.shape)}")
+            if not torch.isfinite(s).all():
+                raise ValueError(f"scores for layer {name!r} contain NaN or Inf")
+            _check_channels(model, name, s.numel())
+            checked[name] = s
+        keep: dict = {}
+        if scope == "layer":
+            for name, s in checked.items():
+                k = max(1, int(round(keep_ratio * s.numel())))
+                keep[name] = torch.argsort(s, descending=True, stable=True)[:k].tolist()
+        else:
+            names = list(checked)
+            flat = torch.cat([checked[n] for n in names])
+            owner = [(n, c) for n in names for c in range(checked[n].numel())]
+            k = max(1, int(round(keep_ratio * flat.numel())))
+            best = torch.argsort(flat, descending=True, stable=True)[:k].tolist()
+            keep = {n: [] for n in names}
+            for i in best:
+                keep[owner[i][0]].append(owner[i][1])
+            for n in names:
+                if not keep[n]:
+                    keep[n] = [int(torch.argmax(checked[n]))]
+        layers = {name: LayerPlan(channels=checked[name].numel(), kept=keep[name]) for name in checked}
+        return cls(
+            layers=layers, exact=False, model_class=class_path(model), input_shape=_shape_or_none(input_shape),
+            source=f"from_scores(keep_ratio={keep_ratio:g}, scope={scope})",
+        )
+
+    # --- use -------------------------------------------------------------------------------
+    def apply(self, model: nn.Module, example_inputs=None, *, inplace: bool = False, verify: bool = True,
+              atol_rel: float = 1e-4) -> nn.Module:
+        """The pruned model (a new one unless ``inplace``); see ``prune_model`` for the rest."""
+        pruned, _ = prune_model(model, self, example_inputs, verify=verify, atol_rel=atol_rel, inplace=inplace)
+        return pruned
+
+    @property
+    def num_removed(self) -> int:
+        """Channels the plan removes over all layers."""
+        return sum(len(layer.removed) for layer in self.layers.values())
+
+    # --- manifest --------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """The manifest as plain data."""
+        return {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "model_class": self.model_class,
+            "exact": self.exact,
+            "input_shape": list(self.input_shape) if self.input_shape is not None else None,
+            "source": self.source,
+            "notes": list(self.notes),
+            "layers": {
+                name: {
+                    "channels": layer.channels,
+                    "kept": list(layer.kept),
+                    "constants": {str(c): v for c, v in layer.constants.items()},
+                }
+                for name, layer in self.layers.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrunePlan":
+        """Read a manifest made by :meth:`to_dict` (checks format and version)."""
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            raise ValueError(f"not a prune plan manifest (expected format {MANIFEST_FORMAT!r})")
+        if data.get("version") != MANIFEST_VERSION:
+            raise ValueError(f"prune plan manifest version {data.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
+        layers = {}
+        for name, entry in data["layers"].items():
+            layers[name] = LayerPlan(
+                channels=entry["channels"], kept=entry["kept"],
+                constants={int(c): v for c, v in entry.get("constants", {}).items()},
+            )
+        return cls(
+            layers=layers, exact=bool(data.get("exact", True)), model_class=data.get("model_class"),
+            input_shape=_shape_or_none(data.get("input_shape")), source=data.get("source", ""),
+            notes=list(data.get("notes", [])),
+        )
+
+    def save(self, path) -> None:
+        """Write the JSON manifest to ``path``."""
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "PrunePlan":
+        """Read a JSON manifest written by :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not a JSON prune plan manifest ({exc})") from None
+        return cls.from_dict(data)
+
+
+# --- scores for the baselines -----------------------------------------------------------------
+
+
+def filter_l1_scores(model: nn.Module) -> dict:
+    """``{layer: L1 norm of each output filter}`` for every Conv (groups == 1) and Linear
+    (Li et al. 2017, "Pruning Filters for Efficient ConvNets")."""
+    scores = {}
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1) or isinstance(m, nn.Linear):
+            scores[name] = m.weight.detach().abs().flatten(1).sum(1).double().cpu()
+    return scores
+
+
+def bn_gamma_scores(model: nn.Module) -> dict:
+    """``{layer: |gamma| of the BN after it}`` for every Conv/Linear followed by a BN in its
+    unit (Liu et al. 2017, "Network Slimming"); uses torch.fx to pair them."""
+    graph = ChannelGraph(model)
+    scores = {}
+    for layer in graph.chains:
+        bn = graph.chain_bn(layer)
+        if bn is not None and bn.detail["module"].weight is not None:
+            scores[layer] = bn.detail["module"].weight.detach().abs().double().cpu()
+    return scores
+
+
+# --- validation helpers -----------------------------------------------------------------------
+
+
+def _bool_mask(mask, what: str) -> torch.Tensor:
+    t = torch.as_tensor(mask)
+    if t.dtype != torch.bool:
+        raise TypeError(f"{what} must be a bool tensor (True = dead), got dtype {t.dtype}")
+    if t.dim() != 1 or t.numel() == 0:
+        raise ValueError(f"{what} must be 1-D and non-empty, got shape {tuple(t.shape)}")
+    return t.cpu()
+
+
+def _check_channels(model: nn.Module, name: str, count: int) -> None:
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"layer {name!r} is not a module of {type(model).__name__}") from None
+    size = getattr(m, "out_channels", None) or getattr(m, "out_features", None) or getattr(m, "num_features", None)
+    if size is not None and size != count:
+        raise ValueError(f"layer {name!r} has {size} output channels, but {count} values were given")
+
+
+def _check_threshold(threshold) -> None:
+    if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
+        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
+
+
+def _shape_or_none(shape) -> Optional[tuple]:
+    if shape is None:
+        return None
+    shape = tuple(int(d) for d in shape)
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise ValueError(f"input_shape must be a full input shape with a batch dim, e.g. (2, 3, 32, 32), got {shape}")
+    return shape
