@@ -21,6 +21,18 @@ from torch import nn
 
 from sparsekern.models.basicnet import check_positive_int
 
+
+@torch.fx.wrap
+def _check_input_size(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Reject inputs of the wrong size (otherwise c5 would not end at 1x1 and f6 would fail with a
+    shape error). Wrapped for torch.fx, so the model stays traceable for surgery and analysis."""
+    if x.dim() != 4 or tuple(x.shape[-2:]) != (image_size, image_size):
+        raise ValueError(
+            f"LeNet5 was built for (N, C, {image_size}, {image_size}) inputs, "
+            f"got shape {tuple(x.shape)}; pass image_size= to the constructor"
+        )
+    return x
+
 # c1 (5x5), pool, c3 (5x5), pool, c5 (5x5) takes a 32x32 (or 33x33) map to 1x1.
 _NATIVE_SIZE = 33
 
@@ -51,12 +63,7 @@ class LeNet5(nn.Module):
         self.output = nn.Linear(84, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            # Caught here: otherwise c5 would not end at 1x1 and f6 would fail with a shape error.
-            raise ValueError(
-                f"LeNet5 was built for (N, C, {self.image_size}, {self.image_size}) inputs, "
-                f"got shape {tuple(x.shape)}; pass image_size= to the constructor"
-            )
+        x = _check_input_size(x, self.image_size)
         x = self.s2(self.relu1(self.c1(x)))
         x = self.s4(self.relu3(self.c3(x)))
         x = torch.flatten(self.relu5(self.c5(x)), 1)
