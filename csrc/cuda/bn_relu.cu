@@ -1,8 +1,289 @@
-// Placeholder until the CUDA kernel lands; keeps the CUDA build linking.
+// bn_relu on CUDA: y = max(0, x * scale[c] + shift[c]) in x's dtype (math in float32), with an
+// optional per-(n, c) max of y from the same pass; launched on the caller's stream.
+//
+// Two kernels:
+//  * rows     (stride_l == 1 in x and y, e.g. NCHW): a warp owns a chunk of one contiguous run
+//             of a single (n, c), so scale/shift are scalars; 16-byte vector loads and stores
+//             when pointers, strides and run length allow.
+//  * channels (everything else; coalesced when stride_c == 1, e.g. channels_last or (N, C)):
+//             threadIdx.x walks VEC consecutive channels, threadIdx.y positions, so a warp
+//             reads a contiguous run of channels at one position.
+// A dead channel's x is never read (an all-dead vector of channels skips its load; in a mixed
+// one the dead lanes are zeroed before use) and its y is written as 0.
+//
+// The max: y is +0, a positive number or NaN (relu_keep_nan), and for such values the int bit
+// patterns order like the floats, so partial maxima merge with atomicMax on int bits into an
+// out_max zeroed first. A NaN is entered as 0x7fffffff (a NaN above every other pattern), so a
+// (n, c) that saw a NaN reports NaN. The max is taken over the rounded y values, so it equals
+// the max of what was stored.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
 #include "sparsekern/bn_relu.h"
+
 namespace sparsekern {
-const char* bn_relu_cuda(const void*, DType, const View4&, const float*, const float*, const uint8_t*, void*,
-                         const View4&, float*, void*) {
-  return "bn_relu_cuda is not implemented yet";
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarpsPerBlock = kThreads / 32;
+constexpr int kMaxBlocks = 65535;  // grid-stride loops cover the rest
+constexpr int kUnroll = 8;         // vector steps per warp per work item in the rows kernel
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_f32(float v);
+template <>
+__device__ __forceinline__ float from_f32<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// relu(NaN) = NaN as in torch; everything <= 0 (including -0) becomes +0.
+__device__ __forceinline__ float relu_keep_nan(float v) { return (v > 0.0f || isnan(v)) ? v : 0.0f; }
+
+// The ordering key of a stored y value (see the header comment).
+__device__ __forceinline__ int max_key(float y) { return isnan(y) ? 0x7fffffff : __float_as_int(y); }
+
+__device__ __forceinline__ int warp_max(int v) {
+  for (int offset = 16; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
 }
+
+// VEC elements moved as one aligned load / store.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+// y = relu(x * s + b) for one pack, stored; returns the largest key among the stored values.
+template <typename T, int VEC>
+__device__ __forceinline__ int affine_relu_pack(const T* x, T* y, float s, float b) {
+  const Pack<T, VEC> in = *reinterpret_cast<const Pack<T, VEC>*>(x);
+  Pack<T, VEC> out;
+  int key = 0;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    out.v[j] = from_f32<T>(relu_keep_nan(fmaf(to_f32(in.v[j]), s, b)));
+    key = max(key, max_key(to_f32(out.v[j])));
+  }
+  *reinterpret_cast<Pack<T, VEC>*>(y) = out;
+  return key;
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void zero_pack(T* y) {
+  Pack<T, VEC> out;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) out.v[j] = from_f32<T>(0.0f);
+  *reinterpret_cast<Pack<T, VEC>*>(y) = out;
+}
+
+struct RowsArgs {
+  int64_t c;            // channels
+  int64_t runs_per_nc;  // contiguous runs per (n, c): 1 when the R rows are back to back, else R
+  int64_t run_len;      // elements per run (a multiple of VEC)
+  int64_t chunks_per_run, chunk;  // a warp's work item is one chunk of one run
+  int64_t x_sn, x_sc, x_sr, y_sn, y_sc, y_sr;
+};
+
+template <typename T, int VEC>
+__global__ void rows_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ scale,
+                            const float* __restrict__ shift, const uint8_t* __restrict__ dead,
+                            int* __restrict__ max_bits, RowsArgs a, int64_t items) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / 32; item < items;
+       item += warps) {
+    const int64_t run = item / a.chunks_per_run, k = item % a.chunks_per_run;
+    const int64_t nc = run / a.runs_per_nc, r = run % a.runs_per_nc;
+    const int64_t n = nc / a.c, c = nc % a.c;
+    const T* xr = x + n * a.x_sn + c * a.x_sc + r * a.x_sr;
+    T* yr = y + n * a.y_sn + c * a.y_sc + r * a.y_sr;
+    const int64_t begin = k * a.chunk;
+    const int64_t end = min(begin + a.chunk, a.run_len);
+    if (dead && dead[c]) {
+      for (int64_t i = begin + lane * VEC; i < end; i += 32 * VEC) zero_pack<T, VEC>(yr + i);
+      continue;  // its max stays the 0 written before the launch
+    }
+    const float s = scale[c], b = shift[c];
+    int key = 0;
+    for (int64_t i = begin + lane * VEC; i < end; i += 32 * VEC) {
+      key = max(key, affine_relu_pack<T, VEC>(xr + i, yr + i, s, b));
+    }
+    if (max_bits) {
+      key = warp_max(key);
+      if (lane == 0 && key != 0) atomicMax(max_bits + nc, key);
+    }
+  }
+}
+
+struct ChannelsArgs {
+  int64_t n, c, positions, l;
+  bool flat;  // position p sits at p * stride_l (the R rows are back to back)
+  int64_t chunk;  // positions per block
+  int64_t chunks;
+  int64_t x_sn, x_sc, x_sr, x_sl, y_sn, y_sc, y_sr, y_sl;
+};
+
+template <typename T, int VEC>
+__global__ void channels_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ scale,
+                                const float* __restrict__ shift, const uint8_t* __restrict__ dead,
+                                int* __restrict__ max_bits, ChannelsArgs a) {
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * VEC;
+  if (c0 >= a.c) return;
+  // VEC > 1 only when C is a multiple of VEC and channels are contiguous (checked on the host).
+  float s[VEC], b[VEC];
+  bool live[VEC];
+  bool any_live = false;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    live[j] = !(dead && dead[c0 + j]);
+    any_live = any_live || live[j];
+    s[j] = scale[c0 + j];
+    b[j] = shift[c0 + j];
+  }
+  for (int64_t job = blockIdx.y; job < a.n * a.chunks; job += gridDim.y) {
+    const int64_t n = job / a.chunks, p_begin = (job % a.chunks) * a.chunk;
+    const int64_t p_end = min(p_begin + a.chunk, a.positions);
+    int key[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) key[j] = 0;
+    for (int64_t p = p_begin + threadIdx.y; p < p_end; p += blockDim.y) {
+      const int64_t r = a.flat ? 0 : p / a.l, l = a.flat ? p : p % a.l;
+      const T* xp = x + n * a.x_sn + c0 * a.x_sc + r * a.x_sr + l * a.x_sl;
+      T* yp = y + n * a.y_sn + c0 * a.y_sc + r * a.y_sr + l * a.y_sl;
+      if (!any_live) {
+        if (VEC > 1) {
+          zero_pack<T, VEC>(yp);
+        } else {
+          *yp = from_f32<T>(0.0f);
+        }
+        continue;
+      }
+      Pack<T, VEC> in, out;
+      if (VEC > 1) {
+        in = *reinterpret_cast<const Pack<T, VEC>*>(xp);
+      } else {
+        in.v[0] = *xp;
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float v = live[j] ? relu_keep_nan(fmaf(to_f32(in.v[j]), s[j], b[j])) : 0.0f;
+        out.v[j] = from_f32<T>(v);
+        key[j] = max(key[j], max_key(to_f32(out.v[j])));
+      }
+      if (VEC > 1) {
+        *reinterpret_cast<Pack<T, VEC>*>(yp) = out;
+      } else {
+        *yp = out.v[0];
+      }
+    }
+    if (max_bits) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j)
+        if (key[j] != 0) atomicMax(max_bits + n * a.c + c0 + j, key[j]);
+    }
+  }
+}
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+void launch_rows(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
+                 const View4& vy, int* max_bits, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  RowsArgs a;
+  a.c = vx.c;
+  const bool flat = vx.r == 1 || (vx.sr == vx.l && vy.sr == vy.l);
+  a.runs_per_nc = flat ? 1 : vx.r;
+  a.run_len = flat ? vx.r * vx.l : vx.l;
+  a.x_sn = vx.sn; a.x_sc = vx.sc; a.x_sr = vx.sr;
+  a.y_sn = vy.sn; a.y_sc = vy.sc; a.y_sr = vy.sr;
+  // Every run must start 16-byte aligned for the vector path.
+  bool vec = aligned16(x) && aligned16(y) && a.run_len % kVec == 0;
+  for (int64_t stride : {a.x_sn, a.x_sc, a.y_sn, a.y_sc}) vec = vec && stride % kVec == 0;
+  if (!flat) vec = vec && a.x_sr % kVec == 0 && a.y_sr % kVec == 0;
+  const int step = vec ? kVec : 1;
+  a.chunk = static_cast<int64_t>(32) * step * kUnroll;
+  a.chunks_per_run = (a.run_len + a.chunk - 1) / a.chunk;
+  const int64_t items = vx.n * vx.c * a.runs_per_nc * a.chunks_per_run;
+  const int64_t blocks = std::min<int64_t>((items + kWarpsPerBlock - 1) / kWarpsPerBlock, kMaxBlocks);
+  if (vec) {
+    rows_kernel<T, kVec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, scale, shift, dead, max_bits, a,
+                                                                                items);
+  } else {
+    rows_kernel<T, 1><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, y, scale, shift, dead, max_bits, a,
+                                                                             items);
+  }
+}
+
+template <typename T>
+void launch_channels(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
+                     const View4& vy, int* max_bits, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  ChannelsArgs a;
+  a.n = vx.n; a.c = vx.c; a.positions = vx.r * vx.l; a.l = vx.l;
+  a.flat = vx.r == 1 || (vx.sr == vx.l * vx.sl && vy.sr == vy.l * vy.sl);
+  a.x_sn = vx.sn; a.x_sc = vx.sc; a.x_sr = vx.sr; a.x_sl = vx.sl;
+  a.y_sn = vy.sn; a.y_sc = vy.sc; a.y_sr = vy.sr; a.y_sl = vy.sl;
+  bool vec = vx.sc == 1 && vy.sc == 1 && vx.c % kVec == 0 && aligned16(x) && aligned16(y);
+  for (int64_t stride : {vx.sn, vx.sr, vx.sl, vy.sn, vy.sr, vy.sl}) vec = vec && stride % kVec == 0;
+  const int64_t lanes_c = vec ? vx.c / kVec : vx.c;  // threads needed along channels
+  int bx = 32;
+  while (bx > 1 && bx / 2 >= lanes_c) bx /= 2;  // narrow blocks for few channels
+  const int by = kThreads / bx;
+  a.chunk = static_cast<int64_t>(by) * 8;
+  a.chunks = (a.positions + a.chunk - 1) / a.chunk;
+  const dim3 block(bx, by);
+  const dim3 grid(static_cast<unsigned>((lanes_c + bx - 1) / bx),
+                  static_cast<unsigned>(std::min<int64_t>(a.n * a.chunks, kMaxBlocks)));
+  if (vec) {
+    channels_kernel<T, kVec><<<grid, block, 0, stream>>>(x, y, scale, shift, dead, max_bits, a);
+  } else {
+    channels_kernel<T, 1><<<grid, block, 0, stream>>>(x, y, scale, shift, dead, max_bits, a);
+  }
+}
+
+template <typename T>
+const char* run(const void* xv, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, void* yv,
+                const View4& vy, float* out_max, cudaStream_t stream) {
+  const T* x = static_cast<const T*>(xv);
+  T* y = static_cast<T*>(yv);
+  int* max_bits = reinterpret_cast<int*>(out_max);
+  if (max_bits) {
+    const cudaError_t err = cudaMemsetAsync(max_bits, 0, static_cast<size_t>(vx.n * vx.c) * sizeof(int), stream);
+    if (err != cudaSuccess) return cudaGetErrorString(err);
+  }
+  const bool rows = vx.sl == 1 && vy.sl == 1;
+  const bool inner_channel = vx.sc == 1 && vy.sc == 1;
+  if (rows && (vx.l >= 16 || !inner_channel)) {
+    launch_rows<T>(x, vx, scale, shift, dead, y, vy, max_bits, stream);
+  } else {
+    launch_channels<T>(x, vx, scale, shift, dead, y, vy, max_bits, stream);
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* bn_relu_cuda(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
+                         const uint8_t* dead, void* y, const View4& vy, float* out_max, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::kFloat32: return run<float>(x, vx, scale, shift, dead, y, vy, out_max, s);
+    case DType::kFloat16: return run<__half>(x, vx, scale, shift, dead, y, vy, out_max, s);
+    case DType::kBFloat16: return run<__nv_bfloat16>(x, vx, scale, shift, dead, y, vy, out_max, s);
+  }
+  return "unknown dtype";
+}
+
 }  // namespace sparsekern

@@ -1,5 +1,5 @@
 // Small load/convert helpers for the CPU kernels: 8 lanes of float32 from float32, float16
-// or bfloat16 storage (AVX2 + F16C when compiled for them, scalar otherwise).
+// or bfloat16 storage and back (AVX2 + F16C when compiled for them, scalar otherwise).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -54,6 +54,36 @@ inline uint16_t float_to_bf16_bits(float f) {  // round to nearest even, NaN kep
   return static_cast<uint16_t>(u >> 16);
 }
 
+inline uint16_t float_to_f16_bits(float f) {  // round to nearest even, NaN kept NaN
+#ifdef SPARSEKERN_AVX2
+  return static_cast<uint16_t>(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  u &= 0x7fffffffu;
+  if (u > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((u >> 13) & 0x3ffu));
+  if (u >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520 rounds to inf
+  if (u >= 0x38800000u) {  // normal half: rebias the exponent, round away the low 13 bits
+    uint32_t r = u - (112u << 23);
+    r += 0xfffu + ((r >> 13) & 1u);
+    return static_cast<uint16_t>(sign | (r >> 13));
+  }
+  // Subnormal half: adding 0.5f makes the FPU round |f| to a multiple of 2^-24 (nearest even).
+  float a;
+  std::memcpy(&a, &u, 4);
+  a += 0.5f;
+  uint32_t b;
+  std::memcpy(&b, &a, 4);
+  return static_cast<uint16_t>(sign | (b - 0x3f000000u));
+#endif
+}
+
+// One float32 value stored as float32, float16 or bfloat16 (round to nearest even).
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(f16_t* p, float v) { p->bits = float_to_f16_bits(v); }
+inline void store1(bf16_t* p, float v) { p->bits = float_to_bf16_bits(v); }
+
 #ifdef SPARSEKERN_AVX2
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const f16_t* p) {
@@ -64,6 +94,21 @@ inline __m256 load8(const bf16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(f16_t* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store8(bf16_t* p, __m256 v) {  // round to nearest even, NaN kept NaN (as float_to_bf16_bits)
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  const __m256i quiet_nan = _mm256_or_si256(u, _mm256_set1_epi32(0x400000));
+  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(quiet_nan),
+                                           _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i hi = _mm256_srli_epi32(r, 16);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(hi), _mm256_extracti128_si256(hi, 1)));
+}
 #endif
 
 }  // namespace cpu

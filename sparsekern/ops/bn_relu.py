@@ -1,0 +1,286 @@
+"""bn_relu: inference BatchNorm + ReLU in one pass, with the sparsity measurement for free.
+
+    y[n, c, p] = max(0, x[n, c, p] * scale[c] + shift[c])      (math in float32, y in x's dtype)
+    m[n, c]    = max_p y[n, c, p]                              (float32, with return_max=True)
+
+``scale``/``shift`` are the eval-mode BatchNorm affine (``fold_bn``). A channel marked in
+``dead_mask`` is never read: y is 0 there and so is its max. NaN in x stays NaN in y (as
+``torch.relu``) and makes m[n, c] NaN, so a broken activation is never mistaken for a dead one.
+
+The module form, ``FusedBNReLU``, replaces an eval-mode ``BatchNorm + ReLU`` pair and can hand
+each batch's m to a callback (e.g. a ChannelStats); ``fuse_bn_relu`` swaps such pairs in the
+``nn.Sequential`` containers of a model.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from sparsekern import _backend
+from sparsekern.ops._layout import DTYPE_CODE, View4, as_view4, check_activation
+
+OP = "bn_relu"
+
+
+def _check_params(x: torch.Tensor, scale, shift, dead_mask):
+    """Validate the per-channel parameters; return (scale, shift) as contiguous fp32 and the mask as uint8."""
+    c = x.shape[1]
+    converted = []
+    for name, t in (("scale", scale), ("shift", shift)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{OP}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{OP}: {name} must be a floating-point tensor, got {t.dtype}")
+        if tuple(t.shape) != (c,):
+            raise ValueError(f"{OP}: {name} must have shape ({c},) to match x's {c} channels, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{OP}: {name} is on {t.device} but x is on {x.device}")
+        converted.append(t.to(torch.float32).contiguous())
+    dead = None
+    if dead_mask is not None:
+        if not isinstance(dead_mask, torch.Tensor) or dead_mask.dtype != torch.bool:
+            got = dead_mask.dtype if isinstance(dead_mask, torch.Tensor) else type(dead_mask).__name__
+            raise TypeError(f"{OP}: dead_mask must be a bool tensor, got {got}")
+        if tuple(dead_mask.shape) != (c,):
+            raise ValueError(
+                f"{OP}: dead_mask must have shape ({c},) to match x's {c} channels, got {tuple(dead_mask.shape)}"
+            )
+        if dead_mask.device != x.device:
+            raise ValueError(f"{OP}: dead_mask is on {dead_mask.device} but x is on {x.device}")
+        dead = dead_mask.to(torch.uint8).contiguous()
+    return converted[0], converted[1], dead
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal strides on every dim that has more than one element (others never address memory)."""
+    return all(sa == sb for sa, sb, size in zip(a.stride(), b.stride(), a.shape) if size > 1)
+
+
+def _allocate_output(x: torch.Tensor) -> torch.Tensor:
+    """y in x's memory format when x is dense (empty_like keeps its strides), contiguous otherwise."""
+    y = torch.empty_like(x)
+    if _same_layout(x, y):
+        return y
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _output_view(x: torch.Tensor, vx: View4, y: torch.Tensor) -> View4:
+    """y's strides in x's (N, C, R, L) decomposition (y has x's strides, or is contiguous)."""
+    if _same_layout(x, y):
+        return View4(vx.n, vx.c, vx.r, vx.l, y.stride(0), y.stride(1), vx.sr, vx.sl)
+    # Contiguous y: the folded trailing dims are in row-major order, so (r, l) -> r * L + l.
+    return View4(vx.n, vx.c, vx.r, vx.l, vx.c * vx.r * vx.l, vx.r * vx.l, vx.l, 1)
+
+
+def bn_relu_reference(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    dead_mask: Optional[torch.Tensor] = None,
+    return_max: bool = False,
+):
+    """Pure-torch definition; the oracle the kernels are tested against, and the last fallback."""
+    n, c = x.shape[0], x.shape[1]
+    per_channel = (1, c) + (1,) * (x.dim() - 2)
+    s = scale.to(device=x.device, dtype=torch.float32).reshape(per_channel)
+    b = shift.to(device=x.device, dtype=torch.float32).reshape(per_channel)
+    y32 = torch.relu(x.to(torch.float32) * s + b)
+    if dead_mask is not None:
+        # where() picks 0 whatever the computed value is, so NaN in a dead channel never leaks.
+        y32 = torch.where(dead_mask.to(x.device).reshape(per_channel), 0.0, y32)
+    y = _allocate_output(x)
+    y.copy_(y32)
+    if not return_max:
+        return y
+    flat = y.reshape(n, c, math.prod(x.shape[2:]))
+    if flat.shape[2] == 0:
+        m = torch.zeros(n, c, dtype=torch.float32, device=x.device)
+    else:
+        m = flat.amax(dim=2).to(torch.float32)  # amax propagates NaN, which is the contract
+    return y, m
+
+
+def bn_relu(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    dead_mask: Optional[torch.Tensor] = None,
+    return_max: bool = False,
+    backend: str = "auto",
+):
+    """Fused inference BatchNorm + ReLU: ``relu(x * scale[c] + shift[c])`` per channel c.
+
+    x: (N, C), (N, C, L), (N, C, H, W) or higher rank; float32, float16 or bfloat16;
+    contiguous, channels_last or any strided view. scale, shift: (C,) floating tensors on x's
+    device (see ``fold_bn``). dead_mask: optional bool (C,); those channels are not read and
+    come out as 0. backend: auto|cuda|triton|cpp|torch.
+
+    Returns y (x's dtype; x's memory format when x is dense, contiguous otherwise) or, with
+    ``return_max=True``, ``(y, m)`` where m is the (N, C) float32 max of y over all positions
+    (NaN where that (n, c) saw a NaN), computed in the same pass.
+    """
+    check_activation(x, OP)
+    scale32, shift32, dead = _check_params(x, scale, shift, dead_mask)
+    chosen = _backend.resolve(backend, x.device, op=OP)
+    if x.numel() == 0 or chosen == "torch":
+        return bn_relu_reference(x, scale32, shift32, dead_mask, return_max)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
+        # The kernels have no backward: returning a detached y would silently cut the graph.
+        raise RuntimeError(
+            f"{OP}: the {chosen} kernel is inference-only (no autograd), but an input requires grad; "
+            "call it under torch.no_grad() / torch.inference_mode(), or pass backend='torch'"
+        )
+    x, vx = as_view4(x)
+    y = _allocate_output(x)
+    vy = _output_view(x, vx, y)
+    out_max = torch.empty(vx.n, vx.c, dtype=torch.float32, device=x.device) if return_max else None
+    dead_ptr = dead.data_ptr() if dead is not None else 0
+    max_ptr = out_max.data_ptr() if out_max is not None else 0
+    y_strides = (vy.sn, vy.sc, vy.sr, vy.sl)
+    if chosen == "cpp":
+        _backend.extension().bn_relu_cpu(
+            x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
+            y.data_ptr(), *y_strides, max_ptr,
+        )
+    elif chosen == "cuda":
+        with torch.cuda.device(x.device):  # kernels launch on the current device: make it x's
+            _backend.extension().bn_relu_cuda(
+                x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
+                y.data_ptr(), *y_strides, max_ptr, _backend.cuda_stream_ptr(x),
+            )
+    else:  # triton
+        from sparsekern.triton.bn_relu import bn_relu_triton
+
+        bn_relu_triton(x, vx, scale32, shift32, dead, y, vy, out_max)
+    return (y, out_max) if return_max else y
+
+
+def fold_bn(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode affine of a BatchNorm1d/2d as float32 (scale, shift), computed in float64.
+
+    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale.
+    """
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        raise TypeError(f"fold_bn: expected nn.BatchNorm1d or nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(
+            "fold_bn: this BatchNorm has no running statistics (track_running_stats=False), so its eval-mode "
+            "output depends on the batch and cannot be folded into a per-channel affine"
+        )
+    mean = bn.running_mean.detach().to(torch.float64)
+    var = bn.running_var.detach().to(torch.float64)
+    if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(var).all()):
+        raise ValueError("fold_bn: the BatchNorm's running_mean / running_var contain NaN or Inf")
+    if bool((var + bn.eps <= 0).any()):
+        raise ValueError("fold_bn: running_var + eps must be positive in every channel")
+    gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(mean)
+    beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(mean)
+    scale = gamma / torch.sqrt(var + bn.eps)
+    shift = beta - mean * scale
+    return scale.to(torch.float32), shift.to(torch.float32)
+
+
+class FusedBNReLU(nn.Module):
+    """Eval-mode ``BatchNorm1d/2d`` followed by ``ReLU``, in one pass (``bn_relu``).
+
+    Buffers: ``scale``, ``shift`` (float32, (C,)) and ``dead_mask`` (bool (C,) or None).
+    With ``record_max=True`` each forward also computes m = per-(n, c) max of the output
+    (same pass), keeps it in ``last_max`` and passes it to ``on_max`` if given (for example a
+    function that feeds it to a ChannelStats). Only inference is supported: the module
+    starts in eval mode and refuses to run in training mode, since it has no batch statistics.
+    """
+
+    def __init__(
+        self,
+        scale: torch.Tensor,
+        shift: torch.Tensor,
+        dead_mask: Optional[torch.Tensor] = None,
+        *,
+        record_max: bool = False,
+        on_max: Optional[Callable[[torch.Tensor], None]] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if scale.dim() != 1 or shift.shape != scale.shape:
+            raise ValueError(
+                "FusedBNReLU: scale and shift must both have shape (C,), "
+                f"got {tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
+        if not bool(torch.isfinite(scale).all()) or not bool(torch.isfinite(shift).all()):
+            raise ValueError("FusedBNReLU: scale / shift contain NaN or Inf")
+        if dead_mask is not None and (dead_mask.dtype != torch.bool or dead_mask.shape != scale.shape):
+            raise ValueError(
+                f"FusedBNReLU: dead_mask must be a bool tensor of shape {tuple(scale.shape)}, "
+                f"got {dead_mask.dtype} {tuple(dead_mask.shape)}"
+            )
+        self.register_buffer("scale", scale.detach().to(torch.float32).clone())
+        self.register_buffer("shift", shift.detach().to(torch.float32).clone())
+        self.register_buffer("dead_mask", None if dead_mask is None else dead_mask.detach().clone())
+        self.record_max = record_max
+        self.on_max = on_max
+        self.backend = backend
+        self.last_max: Optional[torch.Tensor] = None
+        self.train(False)
+
+    @classmethod
+    def from_bn(cls, bn: nn.Module, dead_mask: Optional[torch.Tensor] = None, **kwargs) -> "FusedBNReLU":
+        """Build from an eval-mode BatchNorm1d/2d (the ReLU after it is implied)."""
+        if isinstance(bn, nn.Module) and bn.training:
+            raise ValueError(
+                "FusedBNReLU.from_bn: the BatchNorm is in training mode; fusing uses its running statistics, "
+                "so call model.eval() first"
+            )
+        scale, shift = fold_bn(bn)
+        if dead_mask is not None:
+            dead_mask = dead_mask.to(scale.device)
+        return cls(scale, shift, dead_mask, **kwargs)
+
+    @property
+    def num_features(self) -> int:
+        return self.scale.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """relu(BN(x)) with the folded statistics; records the per-(n, c) max when asked."""
+        if self.training:
+            raise RuntimeError(
+                "FusedBNReLU runs in eval mode only: it folds the running statistics and cannot compute batch "
+                "statistics for training; call .eval(), or train the unfused BatchNorm + ReLU"
+            )
+        want_max = self.record_max or self.on_max is not None
+        out = bn_relu(x, self.scale, self.shift, self.dead_mask, return_max=want_max, backend=self.backend)
+        if not want_max:
+            return out
+        y, m = out
+        self.last_max = m
+        if self.on_max is not None:
+            self.on_max(m)
+        return y
+
+    def extra_repr(self) -> str:
+        dead = 0 if self.dead_mask is None else int(self.dead_mask.sum())
+        return f"{self.num_features}, dead={dead}, record_max={self.record_max}, backend={self.backend!r}"
+
+
+def fuse_bn_relu(model: nn.Module, **kwargs) -> nn.Module:
+    """Replace each BatchNorm1d/2d immediately followed by an nn.ReLU inside an nn.Sequential.
+
+    The BN becomes a ``FusedBNReLU`` (``kwargs`` go to it) and the ReLU an ``nn.Identity``, so
+    indices and the container's length are unchanged. Only consecutive pairs in a Sequential
+    are fused (there the BN output feeds nothing but the ReLU); everything else is untouched.
+    A BatchNorm without running statistics (it normalises with batch statistics even in eval
+    mode) is not fusable and is left alone. The model is modified in place, must be in eval
+    mode, and is returned.
+    """
+    sequentials = [m for m in model.modules() if isinstance(m, nn.Sequential)]  # listed before any change
+    for container in sequentials:
+        names = list(container._modules.keys())
+        for first, second in zip(names, names[1:]):
+            bn, relu = container._modules[first], container._modules[second]
+            fusable = isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None
+            if fusable and type(relu) is nn.ReLU:
+                container._modules[first] = FusedBNReLU.from_bn(bn, **kwargs)
+                container._modules[second] = nn.Identity()
+    return model

@@ -1,0 +1,165 @@
+"""Triton kernel for bn_relu: y = relu(x * scale[c] + shift[c]), optional per-(n, c) max of y.
+
+A program owns (sample n, a block of BLOCK_C channels) and a range of positions, walked in
+tiles of [BLOCK_C, BLOCK_P]. The tile shape follows the layout: long along positions when they
+are contiguous (NCHW rows), long along channels when channels are contiguous (channels_last,
+(N, C)). When (n, channel block) pairs alone are too few to fill the GPU, the positions are
+split over a second grid axis; each split writes a partial max and torch combines them
+(amax propagates NaN).
+
+NaN: ``v < 0`` is false for NaN, so relu(NaN) = NaN as in torch; the max carries NaN through
+an explicit flag because hardware max drops NaN operands.
+
+Interpreter mode (CPU tensors, ``TRITON_INTERPRET=1``): ``@triton.jit`` reads TRITON_INTERPRET
+when it decorates, so, as in sparsekern/triton/channel_absmax.py, the kernel is a plain
+function wrapped lazily once per mode and the mode follows the tensor's device, not the
+import order. The interpreter converts float32 to bfloat16 by truncation rather than
+round-to-nearest-even, so there the kernel writes bfloat16 output as float32 and torch rounds
+it (bfloat16 loads are exact). Nothing here touches a driver at import.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from sparsekern.ops._layout import View4
+
+# Elements per tile: enough bytes in flight per program, few enough registers.
+TILE = 1024
+# The interpreter runs programs one after another; a small "machine" keeps the grid tiny and
+# still exercises the split path on test-sized inputs.
+INTERPRETER_PROGRAMS = 4
+
+
+def _bn_relu_kernel(
+    x_ptr, y_ptr, scale_ptr, shift_ptr, dead_ptr, max_ptr,
+    N, C, P, L, tiles_per_split,
+    x_sn, x_sc, x_sr, x_sl,
+    y_sn, y_sc, y_sr, y_sl,
+    HAS_DEAD: tl.constexpr, HAS_MAX: tl.constexpr, FLAT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    cblocks = tl.cdiv(C, BLOCK_C)
+    n = (tl.program_id(0) // cblocks).to(tl.int64)
+    c = (tl.program_id(0) % cblocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    c_ok = c < C
+    live = c_ok
+    if HAS_DEAD:
+        # A dead channel is masked out of every load below, so its x is never read.
+        live = live & (tl.load(dead_ptr + c, mask=c_ok, other=1) == 0)
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)[:, None]
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)[:, None]
+    c64 = c[:, None].to(tl.int64)
+    x_base = x_ptr + n * x_sn + c64 * x_sc
+    y_base = y_ptr + n * y_sn + c64 * y_sc
+    running = tl.zeros([BLOCK_C], dtype=tl.float32)
+    saw_nan = tl.zeros([BLOCK_C], dtype=tl.int32)
+    first = split.to(tl.int64) * tiles_per_split * BLOCK_P
+    for t in range(0, tiles_per_split):
+        p = first + t * BLOCK_P + tl.arange(0, BLOCK_P).to(tl.int64)
+        p_ok = p < P
+        if FLAT:
+            x_off = p * x_sl
+            y_off = p * y_sl
+        else:
+            x_off = (p // L) * x_sr + (p % L) * x_sl
+            y_off = (p // L) * y_sr + (p % L) * y_sl
+        read = live[:, None] & p_ok[None, :]
+        v = tl.load(x_base + x_off[None, :], mask=read, other=0.0).to(tl.float32) * scale + shift
+        # Unread lanes (dead channels, positions past the end) become 0 before anything uses them.
+        v = tl.where(read, tl.where(v < 0, 0.0, v), 0.0)
+        tl.store(y_base + y_off[None, :], v.to(y_ptr.dtype.element_ty), mask=c_ok[:, None] & p_ok[None, :])
+        if HAS_MAX:
+            is_nan = v != v
+            saw_nan = tl.maximum(saw_nan, tl.max(is_nan.to(tl.int32), axis=1))
+            running = tl.maximum(running, tl.max(tl.where(is_nan, 0.0, v), axis=1))
+    if HAS_MAX:
+        # Round the max as y was rounded (monotonic, so it equals the max of the stored y).
+        running = running.to(y_ptr.dtype.element_ty).to(tl.float32)
+        running = tl.where(saw_nan > 0, float("nan"), running)
+        tl.store(max_ptr + split * N * C + n * C + c, running, mask=c_ok)
+
+
+@lru_cache(maxsize=None)
+def _kernel(interpret: bool):
+    """The kernel wrapped for the interpreter or for compilation (see module doc)."""
+    if interpret:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return InterpretedFunction(_bn_relu_kernel)
+    return triton.runtime.jit.JITFunction(_bn_relu_kernel)
+
+
+@lru_cache(maxsize=None)
+def _target_programs(device_index: int) -> int:
+    """About how many programs fill the GPU: a few per SM (queried at launch, never at import)."""
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _tile_shape(vx: View4, vy: View4) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_P): long along whichever dim is contiguous in memory."""
+    positions = vx.r * vx.l
+    if vx.sc == 1 and vy.sc == 1 and not (vx.sl == 1 and vx.l >= 16):
+        block_c = min(triton.next_power_of_2(vx.c), 128)
+        block_p = min(max(TILE // block_c, 1), triton.next_power_of_2(positions))
+    else:
+        block_p = min(triton.next_power_of_2(positions), TILE)
+        block_c = min(max(TILE // block_p, 1), triton.next_power_of_2(vx.c))
+    return block_c, block_p
+
+
+def bn_relu_triton(
+    x: torch.Tensor,
+    vx: View4,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    dead: torch.Tensor | None,
+    y: torch.Tensor,
+    vy: View4,
+    out_max: torch.Tensor | None,
+) -> None:
+    """Fill y (and out_max, (N, C) float32, if given). Inputs are validated by sparsekern.ops.bn_relu.
+
+    x / y are addressed through their (N, C, R, L) views; scale / shift are contiguous float32,
+    dead a contiguous uint8 (C,) or None. CUDA tensors run the compiled kernel; CPU tensors
+    run under the Triton interpreter.
+    """
+    interpret = x.device.type != "cuda"
+    round_in_torch = interpret and y.dtype == torch.bfloat16
+    target = torch.empty_strided(y.shape, y.stride(), dtype=torch.float32, device=y.device) if round_in_torch else y
+    block_c, block_p = _tile_shape(vx, vy)
+    programs = vx.n * triton.cdiv(vx.c, block_c)
+    tiles = triton.cdiv(vx.r * vx.l, block_p)
+    wanted = INTERPRETER_PROGRAMS if interpret else _target_programs(x.device.index or 0)
+    splits = 1
+    if programs < wanted and tiles > 1:
+        splits = min(triton.cdiv(wanted, programs), tiles, 65535)  # grid axis 1 is limited to 65535
+    tiles_per_split = triton.cdiv(tiles, splits)
+    splits = triton.cdiv(tiles, tiles_per_split)
+    partial = None
+    if out_max is not None:
+        partial = out_max if splits == 1 else torch.empty(splits, vx.n, vx.c, dtype=torch.float32, device=x.device)
+    flat = vx.r == 1 or (vx.sr == vx.l * vx.sl and vy.sr == vy.l * vy.sl)
+    with torch.cuda.device(x.device) if not interpret else nullcontext():
+        # Triton launches on the current device; make it x's (x may live on cuda:1).
+        _kernel(interpret)[(programs, splits)](
+            x, target, scale, shift,
+            dead if dead is not None else scale,  # placeholder pointers, never read without the flag
+            partial if partial is not None else scale,
+            vx.n, vx.c, vx.r * vx.l, vx.l, tiles_per_split,
+            vx.sn, vx.sc, vx.sr, vx.sl,
+            vy.sn, vy.sc, vy.sr, vy.sl,
+            HAS_DEAD=dead is not None, HAS_MAX=out_max is not None, FLAT=flat,
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
+        )
+    if out_max is not None and splits > 1:
+        torch.amax(partial, dim=0, out=out_max)  # amax propagates a split's NaN
+    if round_in_torch:
+        y.copy_(target)
+        if out_max is not None:
+            out_max.copy_(out_max.to(torch.bfloat16).to(torch.float32))
