@@ -1,0 +1,266 @@
+"""sparsekern.analyze against a float64 reference computed with the tests' own hooks.
+
+The reference runs the model in eval mode under no_grad and records, at hook points named by
+hand, m[n, c] = max over positions of |post-ReLU activation| in float64; corpus max, dead mask
+(max < t) and selectivity (fraction of n with m / max < 1e-3, 1 for never-active channels)
+follow from it.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsekern.models import build_model
+from sparsekern.stats.analyze import analyze
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
+
+
+def reference(model, batches, points, autocast_dtype=None):
+    """{name: (N, C) float64 maxima} at points {name: (module name, call index)}, eval mode."""
+    maxima = {name: [] for name in points}
+    calls = {}
+    modules = dict(model.named_modules())
+
+    def hook_for(module_name):
+        def hook(module, args, out):
+            call = calls.get(module_name, 0)
+            calls[module_name] = call + 1
+            for name, (m, k) in points.items():
+                if (m, k) == (module_name, call):
+                    maxima[name].append(out.double().reshape(out.shape[0], out.shape[1], -1).abs().amax(dim=2))
+        return hook
+
+    handles = [model.register_forward_pre_hook(lambda m, a: calls.clear())]
+    handles += [modules[m].register_forward_hook(hook_for(m)) for m in {m for m, _ in points.values()}]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for x in batches:
+                if autocast_dtype is None:
+                    model(x)
+                else:
+                    with torch.autocast("cpu", dtype=autocast_dtype):
+                        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(v) for name, v in maxima.items()}
+
+
+def reference_selectivity(m: torch.Tensor, t: float = 1e-3) -> torch.Tensor:
+    mx = m.amax(dim=0)
+    return torch.where(mx == 0, 1.0, (m / mx < t).double().mean(dim=0))
+
+
+def assert_matches(result, ref, *, exact_selectivity=True):
+    assert [f.name for f in result.features] == list(ref)
+    for name, m in ref.items():
+        s = result.stats[name]
+        assert s.num_samples == m.shape[0], name
+        assert torch.equal(s.corpus_max.double(), m.amax(dim=0)), name
+        for t in (1e-12, 1e-4):
+            assert torch.equal(s.dead_mask(t), m.amax(dim=0) < t), name
+        sel = s.selectivity(1e-3)
+        if exact_selectivity:
+            assert sel.exact and torch.equal(sel.value, reference_selectivity(m)), name
+        else:
+            assert bool(((sel.value - reference_selectivity(m)).abs() <= sel.error_bound + 1e-12).all()), name
+        layer = result.report.layer(name)
+        assert layer.inactive_by_activation == {t: int((m.amax(dim=0) < t).sum()) for t in (1e-12, 1e-4)}
+
+
+def random_batches(count, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g) for _ in range(count)]
+
+
+def small_basicnet():
+    torch.manual_seed(0)
+    model = build_model("basicnet", in_channels=1, num_classes=10, width=0.25)
+    with torch.no_grad():  # some dead channels (BN in eval mode: gamma = 0, beta < 0 gives relu 0)
+        for unit, channels in (("c2", [0, 5]), ("c5", [3]), ("c7", [1, 2, 3])):
+            bn = model.features.get_submodule(f"{unit}.bn")
+            bn.weight[channels] = 0
+            bn.bias[channels] = -1
+    return model
+
+
+BASICNET_POINTS = {f"features.c{i}": (f"features.c{i}.relu", 0) for i in range(1, 8)}
+
+
+@pytest.fixture(scope="module")
+def basicnet_case():
+    model = small_basicnet()
+    data = random_batches(4, (16, 1, 28, 28))
+    # Uneven last batch: 4 x 16 + 7 samples.
+    data.append(random_batches(1, (7, 1, 28, 28), seed=1)[0])
+    return model, data, reference(model, data, BASICNET_POINTS)
+
+
+@pytest.mark.parametrize("selectivity", ["two-pass", "exact"])
+def test_analyze_basicnet_equals_float64_reference(basicnet_case, selectivity):
+    model, data, ref = basicnet_case
+    result = analyze(model, [(x, torch.zeros(len(x))) for x in data], selectivity=selectivity, progress=False)
+    assert result.passes == (2 if selectivity == "two-pass" else 1)
+    assert result.num_images == 71 and result.images_per_second > 0
+    assert_matches(result, ref)
+    assert result.report.layer("features.c7").inactive_by_activation[1e-12] >= 3
+
+
+def test_analyze_histogram_is_within_its_error_bound(basicnet_case):
+    model, data, ref = basicnet_case
+    result = analyze(model, data, selectivity="histogram", progress=False)
+    assert_matches(result, ref, exact_selectivity=False)
+
+
+def test_analyze_restores_every_module_mode(basicnet_case):
+    model, data, _ = basicnet_case
+    model.train()
+    model.features.c3.bn.eval()  # a mixed state must come back as it was
+    before = [m.training for m in model.modules()]
+    analyze(model, data[:1], selectivity="none", progress=False)
+    assert [m.training for m in model.modules()] == before
+
+    def failing_loader():
+        yield data[0]
+        raise RuntimeError("disk gone")
+
+    with pytest.raises(RuntimeError, match="disk gone"):
+        analyze(model, failing_loader(), selectivity="exact", progress=False)
+    assert [m.training for m in model.modules()] == before
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    model.eval()
+
+
+def test_analyze_loader_kinds_and_max_batches(basicnet_case):
+    model, data, ref = basicnet_case
+    x = torch.cat(data)
+    y = torch.zeros(len(x), dtype=torch.int64)
+    dataset = torch.utils.data.TensorDataset(x, y)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=16)
+    from_loader = analyze(model, loader, selectivity="exact", progress=False)
+    assert_matches(from_loader, ref)
+    limited = analyze(model, loader, selectivity="two-pass", progress=False, max_batches=2)
+    assert limited.num_images == 32
+    first_two = {name: m[:32] for name, m in ref.items()}
+    assert_matches(limited, first_two)
+
+
+def test_analyze_progress_bar_and_result_formats(basicnet_case, capsys):
+    model, data, _ = basicnet_case
+    result = analyze(model, data[:2], selectivity="two-pass", progress=True)
+    err = capsys.readouterr().err
+    assert "pass 1/2" in err and "pass 2/2" in err and "img/s" in err
+    as_dict = json.loads(json.dumps(result.to_dict()))
+    assert as_dict["num_images"] == 32 and as_dict["passes"] == 2
+    assert len(as_dict["report"]["layers"]) == 7
+    assert "images/s" in str(result) and "features.c1" in str(result)
+
+
+def test_analyze_under_bfloat16_autocast(basicnet_case):
+    model, data, _ = basicnet_case
+    ref = reference(model, data[:1], BASICNET_POINTS, autocast_dtype=torch.bfloat16)
+    result = analyze(model, data[:1], selectivity="two-pass", amp_dtype=torch.bfloat16, progress=False)
+    assert_matches(result, ref)
+
+
+def test_analyze_two_pass_detects_a_changing_corpus(basicnet_case):
+    model, data, _ = basicnet_case
+
+    class Augmenting:
+        """Yields different images on every pass, as random augmentation would."""
+
+        def __init__(self):
+            self.epoch = 0
+
+        def __iter__(self):
+            self.epoch += 1
+            return iter(random_batches(2, (8, 1, 28, 28), seed=100 + self.epoch))
+
+    with pytest.raises(RuntimeError, match="second pass saw different activations"):
+        analyze(model, Augmenting(), selectivity="two-pass", progress=False)
+
+
+def test_analyze_rejects_bad_input(basicnet_case):
+    model, data, _ = basicnet_case
+    with pytest.raises(TypeError, match="nn.Module"):
+        analyze(lambda x: x, data)
+    with pytest.raises(ValueError, match="unknown selectivity"):
+        analyze(model, data, selectivity="three-pass")
+    with pytest.raises(ValueError, match="max_batches"):
+        analyze(model, data, max_batches=0)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        analyze(model, data, amp_dtype=torch.float64)
+    with pytest.raises(ValueError, match="no batches"):
+        analyze(model, [], progress=False)
+    with pytest.raises(ValueError, match="no batches on its second pass"):
+        analyze(model, (x for x in data[:1]), selectivity="two-pass", progress=False)
+    with pytest.raises(TypeError, match="first item is a str"):
+        analyze(model, [("image.png", 3)], progress=False)
+    with pytest.raises(TypeError, match="floating-point"):
+        analyze(model, [torch.zeros(2, 1, 28, 28, dtype=torch.uint8)], progress=False)
+    with pytest.raises(ValueError, match="model is on cpu"):
+        analyze(model, data, device="cuda", progress=False)
+    assert not model.training
+
+
+def test_analyze_resnet18_equals_float64_reference():
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=1, num_classes=10)
+    with torch.no_grad():
+        model.layer1[0].bn1.weight[:4] = 0
+        model.layer1[0].bn1.bias[:4] = -1
+    data = random_batches(4, (16, 1, 16, 16))  # 64 small images: 4x4 maps in layer1, 1x1 in layer4
+    points = {"bn1": ("relu", 0)}
+    for i in range(1, 5):
+        for j in range(2):
+            b = f"layer{i}.{j}"
+            points[f"{b}.bn1"] = (f"{b}.relu", 0)
+            points[f"{b}.residual"] = (f"{b}.relu", 1)
+    ref = reference(model, data, points)
+    assert int((ref["layer1.0.bn1"].amax(dim=0) < 1e-12).sum()) >= 4
+    for selectivity in ("two-pass", "exact"):
+        result = analyze(model, data, selectivity=selectivity, progress=False)
+        assert result.num_images == 64
+        assert_matches(result, ref)
+
+
+def test_analyze_mobilenet_v2_relu6_features():
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", in_channels=1, num_classes=10)
+    bn = model.features[1].conv[0][1]
+    with torch.no_grad():  # channel 0 dead; channel 1 saturates at the ReLU6 cap, so it is alive
+        bn.weight[:2] = 0
+        bn.bias[0], bn.bias[1] = -1.0, 10.0
+    relu6 = [name for name, m in model.named_modules() if isinstance(m, nn.ReLU6)]
+    points = {name.rpartition(".")[0]: (name, 0) for name in relu6}  # unit names: "features.0", ...
+    data = random_batches(1, (8, 1, 32, 32))
+    ref = reference(model, data, points)
+    result = analyze(model, data, selectivity="exact", progress=False)
+    assert len(result.features) == 35 and {f.activation for f in result.features} == {"relu6"}
+    assert_matches(result, ref)
+    s = result.stats["features.1.conv.0"]
+    assert bool(s.dead_mask()[0]) and not bool(s.dead_mask()[1]) and s.corpus_max[1].item() == 6.0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(FASHION_MNIST), reason="Fashion-MNIST IDX files not installed")
+def test_analyze_fashion_mnist_test_set():
+    from sparsekern.data import get_dataset
+
+    dataset = get_dataset("fashion-mnist", train=False)
+    x, _ = dataset.get_batch(torch.arange(2000))
+    batches = list(x.split(250))
+    model = small_basicnet()
+    ref = reference(model, batches, BASICNET_POINTS)
+    result = analyze(model, [(b, None) for b in batches], selectivity="two-pass", progress=False)
+    assert result.num_images == 2000
+    assert_matches(result, ref)
+    assert result.report.totals["inactive_by_activation"][1e-12] >= 6  # the channels killed above

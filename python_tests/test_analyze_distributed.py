@@ -1,0 +1,113 @@
+"""Distributed analyze: 2 CPU processes (gloo), each analysing its DistributedSampler shard,
+must return exactly what one process returns for the whole corpus.
+
+The worker processes run this file as a script (``python test_analyze_distributed.py rank
+world init_file out_file``), so nothing depends on how pytest imports test modules.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
+
+WORLD = 2
+MODES = ("two-pass", "exact")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_case():
+    """The same model and corpus in every process (50 samples: 25 per rank)."""
+    from sparsekern.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("basicnet", in_channels=1, num_classes=10, width=0.25)
+    with torch.no_grad():  # a few dead channels
+        model.features.c4.bn.weight[:3] = 0
+        model.features.c4.bn.bias[:3] = -1
+    x = torch.randn(50, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    return model, TensorDataset(x, torch.zeros(50, dtype=torch.int64))
+
+
+def run_analysis(loader) -> dict:
+    """What the test compares, per selectivity mode: per-layer numbers as CPU tensors."""
+    from sparsekern.stats.analyze import analyze
+
+    model, _ = build_case()
+    out = {}
+    for mode in MODES:
+        result = analyze(model, loader, selectivity=mode, progress=False)
+        out[mode] = {
+            "num_images": result.num_images,
+            "report": result.report.to_dict(),
+            "layers": {
+                name: {
+                    "num_samples": s.num_samples,
+                    "corpus_max": s.corpus_max.cpu(),
+                    "dead": s.dead_mask().cpu(),
+                    "selectivity": s.selectivity(1e-3).value.cpu(),
+                    "apoz": s.apoz().cpu(),
+                }
+                for name, s in result.stats.items()
+            },
+        }
+    return out
+
+
+def shard_loader(dataset, rank: int) -> DataLoader:
+    sampler = DistributedSampler(dataset, num_replicas=WORLD, rank=rank, shuffle=False)
+    return DataLoader(dataset, batch_size=8, sampler=sampler)  # 25 samples: batches 8, 8, 8, 1
+
+
+def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
+    torch.set_num_threads(1)  # two processes share the CI machine's cores
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        _, dataset = build_case()
+        torch.save(run_analysis(shard_loader(dataset, rank)), out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_analysis_equals_one_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    init_file = tmp_path / "store"
+    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
+    procs = [
+        subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(WORLD), str(init_file), str(outs[r])],
+                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+
+    # One process over the same batches the ranks saw: a CPU conv may round a batch of 1
+    # differently from a batch of 8, and this test is about merging, not about batching.
+    _, dataset = build_case()
+    expected = run_analysis([batch for r in range(WORLD) for batch in shard_loader(dataset, r)])
+    for r in range(WORLD):
+        got = torch.load(outs[r])
+        for mode in MODES:
+            assert got[mode]["num_images"] == expected[mode]["num_images"] == 50
+            assert got[mode]["report"]["layers"] == expected[mode]["report"]["layers"], (r, mode)
+            for name, numbers in expected[mode]["layers"].items():
+                assert numbers["num_samples"] == got[mode]["layers"][name]["num_samples"] == 50
+                for key in ("corpus_max", "dead", "selectivity", "apoz"):
+                    assert torch.equal(got[mode]["layers"][name][key], numbers[key]), (r, mode, name, key)
+    assert sum(expected["exact"]["layers"]["features.c4"]["dead"].tolist()) >= 3
+
+
+if __name__ == "__main__":
+    worker(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

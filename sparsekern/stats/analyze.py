@@ -1,0 +1,260 @@
+"""analyze: the sparsity of a trained model over a whole corpus, in one call.
+
+    result = sparsekern.analyze(model, loader)     # loader yields (x, y) or bare x batches
+    print(result)                                  # per-layer table + throughput
+    result.stats["features.c3"].dead_mask()        # the ChannelStats of every feature
+
+The model runs in eval mode (BN with its running statistics) under ``torch.no_grad``; the
+train/eval mode of every submodule is restored afterwards. Features are found as for
+``SparsityTracker`` (any torchvision CNN: ResNet, VGG-BN, MobileNetV2 with ReLU6, DenseNet;
+or a user model).
+
+Selectivity (fraction of samples with m[n, c] / max_n m[n, c] < t) needs the corpus max first:
+
+* ``"two-pass"`` (default): pass 1 finds the corpus max, pass 2 counts exactly against it.
+  Exact with a few bytes per channel; the loader must yield the same images both times (no
+  random augmentation), which is checked.
+* ``"exact"``: one pass, keeps every per-sample maximum (N x C floats per layer).
+* ``"histogram"``: one pass, bounded memory, approximate with a reported error bound.
+* ``"memmap"``: one pass, exact, per-sample maxima in temporary files. ``"none"``: no selectivity.
+
+Distributed: when torch.distributed is initialised, each rank analyses the shard its loader
+yields (give it a DistributedSampler) and the statistics are all-reduced after every pass, so
+every rank returns the statistics of the whole corpus.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from sparsekern.stats.channel_stats import MODES, ChannelStats
+from sparsekern.stats.features import Feature, unwrap_model
+from sparsekern.stats.report_table import SparsityReport, build_report
+from sparsekern.stats.tracker import SparsityTracker
+
+SELECTIVITY_MODES = ("two-pass",) + MODES
+_AMP_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class AnalysisResult:
+    """What ``analyze`` measured: one ChannelStats per feature, the report, and the throughput.
+
+    ``num_images`` is the corpus size (all ranks); ``images_per_second`` counts every image of
+    every pass on every rank over the wall-clock time of the whole analysis.
+    """
+
+    features: list[Feature]
+    stats: dict[str, ChannelStats]
+    report: SparsityReport
+    selectivity: str
+    passes: int
+    num_images: int
+    seconds: float
+    images_per_second: float
+
+    def to_dict(self) -> dict:
+        """The report's numbers plus how the analysis ran (JSON-able)."""
+        return {
+            "selectivity": self.selectivity,
+            "passes": self.passes,
+            "num_images": self.num_images,
+            "seconds": self.seconds,
+            "images_per_second": self.images_per_second,
+            "report": self.report.to_dict(),
+        }
+
+    def __str__(self) -> str:
+        return (
+            f"{self.report}\n{self.num_images} images, {self.passes} pass(es), selectivity={self.selectivity}: "
+            f"{self.seconds:.2f} s, {self.images_per_second:.1f} images/s"
+        )
+
+
+def analyze(
+    model: nn.Module,
+    loader,
+    *,
+    device=None,
+    selectivity: str = "two-pass",
+    progress: bool = True,
+    max_batches: int | None = None,
+    amp_dtype: torch.dtype | None = None,
+    features=None,
+    backend: str = "auto",
+    activation_thresholds=(1e-12, 1e-4),
+    gamma_thresholds=(1e-3, 1e-2),
+    selectivity_threshold: float = 1e-3,
+) -> AnalysisResult:
+    """Measure every post-ReLU feature of ``model`` over the batches of ``loader``.
+
+    ``device``: where the inputs go (default: the model's device; the model is never moved).
+    ``selectivity``: "two-pass" | "exact" | "histogram" | "memmap" | "none" (module docstring).
+    ``max_batches``: stop each pass after this many batches. ``amp_dtype``: run the forward
+    under ``torch.autocast`` with float16 / bfloat16. ``features``: as for SparsityTracker.
+    The thresholds are those of the report (``SparsityTracker.report``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"analyze: expected an nn.Module, got {type(model).__name__}")
+    if selectivity not in SELECTIVITY_MODES:
+        raise ValueError(f"analyze: unknown selectivity {selectivity!r}; expected one of {SELECTIVITY_MODES}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
+        raise ValueError(f"analyze: max_batches must be a positive int or None, got {max_batches!r}")
+    if amp_dtype is not None and amp_dtype not in _AMP_DTYPES:
+        raise ValueError(f"analyze: amp_dtype must be torch.float16, torch.bfloat16 or None, got {amp_dtype!r}")
+    network = unwrap_model(model)
+    device = _resolve_device(network, device)
+    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    show = progress and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0)
+    run = _PassRunner(model, loader, device, max_batches, amp_dtype, show)
+
+    modes = [(m, m.training) for m in network.modules()]
+    network.eval()
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            if selectivity == "two-pass":
+                with SparsityTracker(network, selectivity="none", features=features, backend=backend) as first:
+                    run("pass 1/2 (corpus max)")
+                _all_reduce(first, distributed)
+                references = {name: _reference(s) for name, s in first.stats.items()}
+                with SparsityTracker(network, selectivity="none", features=first.features, backend=backend) as tracker:
+                    for name, s in tracker.stats.items():
+                        s.set_reference_max(references[name], thresholds=(selectivity_threshold,))
+                    run("pass 2/2 (selectivity)")
+                _all_reduce(tracker, distributed)
+                _check_same_corpus(tracker, references)
+            else:
+                with SparsityTracker(network, selectivity=selectivity, features=features, backend=backend) as tracker:
+                    run("analyze")
+                _all_reduce(tracker, distributed)
+    finally:
+        for module, training in modes:
+            module.training = training
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+
+    images = run.images
+    if distributed:
+        total = torch.tensor(images, dtype=torch.int64, device=_comm_device(device))
+        dist.all_reduce(total)
+        images = int(total.item())
+    report = build_report(
+        network, tracker.features, tracker.stats,
+        activation_thresholds=activation_thresholds, gamma_thresholds=gamma_thresholds,
+        selectivity_threshold=None if selectivity == "none" else selectivity_threshold,
+    )
+    return AnalysisResult(
+        features=tracker.features, stats=tracker.stats, report=report, selectivity=selectivity,
+        passes=run.passes, num_images=images // run.passes, seconds=seconds,
+        images_per_second=images / seconds if seconds > 0 else float("inf"),
+    )
+
+
+class _PassRunner:
+    """Runs the model over the loader once per call (one pass), counting images."""
+
+    def __init__(self, model, loader, device, max_batches, amp_dtype, show):
+        self.model, self.loader, self.device = model, loader, device
+        self.max_batches, self.amp_dtype, self.show = max_batches, amp_dtype, show
+        self.images = 0
+        self.passes = 0
+
+    def __call__(self, description: str) -> None:
+        from tqdm.auto import tqdm
+
+        batches = 0
+        with tqdm(total=_total_images(self.loader, self.max_batches), desc=description, unit="img",
+                  unit_scale=True, disable=not self.show, dynamic_ncols=True) as bar:
+            for batch in self.loader:
+                x = _inputs_of(batch).to(self.device, non_blocking=True)
+                if self.amp_dtype is None:
+                    self.model(x)
+                else:
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype):
+                        self.model(x)
+                self.images += x.shape[0]
+                bar.update(x.shape[0])
+                batches += 1
+                if batches == self.max_batches:
+                    break
+        if batches == 0:
+            again = " on its second pass (two-pass needs a re-iterable loader, not a generator)" if self.passes else ""
+            raise ValueError(f"analyze: the loader yielded no batches{again}")
+        self.passes += 1
+
+
+def _inputs_of(batch) -> torch.Tensor:
+    """The input tensor of a batch: a bare tensor, or the first item of an (x, y, ...) tuple."""
+    x = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            "analyze: the loader must yield tensors or (inputs, targets, ...) tuples whose first item is a "
+            f"tensor; got {type(batch).__name__}" + (f" whose first item is a {type(x).__name__}" if x is not batch else "")
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"analyze: inputs must be a floating-point tensor, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"analyze: inputs must be batched, shape (N, ...), got shape {tuple(x.shape)}")
+    return x
+
+
+def _total_images(loader, max_batches):
+    """Images one pass will see, when the loader can tell (only used by the progress bar)."""
+    try:
+        total = len(loader.sampler)
+    except (AttributeError, TypeError):
+        return None
+    batch_size = getattr(loader, "batch_size", None)
+    if max_batches is not None and batch_size:
+        total = min(total, max_batches * batch_size)
+    return total
+
+
+def _resolve_device(network: nn.Module, device) -> torch.device:
+    tensors = list(network.parameters()) or list(network.buffers())
+    model_device = tensors[0].device if tensors else None
+    if device is None:
+        return model_device or torch.device("cpu")
+    device = torch.device(device)
+    if model_device is not None and (
+        model_device.type != device.type or (device.index is not None and model_device.index != device.index)
+    ):
+        raise ValueError(f"analyze: the model is on {model_device} but device={device}; move the model first")
+    return device
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _all_reduce(tracker: SparsityTracker, distributed: bool) -> None:
+    if distributed:
+        for s in tracker.stats.values():
+            s.all_reduce()
+
+
+def _reference(stats: ChannelStats) -> torch.Tensor:
+    """The pass-1 corpus max as a two-pass reference. A channel that saw Inf gets 0: its
+    selectivity is undefined (reported as NaN) and set_reference_max only takes finite values."""
+    ref = stats.corpus_max
+    return torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
+
+
+def _check_same_corpus(tracker: SparsityTracker, references: dict) -> None:
+    """Pass 2 must have seen exactly the activations of pass 1, else its counts are not exact."""
+    for name, s in tracker.stats.items():
+        differs = (s.corpus_max != references[name]) & ~s.nonfinite_mask()
+        if bool(differs.any()):
+            raise RuntimeError(
+                f"analyze: the second pass saw different activations than the first in layer {name!r} "
+                f"({int(differs.sum())} channels have a different corpus max), so the two-pass selectivity "
+                "would not be exact. The loader must yield the same images in both passes (no random "
+                "augmentation) and the model must be deterministic; otherwise use selectivity='exact' or "
+                "'histogram'."
+            )

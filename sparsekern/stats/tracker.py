@@ -1,0 +1,216 @@
+"""SparsityTracker: measure the post-ReLU features of a model while it trains.
+
+    tracker = SparsityTracker(model)              # hooks every BN -> ReLU feature
+    for epoch in range(epochs):
+        tracker.reset()                           # epoch-wise statistics
+        for x, y in loader:
+            loss = criterion(model(x), y); ...    # every forward is measured (see `every`)
+        print(tracker.report())
+
+Forward hooks feed one ChannelStats per feature (see ``sparsekern.stats.features``):
+
+* a ReLU module is hooked directly; its output is the post-ReLU map (in-place or not: the
+  hook runs before anything downstream can change it);
+* a functional ReLU (``F.relu(self.bn(x))``) is measured by hooking the producer module
+  (BN / conv / linear) and applying the ReLU to a copy of its output: the model's own tensors
+  are never modified;
+* a ReLU module used several times per forward (torchvision's BasicBlock) has one feature per
+  call: a forward pre-hook on the model resets a per-forward call counter, and the counter
+  says which feature a call belongs to. Calling a submodule directly, outside the model's own
+  forward, therefore does not count as a measured forward.
+
+Measuring runs under ``torch.no_grad()`` on detached tensors, and never synchronises with the
+host (no ``.item()``, no host copies): on a GPU, training keeps its asynchrony.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsekern.stats.channel_stats import MODES, ChannelStats
+from sparsekern.stats.features import Feature, find_features, unwrap_model
+from sparsekern.stats.report_table import SparsityReport, build_report, gamma_sparsity
+
+_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6}
+
+__all__ = ["SparsityTracker", "SparsityReport", "gamma_sparsity"]
+
+
+class SparsityTracker:
+    """Per-feature post-ReLU statistics of ``model``, collected by forward hooks.
+
+    ``selectivity``: the ChannelStats mode ("histogram" | "exact" | "memmap" | "none");
+    "memmap" writes one file per feature into ``memmap_dir`` (temporary files when None).
+    ``features``: the features to measure (default: ``find_features(model)``).
+    ``every``: measure one step in every ``every`` steps (steps 0, every, 2 * every, ...).
+    A step is one forward of the model, unless ``step()`` is called: from then on only
+    ``step()`` advances it (e.g. one optimizer step over several accumulated forwards).
+    ``backend`` goes to ``channel_absmax``.
+    """
+
+    def __init__(self, model: nn.Module, *, selectivity: str = "histogram", features=None, every: int = 1,
+                 backend: str = "auto", memmap_dir=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"SparsityTracker: expected an nn.Module, got {type(model).__name__}")
+        if selectivity not in MODES:
+            raise ValueError(f"SparsityTracker: unknown selectivity mode {selectivity!r}; expected one of {MODES}")
+        if memmap_dir is not None and selectivity != "memmap":
+            raise ValueError("SparsityTracker: memmap_dir only applies to selectivity='memmap'")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"SparsityTracker: every must be a positive int, got {every!r}")
+        self.model = model
+        self.network = unwrap_model(model)  # hooks go on the wrapped network of a DDP model
+        self.selectivity_mode = selectivity
+        self.memmap_dir = memmap_dir
+        self.backend = backend
+        self.every = every
+        features = find_features(self.network) if features is None else list(features)
+        if not features:
+            raise ValueError(
+                f"SparsityTracker: {type(self.network).__name__} has no ReLU / ReLU6 feature to measure"
+            )
+        modules = dict(self.network.named_modules())
+        for f in features:
+            if not isinstance(f, Feature):
+                raise TypeError(f"SparsityTracker: features must be Feature objects, got {type(f).__name__}")
+            if f.hook_module_name not in modules:
+                raise ValueError(f"SparsityTracker: feature {f.name!r} hooks module {f.hook_module_name!r}, "
+                                 f"which {type(self.network).__name__} does not have")
+        if len({f.name for f in features}) != len(features):
+            raise ValueError("SparsityTracker: feature names must be unique")
+
+        self.features: list[Feature] = []
+        self.stats: dict[str, ChannelStats] = {}
+        # hooked module -> {call index -> features measured on that call}; the key None holds
+        # fallback templates whose calls are numbered at run time (see _output_hook).
+        self._routes: dict[str, dict] = {}
+        for f in features:
+            self._add_feature(f)
+        self.steps = 0
+        self._manual_steps = False
+        self._measuring = False
+        self._calls: dict[str, int] = {}
+        self._handles = [self.network.register_forward_pre_hook(self._on_model_forward)]
+        for name in self._routes:
+            self._handles.append(modules[name].register_forward_hook(self._output_hook(name)))
+
+    # --- hooks ---------------------------------------------------------------------------
+
+    def _add_feature(self, f: Feature) -> None:
+        self._routes.setdefault(f.hook_module_name, {}).setdefault(f.call_index, []).append(f)
+        if f.call_index is None:
+            return  # a fallback template: the features are made per call at run time
+        path = None
+        if self.memmap_dir is not None:
+            os.makedirs(self.memmap_dir, exist_ok=True)
+            path = os.path.join(self.memmap_dir, f.name.replace("/", "_") + ".f32")
+        self.features.append(f)
+        self.stats[f.name] = ChannelStats(selectivity=self.selectivity_mode, memmap_path=path, backend=self.backend)
+
+    def _on_model_forward(self, module, args) -> None:
+        self._calls = {}
+        self._measuring = self.steps % self.every == 0
+        if not self._manual_steps:
+            self.steps += 1
+
+    def _output_hook(self, module_name: str):
+        routes = self._routes[module_name]
+
+        def hook(module, args, output):
+            call = self._calls.get(module_name, 0)
+            self._calls[module_name] = call + 1
+            if not self._measuring:
+                return
+            features = routes.get(call)
+            if features is None:
+                if None not in routes:
+                    return  # a call the traced graph has no feature for (not a ReLU input)
+                features = [self._fallback_feature(routes[None][0], call)]
+                self._add_feature(features[0])
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"SparsityTracker: module {module_name!r} returned a {type(output).__name__}, "
+                                "expected the activation tensor")
+            with torch.no_grad():
+                y = output.detach()
+                for f in features:
+                    self.stats[f.name].update(_ACTIVATIONS[f.activation](y) if f.functional else y)
+
+        return hook
+
+    @staticmethod
+    def _fallback_feature(base: Feature, call: int) -> Feature:
+        """The feature of call ``call`` of a ReLU module found without a graph. Only its first
+        call is the one registration order paired with a BN; what feeds a later call is unknown."""
+        if call == 0:
+            return dataclasses.replace(base, call_index=0)
+        return dataclasses.replace(base, name=f"{base.relu_target}:{call}", call_index=call, producer_module_name=None,
+                                   bn_module_name=None, layer_module_name=None, kind="other")
+
+    # --- control -------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Advance the step counter by one; from now on forwards no longer advance it."""
+        self._manual_steps = True
+        self.steps += 1
+
+    def reset(self) -> None:
+        """Forget every sample (e.g. at the start of an epoch); the hooks stay."""
+        for s in self.stats.values():
+            s.reset()
+
+    def remove(self) -> None:
+        """Remove every hook from the model; the statistics stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "SparsityTracker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # --- results -------------------------------------------------------------------------
+
+    def report(self, activation_thresholds=(1e-12, 1e-4), gamma_thresholds=(1e-3, 1e-2),
+               selectivity_threshold: float = 1e-3) -> SparsityReport:
+        """Per-layer and total sparsity of what was measured (see ``SparsityReport``).
+
+        Selectivity is left out with ``selectivity="none"``.
+        """
+        return build_report(
+            self.network, self.features, self.stats,
+            activation_thresholds=activation_thresholds, gamma_thresholds=gamma_thresholds,
+            selectivity_threshold=None if self.selectivity_mode == "none" else selectivity_threshold,
+        )
+
+    def state_dict(self) -> dict:
+        """Features, step counter and every ChannelStats' state (for checkpoints)."""
+        return {
+            "format": 1,
+            "features": [dataclasses.asdict(f) for f in self.features],
+            "steps": self.steps,
+            "manual_steps": self._manual_steps,
+            "stats": {name: s.state_dict() for name, s in self.stats.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore what ``state_dict`` saved into a tracker on the same model."""
+        if not isinstance(sd, dict) or sd.get("format") != 1:
+            raise ValueError("SparsityTracker.load_state_dict: not a SparsityTracker state dict (format 1)")
+        for saved in sd["features"]:
+            if saved["name"] not in self.stats:
+                feature = Feature(**saved)
+                if None not in self._routes.get(feature.hook_module_name, {}):
+                    raise ValueError(f"SparsityTracker.load_state_dict: this tracker has no feature {saved['name']!r}")
+                self._add_feature(feature)  # a fallback feature numbered at run time
+        missing = set(self.stats) - set(sd["stats"])
+        if missing:
+            raise ValueError(f"SparsityTracker.load_state_dict: the state has no statistics for {sorted(missing)}")
+        for name, s in self.stats.items():
+            s.load_state_dict(sd["stats"][name])
+        self.steps, self._manual_steps = sd["steps"], sd["manual_steps"]
