@@ -27,11 +27,9 @@
 #include <optional>
 #include <vector>
 
+#include "sparsekern/cpu_parallel.h"
 #include "sparsekern/cpu_simd.h"
 
-#ifdef SPARSEKERN_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace sparsekern {
 namespace {
@@ -42,14 +40,6 @@ using cpu::store1;
 using cpu::to_float;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
-
-inline int max_threads() {
-#ifdef SPARSEKERN_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 // max(0, v) with the same NaN rule as the vector path: NaN stays NaN.
 inline float relu1(float v) { return 0.0f > v ? 0.0f : v; }
@@ -133,7 +123,7 @@ void rows_kernel(const T* x, const View4& vx, const float* scale, const float* s
   const int64_t tasks = vx.n * vx.c;
   // Both sides hold each (n, c) as one run when its R rows follow each other without gaps.
   const bool flat = vx.r == 1 || (vx.sr == vx.l && vy.sr == vy.l);
-#pragma omp parallel for schedule(static) if (tasks * vx.r * vx.l > 32768)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(tasks * vx.r * vx.l))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n = t / vx.c, c = t % vx.c;
     const T* xb = x + n * vx.sn + c * vx.sc;
@@ -227,7 +217,7 @@ void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const
                           T* y, const View4& vy, float* out_max) {
   const int64_t positions = vx.r * vx.l;
   const int64_t cblocks = (vx.c + kChannelBlock - 1) / kChannelBlock;
-  const int64_t threads = max_threads();
+  const int64_t threads = cpu::threads_for(vx.n * vx.c * positions);
   // Split positions only when (n, channel block) pairs alone cannot fill the cores.
   int64_t splits = 1;
   if (vx.n * cblocks < 2 * threads && positions >= 64) {
@@ -240,7 +230,7 @@ void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const
   const DeadLanes* lanes = DEAD ? &*lanes_storage : nullptr;
   // Partial maxima per task, merged below (cheap: tasks * kChannelBlock values).
   std::vector<float> pmx(MAX ? tasks * kChannelBlock : 0), pbad(MAX ? tasks * kChannelBlock : 0);
-#pragma omp parallel for schedule(static) if (vx.n * vx.c * positions > 32768)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(vx.n * vx.c * positions))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t s = t % splits, nb = t / splits;
     const int64_t n = nb / cblocks, b = nb % cblocks;
@@ -270,7 +260,7 @@ void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const
 template <typename T, bool MAX>
 void strided_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
                     const View4& vy, float* out_max) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(vx.n * vx.c * vx.r * vx.l))
   for (int64_t t = 0; t < vx.n * vx.c; ++t) {
     const int64_t n = t / vx.c, c = t % vx.c;
     const bool is_dead = dead && dead[c];

@@ -18,11 +18,9 @@
 #include <limits>
 #include <vector>
 
+#include "sparsekern/cpu_parallel.h"
 #include "sparsekern/cpu_simd.h"
 
-#ifdef SPARSEKERN_WITH_OPENMP
-#include <omp.h>
-#endif
 
 namespace sparsekern {
 namespace {
@@ -30,14 +28,6 @@ namespace {
 using cpu::bf16_t;
 using cpu::f16_t;
 using cpu::to_float;
-
-inline int max_threads() {
-#ifdef SPARSEKERN_WITH_OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
 
 struct RowAcc {
   float mx = 0.0f;
@@ -94,7 +84,7 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
 template <typename T, bool COUNT>
 void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
   const int64_t tasks = v.n * v.c;
-#pragma omp parallel for schedule(static) if (tasks * v.r * v.l > 32768)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(tasks * v.r * v.l))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t n = t / v.c, c = t % v.c;
     const T* base = x + n * v.sn + c * v.sc;
@@ -150,7 +140,7 @@ template <typename T, bool COUNT>
 void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
   const int64_t positions = v.r * v.l;
   const int64_t cblocks = (v.c + kChannelBlock - 1) / kChannelBlock;
-  const int64_t threads = max_threads();
+  const int64_t threads = cpu::threads_for(v.n * v.c * positions);
   // Split positions only when (n, channel block) pairs alone cannot fill the cores.
   int64_t splits = 1;
   if (v.n * cblocks < 2 * threads && positions >= 64) {
@@ -161,7 +151,7 @@ void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos) 
   // Partial results per task; merged below (cheap: tasks * kChannelBlock values).
   std::vector<float> pmx(tasks * kChannelBlock), pbad(tasks * kChannelBlock);
   std::vector<int32_t> pcnt(COUNT ? tasks * kChannelBlock : 0);
-#pragma omp parallel for schedule(static) if (v.n * v.c * positions > 32768)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(v.n * v.c * positions))
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t s = t % splits, nb = t / splits;
     const int64_t n = nb / cblocks, b = nb % cblocks;
@@ -191,7 +181,7 @@ void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos) 
 
 template <typename T, bool COUNT>
 void strided_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(v.n * v.c * v.r * v.l))
   for (int64_t t = 0; t < v.n * v.c; ++t) {
     const int64_t n = t / v.c, c = t % v.c;
     RowAcc acc;
