@@ -1,0 +1,27 @@
+"""Experiments: run configs, training runs with checkpoints and resume, sweeps.
+
+    from sparsekern.train import RunConfig, train
+    result = train(RunConfig(model="basicnet", width=0.25, batch_size=20, steps=5000, eval_every=500))
+
+See ``config.py`` (fields, TOML, run ids), ``optim.py`` (optimizers, L2 vs decoupled weight
+decay, LR schedules, the regulariser registry), ``loop.py`` (one run), ``checkpoint.py`` and
+``sweep.py`` (grids of runs, parallel workers, mean +- std over seeds).
+"""
+from sparsekern.train.checkpoint import CheckpointError
+from sparsekern.train.config import ConfigError, RunConfig
+from sparsekern.train.loop import TrainingDivergedError, evaluate, read_metrics, read_result, train
+from sparsekern.train.optim import Optimization, register_optimizer, register_regularizer
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "Optimization",
+    "RunConfig",
+    "TrainingDivergedError",
+    "evaluate",
+    "read_metrics",
+    "read_result",
+    "register_optimizer",
+    "register_regularizer",
+    "train",
+]

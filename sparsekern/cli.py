@@ -1,0 +1,271 @@
+"""``sparsekern`` / ``python -m sparsekern``: train, sweep, report, analyze, demo, info.
+
+    sparsekern train --width 0.25 --batch-size 20 --steps 5000 --eval-every 500 --out-dir runs
+    sparsekern train --config run.toml --lr 2e-3        # flags override the TOML file
+    sparsekern sweep --config sweep.toml --out sweeps/t1 --workers 2
+    sparsekern report sweeps/t1
+    sparsekern analyze runs/<run id> --split train --json stats.json
+    sparsekern demo [--full] [--out DIR]
+    sparsekern info
+
+Subcommands are registered in ``SUBCOMMANDS`` (name -> function that adds its parser); a new
+one (``prune``, ``bench``) is one more entry there. A registrar adds a sub-parser and sets
+``func``: a function of the parsed args returning the exit code.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from sparsekern.train.config import ConfigError, RunConfig, config_fields, field_type
+
+GRID_FLAGS = {  # sweep flag -> RunConfig field it lists values of
+    "optimizers": "optimizer",
+    "regs": "reg",
+    "strengths": "reg_strength",
+    "batch_sizes": "batch_size",
+    "widths": "width",
+    "seeds": "seed",
+}
+
+
+# ---------------------------------------------------------------------- config flags
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _float_list(text: str) -> tuple:
+    return tuple(float(v) for v in text.split(",") if v.strip())
+
+
+def add_config_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
+    """One flag per RunConfig field (``--reg-strength``...); only flags given on the command line are set."""
+    group = parser.add_argument_group("run configuration (override --config)")
+    for f in config_fields():
+        if f.name in exclude:
+            continue
+        base, optional = field_type(f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if base is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                               help=help_text)
+            continue
+        kind = _float_list if base is tuple else base
+        group.add_argument(flag, dest=f.name, type=_none_or(kind) if optional else kind, default=argparse.SUPPRESS,
+                           metavar=f.name.upper(), help=help_text)
+
+
+def config_overrides(args: argparse.Namespace) -> dict:
+    return {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Defaults, then the --config TOML file, then the flags given."""
+    overrides = config_overrides(args)
+    if args.config is not None:
+        return RunConfig.from_toml(args.config, overrides)
+    return RunConfig.from_dict(overrides, source="command line")
+
+
+def _quiet_log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------- subcommands
+def _add_train(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train one run (resumes from its checkpoint)",
+                              description="Train one run; rerunning the same command resumes it.")
+    p.add_argument("--config", help="TOML file with RunConfig fields (flat, or under [run])")
+    p.add_argument("--restart", action="store_true", help="discard an existing checkpoint / result and start over")
+    p.add_argument("--stop-after", type=int, metavar="STEP",
+                   help="stop (checkpointed) at the first eval point at or after STEP; rerun to continue")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from sparsekern.train.loop import train
+
+    config = config_from_args(args)
+    result = train(config, restart=args.restart, stop_after=args.stop_after, progress=not args.no_progress,
+                   log=_quiet_log)
+    if result is not None:
+        total = result["total"]
+        print(json.dumps({"run_dir": str(config.run_dir()), "test_error": result["test_error"],
+                          "dead_by_activation_pct": total["dead_by_activation_pct"],
+                          "dead_by_gamma_pct": total["dead_by_gamma_pct"]}))
+    return 0
+
+
+def _add_sweep(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="run a grid of runs (resumable, parallel) and summarise over seeds",
+                              description="Run a grid of configurations; completed runs are skipped on rerun.")
+    p.add_argument("--config", help="sweep TOML file with [base] and [grid] tables")
+    p.add_argument("--out", required=True, help="sweep directory (runs/, sweep_summary.json)")
+    p.add_argument("--workers", type=int, default=1, help="parallel runs (subprocesses); threads are split")
+    p.add_argument("--restart", action="store_true", help="rerun every run from scratch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--report", action="store_true", help="also write the report when the sweep is done")
+    grid = p.add_argument_group("grid (comma-separated values; override [grid])")
+    for flag, field in GRID_FLAGS.items():
+        grid.add_argument("--" + flag.replace("_", "-"), dest=f"grid_{field}", default=argparse.SUPPRESS,
+                          metavar="V1,V2", help=f"values of {field}")
+    add_config_flags(p, exclude=("out_dir", "name"))
+    p.set_defaults(func=_cmd_sweep)
+
+
+def _grid_from_args(args) -> dict:
+    grid = {}
+    for field in GRID_FLAGS.values():
+        text = getattr(args, f"grid_{field}", None)
+        if text is None:
+            continue
+        base, _ = field_type(field)
+        try:
+            grid[field] = [base(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError as exc:
+            raise ConfigError(f"grid {field}={text!r}: {exc}") from None
+    return grid
+
+
+def _cmd_sweep(args) -> int:
+    from sparsekern.train.sweep import load_sweep, run_sweep
+
+    if args.config is not None:
+        base, grid = load_sweep(args.config, config_overrides(args), _grid_from_args(args))
+    else:
+        base, grid = config_overrides(args), _grid_from_args(args)
+    summary = run_sweep(args.out, base, grid, workers=args.workers, restart=args.restart,
+                        progress=not args.no_progress, log=_quiet_log)
+    if args.report:
+        from sparsekern.report import write_report
+
+        write_report(args.out, log=_quiet_log)
+    return 1 if summary["failed"] else 0
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser("report", help="tables (markdown, CSV) and figures (PNG) of a run or sweep",
+                              description="Write report.md with the paper's tables and figures.")
+    p.add_argument("source", help="a sweep directory (sweep_summary.json) or a run directory (result.json)")
+    p.add_argument("--out", help="output directory (default: the source directory)")
+    p.set_defaults(func=_cmd_report)
+
+
+def _cmd_report(args) -> int:
+    from sparsekern.report import write_report
+
+    write_report(args.source, args.out, log=print)
+    return 0
+
+
+def _add_analyze(subparsers) -> None:
+    p = subparsers.add_parser("analyze", help="per-layer sparsity of a trained checkpoint over a dataset",
+                              description="Measure every post-ReLU feature of a checkpoint over a corpus.")
+    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt (config.toml must be beside it)")
+    p.add_argument("--dataset", help="dataset to measure on (default: the run's)")
+    p.add_argument("--data-root", help="dataset directory (default: the run's)")
+    p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: train)")
+    p.add_argument("--samples", type=int, help="only the first N samples")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--selectivity", default="two-pass", help="two-pass | exact | histogram | memmap | none")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_analyze)
+
+
+def _cmd_analyze(args) -> int:
+    from sparsekern.data import get_dataset, make_loader
+    from sparsekern.stats.analyze import analyze
+    from sparsekern.train.loop import first_samples, load_trained
+
+    model, config = load_trained(args.checkpoint, args.device)
+    dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
+                          root=args.data_root or config.data_root)
+    if args.samples is not None and args.samples < 1:
+        raise ConfigError(f"--samples={args.samples}: must be >= 1")
+    loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
+    result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
+    print(result)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **result.to_dict()}, fh, indent=1)
+    return 0
+
+
+def _add_demo(subparsers) -> None:
+    p = subparsers.add_parser("demo", help="the project's main job: 4 optimizer/regulariser settings on "
+                                           "Fashion-MNIST, with tables and figures",
+                              description="Train BasicNet on Fashion-MNIST under Adam+L2, mSGD+L2, Adam without "
+                                          "regularisation and Adam+WD; measure sparsity; write a report.")
+    p.add_argument("--full", action="store_true", help="the paper-scale configuration (hours on a CPU)")
+    p.add_argument("--out", default=None, help="output directory (default: runs/demo or runs/demo-full)")
+    p.add_argument("--workers", type=int, help="parallel runs (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--restart", action="store_true", help="rerun every configuration from scratch")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from sparsekern.demo import run_demo
+
+    summary = run_demo(out=args.out, full=args.full, workers=args.workers, restart=args.restart,
+                       progress=not args.no_progress)
+    return 1 if summary["failed"] else 0
+
+
+def _add_info(subparsers) -> None:
+    p = subparsers.add_parser("info", help="available kernel backends and build information")
+    p.set_defaults(func=_cmd_info)
+
+
+def _cmd_info(args) -> int:
+    import sparsekern
+
+    print(json.dumps(sparsekern.backends(), indent=2, default=str))
+    return 0
+
+
+SUBCOMMANDS: dict[str, Callable] = {
+    "train": _add_train,
+    "sweep": _add_sweep,
+    "report": _add_report,
+    "analyze": _add_analyze,
+    "demo": _add_demo,
+    "info": _add_info,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekern", description="Measure and harvest filter-level sparsity in CNNs.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in SUBCOMMANDS.values():
+        register(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``sparsekern`` console script; returns the exit code."""
+    from sparsekern.train.checkpoint import CheckpointError
+    from sparsekern.train.loop import TrainingDivergedError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError) as exc:
+        # Bad input: the message says what is wrong; a traceback would only bury it.
+        print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,490 @@
+"""One training run: train, evaluate, measure sparsity, checkpoint, resume.
+
+    from sparsekern.train import RunConfig, train
+    result = train(RunConfig(steps=5000, eval_every=500, width=0.25, batch_size=20))
+
+Files in the run directory (``config.run_dir()``):
+
+    config.toml     the run's configuration (``sparsekern train --config`` reads it back)
+    checkpoint.pt   model, optimizer, schedule, RNG states, step; rewritten at every eval point
+    metrics.jsonl   one JSON line per eval point (see ``_eval_point``)
+    result.json     written once the budget is reached (see ``_final_result``)
+    tb/             TensorBoard scalars, when torch.utils.tensorboard imports
+
+Per step, everything stays on the device: the loss and the number of correct predictions
+are summed into device tensors and read back only at eval points, the regulariser's decay
+factor is a host float, and the sparsity tracker's hooks do not synchronise either.
+
+At each eval point (every ``eval_every`` steps, by default once per epoch, and at the end):
+the tracker's report of the training stream since the previous eval point (% inactive by
+activation on that window, with BN in training mode), |gamma| statistics, and the test
+error are appended to metrics.jsonl; then the tracker starts a fresh window and a checkpoint
+is written. Because a checkpoint is only ever taken at an eval point, a resumed run starts
+with an empty window exactly like the uninterrupted one.
+
+Resuming: rerunning the same configuration continues from checkpoint.pt. The order of the
+training samples in epoch e is a pure function of (seed, e), so a run resumed mid-epoch
+rebuilds that epoch's order and skips the batches already consumed; torch / numpy / python
+RNG states are restored from the checkpoint. On a deterministic device (CPU) the resumed run
+ends with bit-identical weights. A finished run (result.json present) returns its result.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern.train.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from sparsekern.train.config import RunConfig
+from sparsekern.train.optim import Optimization
+
+ACTIVATION_THRESHOLDS = (1e-12, 1e-4)  # SCIENCE.md default, and the paper's looser check
+GAMMA_THRESHOLDS = (1e-3, 1e-2)
+SELECTIVITY_THRESHOLD = 1e-3
+# Epoch e of seed s shuffles with seed s * _SEED_STRIDE + e: no two (seed, epoch) pairs share an order.
+_SEED_STRIDE = 1_000_003
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def run_files(run_dir) -> dict[str, Path]:
+    """Paths of the files a run writes."""
+    run_dir = Path(run_dir)
+    return {
+        "config": run_dir / "config.toml",
+        "checkpoint": run_dir / "checkpoint.pt",
+        "metrics": run_dir / "metrics.jsonl",
+        "result": run_dir / "result.json",
+        "tensorboard": run_dir / "tb",
+    }
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device when one is available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available on this machine (use device='auto' or 'cpu')")
+    return device
+
+
+def read_result(run_dir) -> dict | None:
+    """The result.json of a finished run, or None."""
+    path = run_files(run_dir)["result"]
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """Every line of a run's metrics.jsonl (empty list if there is none)."""
+    path = run_files(run_dir)["metrics"]
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(config: RunConfig, *, restart: bool = False, stop_after: int | None = None,
+          progress: bool = True, log=print) -> dict | None:
+    """Train one run to its budget (resuming from its checkpoint) and return result.json's content.
+
+    ``restart``: discard the checkpoint, metrics and result of a previous attempt first.
+    ``stop_after``: stop (after checkpointing) once step ``stop_after`` is reached, as an
+    interruption would; returns None then. The step is rounded up to the next eval point,
+    since checkpoints are only taken there.
+    """
+    files = run_files(config.run_dir())
+    config.run_dir().mkdir(parents=True, exist_ok=True)
+    if restart:
+        for key in ("checkpoint", "metrics", "result"):
+            files[key].unlink(missing_ok=True)
+        shutil.rmtree(files["tensorboard"], ignore_errors=True)
+    result = read_result(config.run_dir())
+    if result is not None:
+        if result.get("config_hash") != config.config_hash():
+            raise CheckpointError(
+                f"{files['result']}: result of a different configuration (hash {result.get('config_hash')} vs "
+                f"{config.config_hash()}); rerun with --restart to discard it, or use another run directory."
+            )
+        log(f"{config.run_dir()}: already complete (test error {result['test_error']:.4f})")
+        return result
+    atomic_write_text(files["config"], config.to_toml())
+    return _Run(config, files, progress, log).execute(stop_after)
+
+
+class _Run:
+    """The state of one run while it trains (built fresh, then restored from a checkpoint)."""
+
+    def __init__(self, config: RunConfig, files: dict, progress: bool, log):
+        self.config, self.files, self.progress, self.log = config, files, progress, log
+        if config.threads is not None:
+            torch.set_num_threads(config.threads)
+        self.device = resolve_device(config.device)
+        _seed_everything(config.seed)
+        self.train_set, self.test_set, self.analysis_set = _load_datasets(config, self.device)
+        info = self.train_set.info
+        self.steps_per_epoch = len(self.train_set) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={config.batch_size} is larger than the training set "
+                             f"({len(self.train_set)} samples)")
+        self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        self.model = build_run_model(config, info).to(self.device)
+        self.optimization = Optimization(config, self.model, self.total_steps)
+        self.step = 0
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpoint_state(self) -> dict:
+        return {
+            "config": self.config.identity(),
+            "config_hash": self.config.config_hash(),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "model": self.model.state_dict(),
+            "optimization": self.optimization.state_dict(),
+            "rng": capture_rng_state(),
+        }
+
+    def _resume(self) -> None:
+        # Loaded to the CPU (RNG states must stay there); load_state_dict moves the rest to the device.
+        state = load_checkpoint(self.files["checkpoint"], config_hash=self.config.config_hash(),
+                                config=self.config.identity(), map_location="cpu")
+        self.model.load_state_dict(state["model"])
+        self.optimization.load_state_dict(state["optimization"])
+        self.step, self.train_seconds = state["step"], state["train_seconds"]
+        restore_rng_state(state["rng"])
+        # Lines written after the checkpoint (a crash between the two writes) are redone.
+        lines = [m for m in read_metrics(self.config.run_dir()) if m["step"] <= self.step]
+        atomic_write_text(self.files["metrics"], "".join(json.dumps(m) + "\n" for m in lines))
+        self.log(f"{self.config.run_dir()}: resuming at step {self.step}/{self.total_steps}")
+
+    # ------------------------------------------------------------------ training
+    def execute(self, stop_after: int | None) -> dict | None:
+        from tqdm.auto import tqdm
+
+        from sparsekern.stats.tracker import SparsityTracker
+
+        if self.files["checkpoint"].is_file():
+            self._resume()
+        self.tracker_mode = "histogram" if self.config.track_selectivity else "none"
+        self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode)
+        self.writer = _tensorboard_writer(self.files["tensorboard"], self.step)
+        end = self.total_steps
+        if stop_after is not None:  # only eval points are checkpointed: stop at the first one >= stop_after
+            end = min(end, -(-stop_after // self.eval_every) * self.eval_every)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc=self.config.run_dir().name, dynamic_ncols=True)
+        try:
+            self._train_until(end, bar)
+        finally:
+            bar.close()
+            self.tracker.remove()
+            if self.writer is not None:
+                self.writer.close()
+        if self.step < self.total_steps:
+            self.log(f"{self.config.run_dir()}: stopped at step {self.step}/{self.total_steps} (checkpointed)")
+            return None
+        result = self._final_result()
+        atomic_write_text(self.files["result"], json.dumps(result, indent=1) + "\n")
+        return result
+
+    def _train_until(self, end: int, bar) -> None:
+        config, model, device = self.config, self.model, self.device
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        seen = 0
+        window_start, clock = self.step, time.perf_counter()
+        model.train()  # evaluate() restores this mode after every eval point
+        while self.step < end:
+            epoch, offset = divmod(self.step, self.steps_per_epoch)
+            batches = _train_batches(self.train_set, config, epoch)
+            for x, y in itertools.islice(batches, offset, None):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                self.optimization.zero_grad()
+                loss.backward()
+                self.optimization.step()
+                loss_sum += loss.detach()
+                correct += (logits.detach().argmax(1) == y).sum()
+                seen += y.shape[0]
+                self.step += 1
+                bar.update(1)
+                if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                    steps = self.step - window_start
+                    train_loss = (loss_sum / steps).item()  # the one host sync of the interval
+                    elapsed = time.perf_counter() - clock
+                    self.train_seconds += elapsed
+                    if not math.isfinite(train_loss):
+                        raise TrainingDivergedError(
+                            f"{self.config.run_dir()}: training loss is {train_loss} at step {self.step} "
+                            f"(lr={config.lr}, optimizer={config.optimizer}); lower the learning rate"
+                        )
+                    metrics = self._eval_point(train_loss, 1.0 - correct.item() / seen, seen, elapsed / steps)
+                    dead = metrics["total"]["dead_by_gamma_pct"]
+                    bar.set_postfix(test_err=f"{metrics['test_error']:.3f}",
+                                    dead_gamma="-" if dead is None else f"{dead:.1f}%")
+                    loss_sum.zero_()
+                    correct.zero_()
+                    seen, window_start, clock = 0, self.step, time.perf_counter()
+                if self.step >= end:
+                    break
+
+    def _eval_point(self, train_loss: float, train_error: float, window_samples: int, seconds_per_step: float) -> dict:
+        """Log the interval's metrics, start a fresh tracker window, checkpoint."""
+        from sparsekern.stats.tracker import SparsityTracker
+
+        report = self.tracker.report(ACTIVATION_THRESHOLDS, GAMMA_THRESHOLDS, SELECTIVITY_THRESHOLD)
+        features = self.tracker.features
+        self.tracker.remove()  # evaluation forwards must not count as training-stream samples
+        test_loss, test_error = evaluate(self.model, self.test_set, self.config.eval_batch_size, self.device)
+        layers = _layer_rows(report, self.model, features)
+        metrics = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "lr": self.optimization.lr,
+            "train_loss": train_loss,
+            "train_error": train_error,
+            "test_loss": test_loss,
+            "test_error": test_error,
+            "window_samples": window_samples,
+            "seconds_per_step": seconds_per_step,
+            "layers": layers,
+            "total": _totals(layers),
+        }
+        with self.files["metrics"].open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+        if self.writer is not None:
+            for key in ("train_loss", "train_error", "test_loss", "test_error", "lr"):
+                self.writer.add_scalar(key, metrics[key], self.step)
+            for key, value in metrics["total"].items():
+                if value is not None:
+                    self.writer.add_scalar(f"sparsity/{key}", value, self.step)
+        self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode, features=features)
+        save_checkpoint(self.files["checkpoint"], self._checkpoint_state())
+        return metrics
+
+    # ------------------------------------------------------------------ the end
+    def _final_result(self) -> dict:
+        """result.json: final test error, per-layer sparsity over the training corpus, BN params, selectivity."""
+        from sparsekern.data import make_loader
+        from sparsekern.stats.analyze import analyze
+
+        last = read_metrics(self.config.run_dir())[-1]
+        loader = make_loader(self.analysis_set, self.config.eval_batch_size, shuffle=False)
+        analysis = analyze(self.model, loader, device=self.device, selectivity=self.config.selectivity,
+                           progress=self.progress, activation_thresholds=ACTIVATION_THRESHOLDS,
+                           gamma_thresholds=GAMMA_THRESHOLDS, selectivity_threshold=SELECTIVITY_THRESHOLD)
+        layers = _layer_rows(analysis.report, self.model, analysis.features, analysis.stats,
+                             with_selectivity=self.config.selectivity != "none")
+        return {
+            "run_id": self.config.run_id(),
+            "config_hash": self.config.config_hash(),
+            "config": self.config.to_dict(),
+            "steps": self.total_steps,
+            "epochs": self.total_steps / self.steps_per_epoch,
+            "train_samples": len(self.train_set),
+            "test_samples": len(self.test_set),
+            "analysis_samples": analysis.num_images,
+            "device": str(self.device),
+            "train_seconds": self.train_seconds,
+            "seconds_per_step": self.train_seconds / self.total_steps,
+            "test_error": last["test_error"],
+            "test_loss": last["test_loss"],
+            "train_loss": last["train_loss"],
+            "thresholds": {"activation": ACTIVATION_THRESHOLDS[0], "activation_loose": ACTIVATION_THRESHOLDS[1],
+                           "gamma": GAMMA_THRESHOLDS[0], "gamma_loose": GAMMA_THRESHOLDS[1],
+                           "selectivity": SELECTIVITY_THRESHOLD},
+            "layers": layers,
+            "total": _totals(layers),
+            "analysis": analysis.to_dict(),
+        }
+
+
+def build_run_model(config: RunConfig, info) -> nn.Module:
+    """The model of ``config`` for a dataset described by ``info`` (a DatasetInfo)."""
+    from sparsekern.models import build_model
+
+    size = info.image_size if isinstance(info.image_size, int) else max(info.image_size)
+    # torchvision's ImageNet stems downsample 4x at once: adapt them for 28x28 / 32x32 inputs.
+    return build_model(config.model, in_channels=info.in_channels, num_classes=info.num_classes,
+                       width=config.width, small_input=size <= 64)
+
+
+def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
+    """(model with the checkpoint's weights, its RunConfig) from a run directory or its checkpoint.pt.
+
+    The run's config.toml (next to the checkpoint) says how to rebuild the model.
+    """
+    from sparsekern.data import dataset_info, get_dataset
+
+    path = Path(path)
+    run_dir = path if path.is_dir() else path.parent
+    files = run_files(run_dir)
+    checkpoint = path if path.is_file() else files["checkpoint"]
+    if not files["config"].is_file() or not checkpoint.is_file():
+        raise FileNotFoundError(f"{path}: expected a run directory with config.toml and checkpoint.pt "
+                                "(written by `sparsekern train`)")
+    config = RunConfig.from_toml(files["config"])
+    try:
+        info = dataset_info(config.dataset)
+    except ValueError:  # a dataset whose classes depend on its files (imagefolder)
+        info = get_dataset(config.dataset, train=False, root=config.data_root).info
+    target = resolve_device(device)
+    model = build_run_model(config, info).to(target)
+    state = load_checkpoint(checkpoint, config_hash=config.config_hash(), config=config.identity(),
+                            map_location=target)
+    model.load_state_dict(state["model"])
+    return model.eval(), config
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) of ``model`` in eval mode over ``dataset``."""
+    from sparsekern.data import make_loader
+
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    wrong = torch.zeros((), dtype=torch.int64, device=device)
+    count = 0
+    for x, y in make_loader(dataset, batch_size, shuffle=False):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        wrong += (logits.argmax(1) != y).sum()
+        count += y.shape[0]
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate: the test set is empty")
+    return loss_sum.item() / count, wrong.item() / count
+
+
+# ---------------------------------------------------------------------- helpers
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def first_samples(dataset, n: int | None):
+    """The first ``n`` samples of ``dataset`` (the whole of it when n is None or larger)."""
+    from sparsekern.data import InMemoryImageDataset
+
+    if n is None or n >= len(dataset):
+        return dataset
+    if isinstance(dataset, InMemoryImageDataset):
+        subset = InMemoryImageDataset(
+            dataset.images[:n], dataset.labels[:n], mean=dataset.mean, std=dataset.std,
+            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
+        )
+        return subset
+    subset = torch.utils.data.Subset(dataset, range(n))
+    subset.info = dataset.info
+    return subset
+
+
+def _load_datasets(config: RunConfig, device: torch.device):
+    """(train, test, analysis) datasets; in-memory ones are moved to ``device`` so batches are built there."""
+    from sparsekern.data import InMemoryImageDataset, get_dataset
+
+    def load(train: bool, augment: bool, limit: int | None):
+        dataset = first_samples(get_dataset(config.dataset, train=train, root=config.data_root, augment=augment), limit)
+        return dataset.to(device) if isinstance(dataset, InMemoryImageDataset) else dataset
+
+    train_set = load(True, config.augment, config.num_train_samples)
+    test_set = load(False, False, config.num_test_samples)
+    # The analysis corpus is the training set as the paper measures it: no augmentation.
+    analysis_limit = min(config.num_train_samples or len(train_set), config.analyze_samples or len(train_set))
+    analysis_set = first_samples(train_set, analysis_limit) if not config.augment else load(True, False, analysis_limit)
+    return train_set, test_set, analysis_set
+
+
+def _train_batches(dataset, config: RunConfig, epoch: int):
+    """Epoch ``epoch``'s batches: a shuffle that depends on (seed, epoch) only, last partial batch dropped."""
+    from sparsekern.data import make_loader
+
+    return iter(make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed * _SEED_STRIDE + epoch,
+                            drop_last=True))
+
+
+def _bn_of(model: nn.Module, feature):
+    name = getattr(feature, "bn_module_name", None)
+    return None if name is None else model.get_submodule(name)
+
+
+def _layer_rows(report, model: nn.Module, features, stats=None, with_selectivity: bool = False) -> list[dict]:
+    """Per feature: counts at both thresholds, |gamma| summary; with ``stats``, the per-channel arrays."""
+    by_name = {f.name: f for f in features}
+    rows = []
+    for index, layer in enumerate(report.layers, start=1):
+        act = layer.inactive_by_activation or {}
+        gam = layer.inactive_by_gamma or {}
+        bn = _bn_of(model, by_name[layer.name])
+        gamma = None if bn is None or bn.weight is None else bn.weight.detach().double().cpu()
+        row = {
+            "label": f"C{index}",
+            "name": layer.name,
+            "kind": layer.kind,
+            "channels": layer.channels,
+            "dead_by_activation": act.get(ACTIVATION_THRESHOLDS[0]),
+            "dead_by_activation_loose": act.get(ACTIVATION_THRESHOLDS[1]),
+            "dead_by_gamma": gam.get(GAMMA_THRESHOLDS[0]),
+            "dead_by_gamma_loose": gam.get(GAMMA_THRESHOLDS[1]),
+            "mean_abs_gamma": None if gamma is None else gamma.abs().mean().item(),
+        }
+        if stats is not None:
+            s = stats[layer.name]
+            row["gamma"] = None if gamma is None else gamma.tolist()
+            row["beta"] = None if bn is None or bn.bias is None else bn.bias.detach().double().cpu().tolist()
+            row["dead_mask"] = s.dead_mask(ACTIVATION_THRESHOLDS[0], on_nan="exclude").cpu().tolist()
+            row["selectivity"] = (
+                [None if math.isnan(v) else v
+                 for v in s.selectivity(SELECTIVITY_THRESHOLD, on_nan="exclude").value.double().cpu().tolist()]
+                if with_selectivity else None
+            )
+        rows.append(row)
+    return rows
+
+
+def _totals(layers: list[dict]) -> dict:
+    """Counts and percentages over all layers (gamma ones over the layers that have a BN scale)."""
+    out = {}
+    for key in ("dead_by_activation", "dead_by_activation_loose", "dead_by_gamma", "dead_by_gamma_loose"):
+        counted = [l for l in layers if l[key] is not None]
+        channels = sum(l["channels"] for l in counted)
+        out[key] = sum(l[key] for l in counted) if counted else None
+        out[f"{key}_pct"] = 100.0 * out[key] / channels if counted and channels else None
+    out["channels"] = sum(l["channels"] or 0 for l in layers)
+    with_gamma = [l for l in layers if l["mean_abs_gamma"] is not None]
+    gamma_channels = sum(l["channels"] for l in with_gamma)
+    # Mean |gamma| over every BN channel of the network (layer means weighted by their width).
+    out["mean_abs_gamma"] = (sum(l["mean_abs_gamma"] * l["channels"] for l in with_gamma) / gamma_channels
+                             if gamma_channels else None)
+    return out
+
+
+def _tensorboard_writer(directory: Path, purge_step: int):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(directory), purge_step=purge_step)

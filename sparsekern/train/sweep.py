@@ -1,0 +1,258 @@
+"""Sweeps: a grid of runs, resumable, optionally parallel, summarised as mean +- std over seeds.
+
+A sweep file (TOML)::
+
+    [base]                      # any RunConfig field, shared by every run
+    model = "basicnet"
+    steps = 4000
+    eval_every = 500
+
+    [grid]                      # RunConfig field -> the values to try (the cartesian product)
+    optimizer = ["adam", "momentum"]
+    reg = ["none", "l2", "wd"]
+    reg_strength = [1e-4, 5e-4]
+    seed = [0, 1, 2]
+
+``reg = "none"`` ignores the strength, so its copies collapse into one run per other setting.
+Runs live in ``<sweep_dir>/runs/<run_id>``; a run whose result.json exists is skipped, a
+partial one resumes from its checkpoint. With ``workers > 1`` each run is a subprocess
+(``python -m sparsekern train --config <run>/config.toml``, log in ``<run>/train.log``) and
+the CPU threads are split between the workers. ``sweep_summary.json`` groups the runs that
+differ only in their seed and gives mean and sample standard deviation (ddof=1; None for a
+single seed) of the test error and the sparsity numbers, in total and per layer.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sparsekern.train.checkpoint import atomic_write_text
+from sparsekern.train.config import NOT_IDENTITY, ConfigError, RunConfig, config_fields, dumps_toml, load_toml
+from sparsekern.train.loop import read_result, run_files, train
+
+SUMMARY_FILE = "sweep_summary.json"
+SPEC_FILE = "sweep.toml"
+# The numbers summarised per group: result.json "total" keys, plus the test error.
+TOTAL_METRICS = ("dead_by_activation_pct", "dead_by_gamma_pct", "dead_by_activation_loose_pct",
+                 "dead_by_gamma_loose_pct")
+LAYER_METRICS = ("dead_by_activation", "dead_by_gamma")
+OPTIMIZER_LABELS = {"sgd": "SGD", "momentum": "mSGD", "adam": "Adam", "adamax": "AdaMax", "adagrad": "AdaGrad",
+                    "adadelta": "AdaDelta", "rmsprop": "RMSProp"}
+
+
+def load_sweep(path, base_overrides: dict | None = None, grid_overrides: dict | None = None):
+    """(base values, grid) from a sweep TOML file, with command-line overrides applied."""
+    spec = load_toml(path)
+    unknown = sorted(set(spec) - {"base", "grid"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; a sweep file has [base] and [grid]")
+    return {**spec.get("base", {}), **(base_overrides or {})}, {**spec.get("grid", {}), **(grid_overrides or {})}
+
+
+def expand_grid(base: dict, grid: dict, sweep_dir) -> list[RunConfig]:
+    """Every combination of the grid on top of ``base``, as validated configs (duplicates dropped).
+
+    Runs go to ``<sweep_dir>/runs``; ``out_dir`` and ``name`` in ``base`` are not allowed.
+    """
+    for key in ("out_dir", "name"):
+        if key in base or key in grid:
+            raise ConfigError(f"{key}: set by the sweep (runs go to <sweep_dir>/runs/<run id>), not by the sweep file")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid.{key}={values!r}: expected a non-empty list of values")
+    keys = list(grid)
+    configs, seen = [], set()
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = {**base, **dict(zip(keys, combo)), "out_dir": str(Path(sweep_dir) / "runs")}
+        config = RunConfig.from_dict(values, source=f"sweep run {dict(zip(keys, combo))}")
+        if config.run_id() not in seen:
+            seen.add(config.run_id())
+            configs.append(config)
+    return configs
+
+
+def write_spec(sweep_dir, base: dict, grid: dict) -> None:
+    """Record what the sweep was asked to run (``sweep.toml`` in the sweep directory)."""
+    Path(sweep_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(sweep_dir) / SPEC_FILE, dumps_toml({}, {"base": base, "grid": grid}))
+
+
+def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = False, progress: bool = True,
+             log=print) -> list[dict]:
+    """Run every config (skipping finished ones); one status dict per config, in order.
+
+    A status has ``run_id``, ``run_dir``, ``status`` (done | skipped | failed) and ``error``.
+    A failed run does not stop the others.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    statuses, pending = [], []
+    for config in configs:
+        status = {"run_id": config.run_id(), "run_dir": str(config.run_dir()), "status": "pending", "error": None}
+        statuses.append(status)
+        if not restart and _finished(config):
+            status["status"] = "skipped"
+        else:
+            pending.append((config, status))
+    log(f"{len(configs)} runs: {len(configs) - len(pending)} already complete, {len(pending)} to run"
+        + (f" with {workers} workers" if workers > 1 and pending else ""))
+    if workers == 1:
+        for config, status in pending:
+            try:
+                train(config, restart=restart, progress=progress, log=log)
+                status["status"] = "done"
+            except Exception as exc:  # one broken run must not lose the rest of the sweep
+                status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+                log(f"run {config.run_id()} failed: {status['error']}")
+    else:
+        _run_in_subprocesses(pending, workers, restart, log)
+    return statuses
+
+
+def _finished(config: RunConfig) -> bool:
+    result = read_result(config.run_dir())
+    return result is not None and result.get("config_hash") == config.config_hash()
+
+
+def _run_in_subprocesses(pending, workers: int, restart: bool, log) -> None:
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    queue = list(pending)
+    running = []  # (process, status, log file handle)
+    while queue or running:
+        while queue and len(running) < workers:
+            config, status = queue.pop(0)
+            if config.threads is None:
+                config = config.replace(threads=threads)
+            files = run_files(config.run_dir())
+            config.run_dir().mkdir(parents=True, exist_ok=True)
+            atomic_write_text(files["config"], config.to_toml())
+            command = [sys.executable, "-m", "sparsekern", "train", "--config", str(files["config"]), "--no-progress"]
+            if restart:
+                command.append("--restart")
+            env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
+            handle = (config.run_dir() / "train.log").open("w")
+            running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), status, handle))
+            log(f"started {config.run_id()} ({config.threads} threads)")
+        time.sleep(0.2)
+        for entry in list(running):
+            process, status, handle = entry
+            if process.poll() is None:
+                continue
+            handle.close()
+            running.remove(entry)
+            if process.returncode == 0:
+                status["status"] = "done"
+                log(f"finished {status['run_id']}")
+            else:
+                tail = (Path(status["run_dir"]) / "train.log").read_text().strip().splitlines()[-1:]
+                status.update(status="failed", error=f"exit code {process.returncode}: {' '.join(tail)}")
+                log(f"run {status['run_id']} failed ({status['error']}); log: {status['run_dir']}/train.log")
+
+
+# ---------------------------------------------------------------------- summary
+def _mean_std(values: list[float]) -> dict:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def varying_fields(configs: list[dict]) -> list[str]:
+    """Identity fields (seed excluded) that take more than one value across ``configs``."""
+    if not configs:
+        return []
+    keys = [k for k in configs[0] if k != "seed"]
+    return [k for k in keys if len({json.dumps(c.get(k)) for c in configs}) > 1]
+
+
+def group_label(config: dict, fields: list[str]) -> str:
+    """A short name for a group: 'Adam L2 0.0005', 'mSGD WD 0.0001 b64', 'Adam no reg'."""
+    parts = []
+    for key in fields or ["optimizer", "reg", "reg_strength"]:
+        value = config[key]
+        if key == "optimizer":
+            parts.append(OPTIMIZER_LABELS.get(value, value))
+        elif key == "reg":
+            parts.append("no reg" if value == "none" else value.upper())
+        elif key == "reg_strength":
+            if config["reg"] != "none":
+                parts.append(f"{value:g}")
+        elif key == "batch_size":
+            parts.append(f"b{value}")
+        elif key == "width":
+            parts.append(f"w{value:g}")
+        else:
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def summarize(results: list[dict], labels: dict | None = None) -> dict:
+    """Group results that differ only in the seed; mean +- std of the test error and sparsity.
+
+    ``results``: result.json contents. ``labels``: optional run_id -> group label.
+    """
+    identity_keys = {f.name for f in config_fields()} - NOT_IDENTITY
+    identities = [{k: v for k, v in r["config"].items() if k in identity_keys} for r in results]
+    fields = varying_fields(identities)
+    groups: dict[str, dict] = {}
+    for result, identity in zip(results, identities):
+        key = json.dumps({k: v for k, v in identity.items() if k != "seed"}, sort_keys=True)
+        group = groups.setdefault(key, {
+            "label": (labels or {}).get(result["run_id"]) or group_label(identity, fields),
+            "config": {k: v for k, v in identity.items() if k != "seed"},
+            "runs": [], "seeds": [], "_results": [],
+        })
+        group["runs"].append(result["run_id"])
+        group["seeds"].append(identity["seed"])
+        group["_results"].append(result)
+    summary_groups = []
+    for group in groups.values():
+        members = group.pop("_results")
+        group["metrics"] = {"test_error_pct": _mean_std([100.0 * r["test_error"] for r in members])}
+        for key in TOTAL_METRICS:
+            values = [r["total"][key] for r in members]
+            group["metrics"][key] = None if any(v is None for v in values) else _mean_std(values)
+        group["layers"] = _layer_summary(members)
+        summary_groups.append(group)
+    return {"varying": fields, "groups": summary_groups}
+
+
+def _layer_summary(members: list[dict]) -> list[dict]:
+    """Per layer, mean +- std of the % of dead channels (by activation and by |gamma|)."""
+    layers = []
+    for index, layer in enumerate(members[0]["layers"]):
+        row = {"label": layer["label"], "name": layer["name"], "channels": layer["channels"]}
+        for key in LAYER_METRICS:
+            values = [r["layers"][index][key] for r in members]
+            row[f"{key}_pct"] = (None if any(v is None for v in values) or not layer["channels"]
+                                 else _mean_std([100.0 * v / layer["channels"] for v in values]))
+        layers.append(row)
+    return layers
+
+
+def write_summary(sweep_dir, statuses: list[dict], labels: dict | None = None) -> dict:
+    """Summarise the finished runs of ``statuses`` into ``<sweep_dir>/sweep_summary.json``."""
+    results = [read_result(s["run_dir"]) for s in statuses if s["status"] in ("done", "skipped")]
+    summary = summarize([r for r in results if r is not None], labels)
+    summary["runs"] = [{**s, "run_dir": os.path.relpath(s["run_dir"], sweep_dir)} for s in statuses]
+    summary["failed"] = [s["run_id"] for s in statuses if s["status"] == "failed"]
+    atomic_write_text(Path(sweep_dir) / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def run_sweep(sweep_dir, base: dict, grid: dict, *, workers: int = 1, restart: bool = False,
+              progress: bool = True, log=print) -> dict:
+    """Expand, run (resumably) and summarise a sweep; returns the summary."""
+    configs = expand_grid(base, grid, sweep_dir)
+    write_spec(sweep_dir, base, grid)
+    statuses = run_many(configs, workers=workers, restart=restart, progress=progress, log=log)
+    summary = write_summary(sweep_dir, statuses)
+    log(f"{Path(sweep_dir) / SUMMARY_FILE}: {len(summary['groups'])} groups"
+        + (f", {len(summary['failed'])} failed runs" if summary["failed"] else ""))
+    return summary
