@@ -7,7 +7,8 @@ Rows (BasicNet width 0.25 unless stated, 2 epochs, so batch 20 = 6000 steps):
   batch:    Adam + L2 at batch 80 (1500 steps: same epochs, as in the paper's batch-size tables)
   width:    Adam + L2 at width 0.125
 The grid is not a cartesian product, so this script lists the runs itself and reuses the sweep
-machinery (skip finished runs, resume partial ones, mean +- std over seeds, report).
+machinery (skip finished runs, resume partial ones, mean +- std over seeds, report). `--summarize-only`
+reports what has finished so far without running anything.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from sparsekern.demo import QUICK
 from sparsekern.report import write_report
+from sparsekern.train.loop import read_result
 from sparsekern.train.sweep import expand_grid, run_many, write_summary
 
 
@@ -24,6 +26,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="docs/results/reproduction")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--summarize-only", action="store_true",
+                   help="run nothing: summarise and report the runs finished so far")
     a = p.parse_args(argv)
     out = Path(a.out)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -37,7 +41,13 @@ def main(argv=None) -> None:
         + expand_grid(dict(adam, reg="l2", batch_size=80), {"seed": seeds}, out)
         + expand_grid(dict(adam, reg="l2", width=0.125), {"seed": seeds}, out)
     )
-    statuses = run_many(configs, workers=a.workers, progress=False)
+    if a.summarize_only:
+        statuses = [{"run_id": c.run_id(), "run_dir": str(c.run_dir()), "error": None,
+                     "status": "skipped" if read_result(c.run_dir()) is not None else "failed"}
+                    for c in configs]
+        statuses = [s for s in statuses if s["status"] == "skipped"]  # unfinished runs are not failures
+    else:
+        statuses = run_many(configs, workers=a.workers, progress=False)
     write_summary(out, statuses)
     print("report:", write_report(out))
 
