@@ -35,12 +35,13 @@ def main(argv=None) -> None:
                 epochs=2, eval_every=QUICK.eval_every, reg_strength=QUICK.l2_strength,
                 analyze_samples=QUICK.analyze_samples)
     adam = dict(base, optimizer="adam", lr=QUICK.adam_lr)
-    configs = (
-        expand_grid(adam, {"reg": ["none", "l2", "wd"], "seed": seeds}, out)
-        + expand_grid(dict(base, optimizer="momentum", lr=QUICK.sgd_lr, reg="l2"), {"seed": seeds}, out)
-        + expand_grid(dict(adam, reg="l2", batch_size=80), {"seed": seeds}, out)
-        + expand_grid(dict(adam, reg="l2", width=0.125), {"seed": seeds}, out)
-    )
+    table1 = [dict(adam, reg="l2"), dict(base, optimizer="momentum", lr=QUICK.sgd_lr, reg="l2"),
+              dict(adam, reg="none"), dict(adam, reg="wd")]
+    sweeps = [dict(adam, reg="l2", batch_size=80), dict(adam, reg="l2", width=0.125)]
+    # Seed-major order: if the budget runs out, every row has as many seeds as possible, and
+    # Table 1's rows come before the batch-size / width rows.
+    configs = [c for rows in (table1, sweeps) for seed in seeds for row in rows
+               for c in expand_grid(row, {"seed": [seed]}, out)]
     if a.summarize_only:
         statuses = [{"run_id": c.run_id(), "run_dir": str(c.run_dir()), "error": None,
                      "status": "skipped" if read_result(c.run_dir()) is not None else "failed"}
