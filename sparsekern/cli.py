@@ -6,6 +6,11 @@
     sparsekern report sweeps/t1
     sparsekern analyze runs/<run id> --split train --json stats.json
     sparsekern demo [--full] [--out DIR]
+    sparsekern keep-ratio --out runs/keep-ratio     # Split LBI keep-ratio table (sparsekern.experiments)
+    sparsekern cges-vs-l2 --out runs/cges-vs-l2
+    sparsekern prune runs/<run id> --by activation      # exact removal of dead filters (sparsekern.cli_prune)
+    sparsekern bench runs/<run id>/pruned-activation    # dense vs pruned speed
+    sparsekern harvest runs/<run id> --slimming-run runs/<id>   # vs L1-norm pruning, Network Slimming
     sparsekern info
 
 Subcommands are registered in ``SUBCOMMANDS`` (name -> function that adds its parser); a new
@@ -19,6 +24,7 @@ import json
 import sys
 from typing import Callable
 
+from sparsekern.cli_prune import add_bench, add_harvest, add_prune
 from sparsekern.train.config import ConfigError, RunConfig, config_fields, field_type
 
 GRID_FLAGS = {  # sweep flag -> RunConfig field it lists values of
@@ -235,6 +241,16 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _add_experiment(module: str) -> Callable:
+    """The registrar of an experiment of ``sparsekern.experiments.<module>`` (its ``add_parser``)."""
+    def register(subparsers) -> None:
+        import importlib
+
+        importlib.import_module(f"sparsekern.experiments.{module}").add_parser(subparsers)
+
+    return register
+
+
 SUBCOMMANDS: dict[str, Callable] = {
     "train": _add_train,
     "sweep": _add_sweep,
@@ -242,6 +258,11 @@ SUBCOMMANDS: dict[str, Callable] = {
     "analyze": _add_analyze,
     "demo": _add_demo,
     "info": _add_info,
+    "keep-ratio": _add_experiment("keep_ratio"),
+    "cges-vs-l2": _add_experiment("cges_vs_l2"),
+    "prune": add_prune,
+    "bench": add_bench,
+    "harvest": add_harvest,
 }
 
 

@@ -17,6 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LR_SCHEDULES = ("constant", "step", "cosine")
+# Options of the Split LBI optimizers, with their defaults. They are None (and left out of the
+# run id) for every other optimizer, so adding them changed no existing run's id.
+SLBI_OPTIMIZERS = ("slbi", "slbi-group")
+SLBI_DEFAULTS = {"slbi_kappa": 1.0, "slbi_nu": 100.0}
 
 
 class ConfigError(ValueError):
@@ -40,9 +44,14 @@ class RunConfig:
     num_train_samples: int | None = _opt(None, "use only the first N training samples")
     num_test_samples: int | None = _opt(None, "evaluate on only the first N test samples")
     # --- how it is trained
-    optimizer: str = _opt("adam", "sgd | momentum | adam | adamax | adagrad | adadelta | rmsprop | plug-ins")
+    optimizer: str = _opt("adam", "sgd | momentum | adam | adamax | adagrad | adadelta | rmsprop | slbi (Split LBI: "
+                               "conv filters, Linear weights) | slbi-group (conv filters, Linear rows) | plug-ins")
     lr: float = _opt(1e-3, "initial learning rate lr_0")
-    momentum: float = _opt(0.9, "momentum of the 'momentum' optimizer")
+    momentum: float = _opt(0.9, "momentum of the 'momentum' optimizer, and of the loss gradient in 'slbi*'")
+    slbi_kappa: float | None = _opt(None, "Split LBI kappa: Gamma = kappa * Prox(V), W steps by kappa * lr "
+                                          "(None: 1.0 with optimizer slbi*, unused otherwise)")
+    slbi_nu: float | None = _opt(None, "Split LBI nu: coupling ||W - Gamma||^2 / (2 nu), typical 20..500 "
+                                       "(None: 100.0 with optimizer slbi*, unused otherwise)")
     reg: str = _opt("l2", "regulariser: none | l2 (penalty in the gradient) | wd (decoupled decay) | plug-ins")
     reg_strength: float = _opt(5e-4, "regularisation strength lambda (stored as 0 when reg=none)")
     reg_bn: bool = _opt(True, "also regularise BatchNorm gamma/beta (the paper does)")
@@ -70,6 +79,11 @@ class RunConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
         if self.reg == "none":
             self.reg_strength = 0.0  # a strength means nothing without a regulariser; keep ids canonical
+        for name, default in SLBI_DEFAULTS.items():  # likewise the Split LBI options for other optimizers
+            if self.optimizer not in SLBI_OPTIMIZERS:
+                setattr(self, name, None)
+            elif getattr(self, name) is None:
+                setattr(self, name, default)
         self._validate()
 
     # ------------------------------------------------------------------ validation
@@ -88,6 +102,9 @@ class RunConfig:
         for name in ("lr", "width"):
             need(math.isfinite(getattr(self, name)) and getattr(self, name) > 0, name, "must be a finite number > 0")
         need(math.isfinite(self.reg_strength) and self.reg_strength >= 0, "reg_strength", "must be >= 0")
+        for name in SLBI_DEFAULTS:
+            value = getattr(self, name)
+            need(value is None or (math.isfinite(value) and value > 0), name, "must be a finite number > 0")
         need(0 <= self.momentum < 1, "momentum", "must be in [0, 1)")
         need(0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]")
         need(all(0 < m < 1 for m in self.lr_milestones), "lr_milestones", "each must be a fraction in (0, 1)")
@@ -134,8 +151,12 @@ class RunConfig:
 
     # ------------------------------------------------------------------ identity
     def identity(self) -> dict:
-        """The fields that determine what the run computes (the run id is derived from these)."""
-        return {k: v for k, v in self.to_dict().items() if k not in NOT_IDENTITY}
+        """The fields that determine what the run computes (the run id is derived from these).
+
+        Unset optimizer options (the Split LBI ones of another optimizer) are left out, so run ids
+        written before those options existed stay valid."""
+        return {k: v for k, v in self.to_dict().items()
+                if k not in NOT_IDENTITY and not (k in SLBI_DEFAULTS and v is None)}
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))

@@ -228,6 +228,8 @@ class _Run:
                 seen += y.shape[0]
                 self.step += 1
                 bar.update(1)
+                if self.step % self.steps_per_epoch == 0:  # before the eval point, so it is checkpointed
+                    self.optimization.end_epoch(epoch)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     steps = self.step - window_start
                     train_loss = (loss_sum / steps).item()  # the one host sync of the interval
