@@ -74,6 +74,17 @@ def test_summary_mean_and_std_over_seeds(tmp_path):
     assert single["groups"][0]["metrics"]["test_error_pct"] == {"mean": 10.0, "std": None, "n": 1, "values": [10.0]}
 
 
+def test_results_written_before_a_config_field_existed_group_with_newer_ones(tmp_path):
+    # result.json files from an older version lack fields added to RunConfig since (e.g. slbi_kappa);
+    # they hold that field's default and must land in the same group as the newer seeds.
+    old_status, old = fake_result(tmp_path, seed=0, test_error=0.1)
+    new_status, new = fake_result(tmp_path, seed=1, test_error=0.2)
+    for field in ("slbi_kappa", "slbi_nu"):
+        del old["config"][field]
+    summary = summarize([old, new])
+    assert len(summary["groups"]) == 1 and summary["groups"][0]["seeds"] == [0, 1]
+
+
 def test_group_labels():
     config = RunConfig(optimizer="momentum", reg="wd", reg_strength=1e-4, batch_size=64).to_dict()
     assert group_label(config, ["optimizer", "reg", "reg_strength", "batch_size"]) == "mSGD WD 0.0001 b64"

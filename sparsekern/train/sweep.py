@@ -197,8 +197,10 @@ def summarize(results: list[dict], labels: dict | None = None) -> dict:
 
     ``results``: result.json contents. ``labels``: optional run_id -> group label.
     """
-    identity_keys = {f.name for f in config_fields()} - NOT_IDENTITY
-    identities = [{k: v for k, v in r["config"].items() if k in identity_keys} for r in results]
+    # A field missing from an older result.json (added to RunConfig since) takes its default, so
+    # runs of the same configuration group together across package versions.
+    defaults = {f.name: f.default for f in config_fields() if f.name not in NOT_IDENTITY}
+    identities = [{k: r["config"].get(k, default) for k, default in defaults.items()} for r in results]
     fields = varying_fields(identities)
     groups: dict[str, dict] = {}
     for result, identity in zip(results, identities):
