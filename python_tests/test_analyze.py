@@ -250,17 +250,47 @@ def test_analyze_mobilenet_v2_relu6_features():
     assert bool(s.dead_mask()[0]) and not bool(s.dead_mask()[1]) and s.corpus_max[1].item() == 6.0
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(FASHION_MNIST), reason="Fashion-MNIST IDX files not installed")
-def test_analyze_fashion_mnist_test_set():
+@pytest.fixture(scope="module")
+def fashion_mnist_test_batches():
     from sparsekern.data import get_dataset
 
+    if not os.path.exists(FASHION_MNIST):
+        pytest.skip("Fashion-MNIST IDX files not installed")
     dataset = get_dataset("fashion-mnist", train=False)
-    x, _ = dataset.get_batch(torch.arange(2000))
-    batches = list(x.split(250))
+    x, _ = dataset.get_batch(torch.arange(len(dataset)))
+    assert len(x) == 10000  # the whole test set
+    return list(x.split(500))
+
+
+@pytest.mark.slow
+def test_analyze_fashion_mnist_test_set_basicnet(fashion_mnist_test_batches):
+    batches = fashion_mnist_test_batches
     model = small_basicnet()
     ref = reference(model, batches, BASICNET_POINTS)
     result = analyze(model, [(b, None) for b in batches], selectivity="two-pass", progress=False)
-    assert result.num_images == 2000
+    assert result.num_images == 10000
     assert_matches(result, ref)
     assert result.report.totals["inactive_by_activation"][1e-12] >= 6  # the channels killed above
+
+
+@pytest.mark.slow
+def test_analyze_fashion_mnist_test_set_resnet18(fashion_mnist_test_batches):
+    torch.manual_seed(0)
+    model = build_model("resnet18", in_channels=1, num_classes=10)
+    with torch.no_grad():  # dead channels in a plain unit and before a residual add
+        model.layer1[0].bn1.weight[:4] = 0
+        model.layer1[0].bn1.bias[:4] = -1
+        model.layer3[1].bn1.weight[:3] = 0
+        model.layer3[1].bn1.bias[:3] = -2
+    points = {"bn1": ("relu", 0)}
+    for i in range(1, 5):
+        for j in range(2):
+            b = f"layer{i}.{j}"
+            points[f"{b}.bn1"] = (f"{b}.relu", 0)
+            points[f"{b}.residual"] = (f"{b}.relu", 1)
+    ref = reference(model, fashion_mnist_test_batches, points)
+    result = analyze(model, [(b, None) for b in fashion_mnist_test_batches], selectivity="two-pass", progress=False)
+    assert result.num_images == 10000
+    assert_matches(result, ref)
+    assert int(result.stats["layer1.0.bn1"].dead_mask().sum()) >= 4
+    assert int(result.stats["layer3.1.bn1"].dead_mask().sum()) >= 3
