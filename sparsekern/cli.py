@@ -259,6 +259,7 @@ SUBCOMMANDS: dict[str, Callable] = {
     "demo": _add_demo,
     "info": _add_info,
     "keep-ratio": _add_experiment("keep_ratio"),
+    "compare-methods": _add_experiment("method_table"),
     "cges-vs-l2": _add_experiment("cges_vs_l2"),
     "prune": add_prune,
     "bench": add_bench,

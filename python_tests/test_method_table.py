@@ -1,0 +1,212 @@
+"""`sparsekern compare-methods` (sparsekern.experiments.method_table): the CGES and Split LBI
+rankings recomputed by hand, the choice of the fraction on a hand-made accuracy curve, an
+end-to-end --quick run on synthetic data (plans re-applied to the checkpoints, accuracies
+recomputed with a plain forward pass), reuse of finished runs, and config errors."""
+import csv
+import json
+
+import pytest
+import torch
+
+from sparsekern.cli import main as cli_main
+from sparsekern.experiments.method_table import (
+    METHODS,
+    MethodTableConfig,
+    cges_plan,
+    select_fraction,
+    slbi_plan,
+)
+from sparsekern.models import BasicNet
+from sparsekern.prune import PrunePlan, prune_model
+from sparsekern.train import ConfigError
+
+COMMON = ["--dataset", "synthetic", "--threads", "1", "--device", "cpu", "--no-progress"]
+# A large lr and L2 so that 30 steps of Adam + L2 already leave dead filters (the implicit row
+# removes some, exactly); tolerance 100 makes every swept method take the largest fraction.
+QUICK = ["--quick", "--adam-lr", "0.02", "--l2-strength", "0.05", "--tolerance-pct", "100", *COMMON]
+LAYERS = ("features.c1.conv", "features.c2.conv", "features.c3.conv")
+
+
+# ---------------------------------------------------------------------- CGES ranking
+def cges_model() -> BasicNet:
+    """BasicNet with 4 + 6 + 8 filters, distinct gammas, and four exactly-zero filters."""
+    torch.manual_seed(0)
+    model = BasicNet(widths=(4, 6, 8)).eval()
+    gammas = torch.randperm(18).double().add(1).div(10).mul(torch.tensor([1.0, -1.0]).repeat(9))  # |g| 0.1..1.8
+    with torch.no_grad():
+        start = 0
+        for name in LAYERS:
+            bn = model.get_submodule(name.replace(".conv", ".bn"))
+            bn.weight.copy_(gammas[start:start + bn.num_features])
+            start += bn.num_features
+        model.features.c1.conv.weight[2] = 0  # its own weights are all zero
+        model.features.c3.conv.weight[5] = 0
+        model.features.c3.conv.weight[:, 3] = 0  # c2's filter 3 is read by nothing
+        model.classifier.weight[:, 1] = 0  # c3's filter 1 is read by nothing
+        model.features.c2.conv.weight[0] *= 1e-6  # tiny but nonzero: ranked by its gamma like any other
+    return model
+
+
+def expected_cges_kept(model: BasicNet, keep_ratio: float) -> dict:
+    """Sort (is not zero, |gamma|) over all 18 filters, keep the best round(r * 18), at least one per layer."""
+    zero = {("features.c1.conv", 2), ("features.c3.conv", 5), ("features.c2.conv", 3), ("features.c3.conv", 1)}
+    keys = []
+    for name in LAYERS:
+        gamma = model.get_submodule(name.replace(".conv", ".bn")).weight.detach().abs()
+        keys += [((name, c) not in zero, float(gamma[c]), name, c) for c in range(gamma.numel())]
+    keys.sort(reverse=True)
+    best = keys[:max(1, round(keep_ratio * len(keys)))]
+    kept = {name: sorted(c for _, _, n, c in best if n == name) for name in LAYERS}
+    for name in LAYERS:
+        if not kept[name]:
+            kept[name] = [max(k for k in keys if k[2] == name)[3]]
+    return kept
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.9, 14 / 18, 0.5, 0.25, 0.1])
+def test_cges_plan_removes_zero_filters_first_then_smallest_gamma(keep_ratio):
+    model = cges_model()
+    plan = cges_plan(model, keep_ratio)
+    assert not plan.exact
+    assert {name: plan.layers[name].kept for name in LAYERS} == expected_cges_kept(model, keep_ratio)
+    if keep_ratio == 14 / 18:  # exactly the four zero filters go
+        assert {(n, c) for n in LAYERS for c in plan.layers[n].removed} == {
+            ("features.c1.conv", 2), ("features.c3.conv", 5), ("features.c2.conv", 3), ("features.c3.conv", 1)}
+    pruned, report = prune_model(model, plan, (4, 1, 28, 28))
+    assert sum(report.layers[n].channels_after for n in LAYERS) == sum(len(v.kept) for v in plan.layers.values())
+    assert pruned(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_slbi_plan_keeps_the_filters_that_entered_first():
+    from sparsekern.regularize import SplitLBI
+
+    model = cges_model()
+    optimizer = SplitLBI(model.parameters(), lr=0.5, nu=1.0, fc_mode="group")
+    with torch.no_grad():
+        model.features.c3.conv.weight[[0, 4, 6]] *= 100  # these enter Gamma's support, the others never
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+    support = optimizer.support(model.features.c3.conv.weight)
+    assert support.nonzero().flatten().tolist() == [0, 4, 6]
+    plan = slbi_plan(model, optimizer, 0.375)  # 3 of c3's 8 filters, 2 of 6, 2 of 4
+    assert plan.layers["features.c3.conv"].kept == [0, 4, 6]
+    assert [len(plan.layers[n].kept) for n in LAYERS] == [2, 2, 3]
+    for name in LAYERS:  # the same order as the optimizer's own ranking
+        order = optimizer.importance(model.get_submodule(name).weight).tolist()
+        assert plan.layers[name].kept == sorted(order[:len(plan.layers[name].kept)])
+
+
+# ---------------------------------------------------------------------- the fraction
+def test_select_fraction_takes_the_largest_fraction_within_tolerance():
+    curve = [(0.0, 90.0), (0.1, 90.2), (0.2, 89.6), (0.3, 89.4), (0.4, 85.0), (0.5, 89.5), (0.6, 70.0)]
+    assert select_fraction(curve, 90.0, 0.5) == 0.5  # not monotone: 0.5 is back within 0.5 points (boundary)
+    assert select_fraction(curve, 90.0, 0.0) == 0.1
+    assert select_fraction(list(reversed(curve)), 90.0, 0.45) == 0.2
+    assert select_fraction(curve, 90.0, 100.0) == 0.6
+    assert select_fraction(curve[1:], 95.0, 0.5) is None
+
+
+# ---------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("method-table")
+    assert cli_main(["compare-methods", "--out", str(out), *QUICK]) == 0
+    return out, json.loads((out / "method_table.json").read_text())
+
+
+def synthetic_test_halves(n: int = 256):
+    from sparsekern.data import get_dataset
+
+    x, y = get_dataset("synthetic", train=False).get_batch(torch.arange(n))
+    return (x[: n // 2], y[: n // 2]), (x[n // 2:], y[n // 2:])
+
+
+def test_quick_run_writes_one_row_per_method(quick_run):
+    out, results = quick_run
+    rows = results["rows"]
+    assert [r["method"] for r in rows] == list(METHODS)
+    assert results["test_samples"] == {"select": 128, "report": 128}
+    for r in rows:
+        assert 0.0 <= r["filters_removed_pct"] <= 100.0
+        assert r["filters"] == 8 + 16 + 16 + 32 + 32 + 64 + 64  # BasicNet width 0.125
+        assert r["ms_per_batch"] > 0 and r["dense_ms_per_batch"] > 0
+        if r["method"] != "implicit":  # tolerance 100: the largest fraction of the grid
+            assert r["selected_fraction"] == 0.75
+            assert r["selected_fraction"] == select_fraction(
+                [(p["fraction"], p["select_accuracy_pct"]) for p in r["curve"]], r["dense_select_accuracy_pct"], 100)
+            assert r["filters_removed_pct"] > 70.0
+            assert r["params"] < r["params_dense"] and r["flops"] < r["flops_dense"]
+    with open(out / "method_table.csv") as fh:
+        table = list(csv.reader(fh))
+    assert table[0][:4] == ["method", "trained with", "fraction chosen", "filters removed (%)"]
+    assert [line[0] for line in table[1:]] == [m.label for m in METHODS.values()]
+    markdown = (out / "method_table.md").read_text()
+    assert all(f"| {m.label} |" in markdown for m in METHODS.values())
+    assert "first 128 test images" in markdown and "other 128 images" in markdown
+
+
+def test_quick_run_implicit_row_is_exact_and_plans_rebuild_the_rows(quick_run):
+    from sparsekern.train.loop import load_trained
+
+    out, results = quick_run
+    rows = {r["method"]: r for r in results["rows"]}
+    dense, _ = load_trained(results["runs"]["adam-l2"]["run_dir"], "cpu")
+    (x_select, _), (x, y) = synthetic_test_halves()
+    implicit = rows["implicit"]
+    assert implicit["filters_removed_pct"] > 0  # something was dead, so exactness is not trivial
+    pruned, _ = prune_model(dense, PrunePlan.load(out / implicit["plan"]), x_select, verify=False)
+    with torch.no_grad():
+        want, got = dense(x), pruned(x)
+    assert (got - want).abs().max() <= 1e-4 * max(1.0, float(want.abs().max()))
+    assert implicit["logits_vs_dense"]["agreement"] == 1.0
+    assert implicit["logits_vs_dense"]["max_rel_logit_diff"] <= 1e-4
+    assert implicit["pruned_accuracy_pct"] == implicit["dense_accuracy_pct"]
+    # The L1-norm row's accuracy, from its plan and a plain forward pass over the report half.
+    l1 = rows["l1-norm"]
+    pruned, report = prune_model(dense, PrunePlan.load(out / l1["plan"]), x_select)
+    with torch.no_grad():
+        accuracy = 100.0 * (pruned(x).argmax(1) == y).double().mean().item()
+        dense_accuracy = 100.0 * (dense(x).argmax(1) == y).double().mean().item()
+    assert l1["pruned_accuracy_pct"] == pytest.approx(accuracy, abs=1e-9)
+    assert l1["dense_accuracy_pct"] == pytest.approx(dense_accuracy, abs=1e-9)
+    assert sum(r.channels_after for r in report.layers.values() if r.name.startswith("features")) == l1["filters_kept"]
+
+
+def test_finished_runs_are_reused_from_another_directory(quick_run, tmp_path, capsys):
+    out, results = quick_run
+    capsys.readouterr()
+    other = tmp_path / "other"
+    assert cli_main(["compare-methods", "--out", str(other), "--reuse-runs", str(out / "runs"), *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert "0 runs: 0 already complete, 0 to run" in err and err.count("reusing the finished run") == 4
+    assert not (other / "runs").exists()
+    again = json.loads((other / "method_table.json").read_text())
+    assert all(run["reused"] for run in again["runs"].values())
+    for key in ("filters_removed_pct", "pruned_accuracy_pct", "dense_accuracy_pct", "params", "flops", "curve"):
+        assert [r[key] for r in again["rows"]] == [r[key] for r in results["rows"]], key
+
+
+# ---------------------------------------------------------------------- config errors
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="tolerance_pct"):
+        MethodTableConfig(tolerance_pct=-0.1)
+    with pytest.raises(ConfigError, match="fractions"):
+        MethodTableConfig(fractions=(0.0, 0.5, 1.0))
+    with pytest.raises(ConfigError, match="fractions"):
+        MethodTableConfig(fractions=(-0.05, 0.5))
+    with pytest.raises(ConfigError, match="fractions"):
+        MethodTableConfig(fractions=())
+    with pytest.raises(ConfigError, match="cges_strength"):
+        MethodTableConfig(cges_strength=0.0)
+    assert cli_main(["compare-methods", "--out", "/nonexistent/never", "--fractions", "0.5,1", *COMMON]) == 2
+
+
+def test_the_implicit_run_is_the_reproductions():
+    """Same RunConfig as scripts/reproduce.py's Adam + L2 row (seed 0), so a finished one is reused."""
+    config = MethodTableConfig()
+    assert (config.run_config("adam-l2").run_id()
+            == "basicnet-w0.25_fashion-mnist_adam-lr0.002_l2-0.002_b20_e2_s0_3dab02f0")
+    assert (config.run_config("slimming").run_id()
+            == "basicnet-w0.25_fashion-mnist_adam-lr0.002_slimming-0.0001_b20_e2_s0_4c7589a0")

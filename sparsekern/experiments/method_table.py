@@ -1,0 +1,586 @@
+"""One table of filter-pruning methods on BasicNet / Fashion-MNIST: how many filters each can
+remove with no accuracy loss, and what the pruned network costs and runs at.
+
+    sparsekern compare-methods --out runs/method-table
+    sparsekern compare-methods --out /tmp/mt --quick --dataset synthetic
+
+Four BasicNets are trained (one seed, the same width, data and step budget), and five methods
+prune them, without fine-tuning:
+
+    implicit     Adam + L2 (the reproduction's run): remove the filters implicit sparsity left
+                 dead, exactly: dead by activation over the training corpus or |gamma| < 1e-3
+                 (prune.harvest.implicit_plan, by="both"); one point, its fraction is what it is
+    L1-norm      the same Adam + L2 network, Li et al. 2017: per layer, the filters of smallest
+                 weight L1 norm, the same fraction in every layer
+    Slimming     Adam + Network Slimming's L1 penalty on the BN gammas, Liu et al. 2017: the
+                 smallest |gamma| under one global threshold
+    CGES         momentum SGD + CGES's prox steps (Yoon and Hwang 2017): globally, first the filters that
+                 are exactly zero (all their conv weights 0, or every weight of the next layer
+                 that reads them 0), then the smallest |gamma| (:func:`cges_scores`)
+    Split LBI    group Split LBI (conv filters, Linear rows; Fu et al.): per layer, the filters
+                 that entered Gamma's support last (``SplitLBI.importance``), the same fraction
+                 in every layer
+
+Every method removes filters of the same layers, the Conv layers followed by a BN
+(``prune.baselines.unit_layers``; the classifier is never pruned), by surgery
+(``prune.surgery.prune_model``); the baselines' plans are lossy (``exact=False``: surgery checks
+that the pruned network equals the original with the removed filters zeroed). Every layer
+keeps at least one filter. Per-layer counts are ``max(1, round(keep * filters))``, so the
+filters actually removed (from the surgery report) can differ slightly from the nominal fraction.
+
+Choosing the fraction without looking at the reported accuracy: the test split is cut in two.
+On the first half (selection), each swept method takes the largest fraction of ``fractions``
+whose pruned accuracy is at least the dense accuracy minus ``tolerance_pct`` points
+(:func:`select_fraction`); the table reports accuracies on the second half only. The implicit row
+is not swept; its selection-half check is recorded too (``within_tolerance``), and its logits are
+compared with the dense network's on the report half (an activation-dead filter on the
+training corpus need not be dead on test images).
+
+Columns: filters removed (% of the unit layers' filters), dense and pruned test accuracy
+(report half), params and FLOPs (2 x Conv/Linear MACs per 1x28x28 image) of the pruned network,
+and its measured speed: milliseconds per batch of ``speed_batch``, every pruned network and
+every dense network timed side by side in one interleaved ``time_models`` call (BN folded,
+channels_last, float32 on CPU / float16 on CUDA, eager), with the speedup over its own dense
+network.
+
+Settings: the Adam + L2 run is exactly the reproduction's (``scripts/reproduce.py``: width
+0.25, batch 20, 2 epochs = 6000 steps, eval every 500 steps, Adam lr 2e-3, L2 2e-3, the
+default final analysis), so ``--reuse-runs`` can point at the directory holding it and it is
+not trained again; the Slimming run is ``prune.harvest.slimming_config`` of it (strength 1e-4),
+likewise reusable. CGES trains with momentum SGD (lr 0.02, the reproduction's SGD lr), as in its
+paper: its prox thresholds are ``lr * lambda * mu`` per step, which Adam's ~lr-sized steps on every
+weight would swamp. ``cges_strength`` (5e-3, the value cges_vs_l2 checked on LeNet-5) and Split
+LBI's settings (lr 0.02, momentum 0.9, kappa 1, nu 20 as in the keep-ratio table) are documented
+choices, not tuned for this network; an untuned method may simply sparsify little in this budget.
+
+Files in ``out_dir``: ``runs/`` (trainings not found in ``reuse_runs``; reused on rerun),
+``plans/<method>.json`` (the chosen PrunePlan of each method: ``PrunePlan.load(...).apply(model)``
+rebuilds the pruned network from the run's checkpoint), ``method_table.json`` (everything,
+including each method's accuracy curve over the fractions on both halves), ``method_table.md``
+and ``method_table.csv``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sparsekern.experiments import (
+    add_config_flags,
+    check_positive,
+    config_from_args,
+    load_run,
+    markdown_table,
+    option,
+    train_runs,
+    write_text,
+)
+
+OUTPUT_STEM = "method_table"
+PLANS_DIR = "plans"
+TRAININGS = ("adam-l2", "slimming", "cges", "slbi-group")
+DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row: which trained network it prunes and how it ranks the filters."""
+
+    key: str  # json key and plan file name
+    label: str
+    training: str  # one of TRAININGS
+    ranking: str
+
+
+METHODS = {m.key: m for m in (
+    Method("implicit", "implicit sparsity", "adam-l2",
+           "dead by activation over the training corpus or |gamma| < 1e-3, removed exactly (one point)"),
+    Method("l1-norm", "L1-norm (Li et al.)", "adam-l2", "smallest filter L1 norm, same fraction per layer"),
+    Method("slimming", "Network Slimming", "slimming", "smallest |gamma|, one global threshold"),
+    Method("cges", "CGES", "cges", "exactly-zero / unread filters first, then smallest |gamma|, global"),
+    Method("split-lbi", "Split LBI (group)", "slbi-group",
+           "last to enter Gamma's support (then smaller ||Gamma||, ||W||), same fraction per layer"),
+)}
+
+
+@dataclass(frozen=True)
+class MethodTableConfig:
+    """Everything the method table does; every field is also a ``sparsekern compare-methods`` flag."""
+
+    out_dir: str = option("runs/method-table", "output directory (trained runs, plans, tables)")
+    dataset: str = option("fashion-mnist", "dataset (sparsekern.data name)")
+    data_root: str | None = option(None, "dataset directory (default: the data module's search path)")
+    width: float = option(0.25, "BasicNet width multiplier (0.25: 16..128 channels)")
+    batch_size: int = option(20, "mini-batch size of every run")
+    epochs: int = option(2, "training epochs per run")
+    steps: int | None = option(None, "step budget per run; overrides --epochs")
+    eval_every: int | None = option(500, "evaluate + checkpoint every N steps")
+    seed: int = option(0, "training seed (one network per training)")
+    adam_lr: float = option(2e-3, "learning rate of the Adam runs (implicit / L1-norm, Slimming)")
+    l2_strength: float = option(2e-3, "implicit / L1-norm: L2 lambda of the Adam run")
+    slimming_strength: float = option(1e-4, "Network Slimming: L1 strength on the BN gammas")
+    cges_lr: float = option(0.02, "CGES: learning rate of its momentum SGD (the reproduction's SGD lr)")
+    cges_strength: float = option(5e-3, "CGES: lambda of the prox steps (untuned)")
+    slbi_lr: float = option(0.02, "Split LBI: learning rate alpha (momentum 0.9 on the loss gradient; untuned)")
+    slbi_kappa: float = option(1.0, "Split LBI: kappa")
+    slbi_nu: float = option(20.0, "Split LBI: nu (untuned)")
+    tolerance_pct: float = option(0.5, "accuracy loss allowed when choosing a fraction (points of %)")
+    fractions: tuple[float, ...] = option(DEFAULT_FRACTIONS, "fractions of the filters removed, swept per method")
+    speed_batch: int = option(256, "batch size of the speed measurement")
+    speed_rounds: int = option(15, "interleaved timing rounds (median)")
+    reuse_runs: tuple[str, ...] = option((), "run directories' parents searched for finished runs of the same "
+                                             "id before training (e.g. docs/results/harvest/runs)")
+    num_train_samples: int | None = option(None, "train on the first N training samples only")
+    num_test_samples: int | None = option(None, "evaluate on the first N test samples only (split in two halves)")
+    analyze_samples: int | None = option(None, "samples of each run's final analysis, and of the implicit "
+                                               "plan's dead-filter analysis (default: all)")
+    eval_batch_size: int = option(1000, "batch size of evaluations")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    threads: int | None = option(None, "torch threads per run and for the measurements (default: torch's)")
+    workers: int = option(1, "runs trained in parallel (subprocesses)")
+
+    def __post_init__(self):
+        from sparsekern.train.config import ConfigError
+
+        check_positive(self, ("width", "batch_size", "epochs", "steps", "eval_every", "adam_lr", "l2_strength",
+                              "slimming_strength", "cges_lr", "cges_strength", "slbi_lr", "slbi_kappa", "slbi_nu",
+                              "speed_batch", "speed_rounds", "num_train_samples", "num_test_samples",
+                              "analyze_samples", "eval_batch_size", "threads", "workers"))
+        tol = self.tolerance_pct
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise ConfigError(f"tolerance_pct={tol!r}: must be a finite number >= 0 (points of accuracy)")
+        if not self.fractions or len(set(self.fractions)) != len(self.fractions):
+            raise ConfigError(f"fractions={self.fractions!r}: expected distinct fractions")
+        for f in self.fractions:
+            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
+                raise ConfigError(f"fractions={self.fractions!r}: {f!r} is not a fraction of filters removed "
+                                  "in [0, 1)")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"seed={self.seed!r}: must be an int >= 0")
+        if isinstance(self.reuse_runs, str):
+            raise ConfigError(f"reuse_runs={self.reuse_runs!r}: expected a tuple of directories")
+
+    def quick(self) -> "MethodTableConfig":
+        """A tiny version for tests and smoke runs: width 0.125, 30 steps on 512 samples, 4 fractions."""
+        return replace(self, width=0.125, epochs=1, steps=30, batch_size=32, eval_every=None,
+                       num_train_samples=512, num_test_samples=256, analyze_samples=64, eval_batch_size=256,
+                       fractions=(0.0, 0.25, 0.5, 0.75), speed_batch=32, speed_rounds=3)
+
+    def run_config(self, training: str):
+        """The sparsekern.train RunConfig of one training (see TRAININGS).
+
+        Fields not set here keep RunConfig's defaults (momentum 0.9, constant lr, two-pass final
+        analysis), as the reproduction's runs did: the Adam + L2 run's id is theirs."""
+        from sparsekern.train.config import RunConfig
+
+        common = dict(model="basicnet", dataset=self.dataset, data_root=self.data_root, width=self.width,
+                      batch_size=self.batch_size, epochs=self.epochs, steps=self.steps, eval_every=self.eval_every,
+                      seed=self.seed, analyze_samples=self.analyze_samples,
+                      num_train_samples=self.num_train_samples, num_test_samples=self.num_test_samples,
+                      eval_batch_size=self.eval_batch_size, device=self.device, threads=self.threads,
+                      out_dir=str(Path(self.out_dir) / "runs"))
+        adam = dict(common, optimizer="adam", lr=self.adam_lr)
+        if training == "adam-l2":
+            return RunConfig(**adam, reg="l2", reg_strength=self.l2_strength)
+        if training == "slimming":
+            return RunConfig(**adam, reg="slimming", reg_strength=self.slimming_strength)
+        if training == "cges":
+            # Momentum SGD, as in the CGES paper and `cges-vs-l2`: the prox thresholds are
+            # lr * lambda * mu per step, which Adam's ~lr-sized steps on every weight would swamp.
+            return RunConfig(**common, optimizer="momentum", lr=self.cges_lr, reg="cges",
+                             reg_strength=self.cges_strength)
+        if training == "slbi-group":
+            return RunConfig(**common, optimizer="slbi-group", lr=self.slbi_lr, slbi_kappa=self.slbi_kappa,
+                             slbi_nu=self.slbi_nu, reg="none")
+        raise ValueError(f"unknown training {training!r}; expected one of {', '.join(TRAININGS)}")
+
+    def training_label(self, training: str) -> str:
+        return {
+            "adam-l2": f"Adam lr {self.adam_lr:g} + L2 {self.l2_strength:g}",
+            "slimming": f"Adam lr {self.adam_lr:g} + slimming {self.slimming_strength:g}",
+            "cges": f"momentum SGD lr {self.cges_lr:g} + CGES {self.cges_strength:g}",
+            "slbi-group": f"Split LBI group, lr {self.slbi_lr:g}, kappa {self.slbi_kappa:g}, nu {self.slbi_nu:g}",
+        }[training]
+
+
+# ---------------------------------------------------------------------- choosing a fraction
+def select_fraction(points, reference: float, tolerance: float):
+    """The largest fraction whose accuracy is >= ``reference - tolerance`` (None if none is).
+
+    points: ``(fraction, accuracy)`` pairs, in any order; accuracies and tolerance in the same
+    units (here % and points of %). Not assumed monotone: the largest qualifying fraction wins.
+    """
+    ok = [fraction for fraction, accuracy in points if accuracy >= reference - tolerance]
+    return max(ok) if ok else None
+
+
+# ---------------------------------------------------------------------- plans
+def _layer_filters(model: nn.Module, layers) -> int:
+    return sum(model.get_submodule(n).weight.shape[0] for n in layers)
+
+
+@torch.no_grad()
+def cges_scores(model: nn.Module) -> dict:
+    """``{unit layer: score per filter}`` for CGES, higher = kept first.
+
+    BN renormalises whatever scale a filter's weights have, so a small but nonzero filter norm
+    says nothing about how much the filter matters: only exact zeros (which CGES's prox steps
+    produce) and the BN scale gamma do. A filter is *zero* when all its conv weights are 0, or
+    when every weight of the next Conv/Linear that reads its channel is 0 (CGES's input groups
+    zero such columns; in BasicNet's chain the next layer in module order reads the channel
+    directly, recognised by its input count). Zero filters rank below every other, and among
+    themselves, like the others, by |gamma|.
+    """
+    from sparsekern.prune.plan import bn_gamma_scores
+
+    gammas = bn_gamma_scores(model)  # |gamma| per filter, float64 on the CPU
+    if not gammas:
+        raise ValueError(f"{type(model).__name__} has no Conv/Linear followed by a BN: nothing to rank")
+    chain = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    names = [name for name, _ in chain]
+    offset = 1.0 + max(float(g.max()) for g in gammas.values())
+    scores = {}
+    for name, gamma in gammas.items():
+        zero = model.get_submodule(name).weight.flatten(1).eq(0).all(dim=1).cpu()
+        index = names.index(name)
+        if index + 1 < len(chain):
+            reader = chain[index + 1][1].weight
+            if reader.shape[1] == zero.numel():
+                zero |= reader.transpose(0, 1).flatten(1).eq(0).all(dim=1).cpu()
+        scores[name] = torch.where(zero, gamma - offset, gamma)
+    return scores
+
+
+def cges_plan(model: nn.Module, keep_ratio: float):
+    """Keep the ``round(keep_ratio * filters)`` best filters of :func:`cges_scores` over all unit
+    layers (every layer keeps at least its best); a lossy plan."""
+    from sparsekern.prune.plan import PrunePlan
+
+    plan = PrunePlan.from_scores(model, cges_scores(model), keep_ratio, scope="global")
+    plan.source = f"cges(keep_ratio={keep_ratio:g})"
+    return plan
+
+
+@torch.no_grad()
+def slbi_plan(model: nn.Module, optimizer, keep_ratio: float):
+    """Per unit layer, keep the ``max(1, round(keep_ratio * filters))`` filters Split LBI ranks
+    first (``optimizer.importance``: earliest entry into Gamma's support); a lossy plan."""
+    from sparsekern.prune.baselines import unit_layers
+    from sparsekern.prune.plan import PrunePlan
+
+    scores = {}
+    for name in unit_layers(model):
+        weight = model.get_submodule(name).weight
+        if optimizer.unit_kind(weight) != "filter":
+            raise ValueError(f"{name}: Split LBI ranks its {optimizer.unit_kind(weight)}s, not its filters")
+        order = optimizer.importance(weight).cpu()
+        score = torch.empty(order.numel(), dtype=torch.float64)
+        score[order] = torch.arange(order.numel(), 0, -1, dtype=torch.float64)  # first = highest
+        scores[name] = score
+    plan = PrunePlan.from_scores(model, scores, keep_ratio, scope="layer")
+    plan.source = f"split_lbi(keep_ratio={keep_ratio:g})"
+    return plan
+
+
+def plan_maker(method: str, model: nn.Module, optimization) -> Callable:
+    """keep ratio -> PrunePlan of a swept method."""
+    from sparsekern.prune.baselines import l1_norm_plan, slimming_plan
+
+    if method == "l1-norm":
+        return lambda keep: l1_norm_plan(model, keep)
+    if method == "slimming":
+        return lambda keep: slimming_plan(model, keep)
+    if method == "cges":
+        return lambda keep: cges_plan(model, keep)
+    if method == "split-lbi":
+        return lambda keep: slbi_plan(model, optimization.optimizer, keep)
+    raise ValueError(f"{method!r} is not a swept method")
+
+
+# ---------------------------------------------------------------------- data
+def split_halves(dataset) -> tuple:
+    """(first half, second half) of ``dataset``, in order (the second gets the odd sample)."""
+    from sparsekern.data import InMemoryImageDataset
+    from sparsekern.train.loop import first_samples
+
+    n = len(dataset)
+    if n < 2:
+        raise ValueError(f"the test set has {n} sample(s); at least 2 are needed to select on one half and "
+                         "report on the other")
+    half = n // 2
+    if isinstance(dataset, InMemoryImageDataset):
+        second = InMemoryImageDataset(
+            dataset.images[half:], dataset.labels[half:], mean=dataset.mean, std=dataset.std,
+            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
+        )
+    else:
+        second = torch.utils.data.Subset(dataset, range(half, n))
+        second.info = dataset.info
+    return first_samples(dataset, half), second
+
+
+def _finished(config) -> bool:
+    from sparsekern.train.loop import read_result
+
+    result = read_result(config.run_dir())
+    return result is not None and result.get("config_hash") == config.config_hash()
+
+
+def resolve_runs(config: MethodTableConfig, restart: bool = False) -> tuple[dict, set]:
+    """({training: RunConfig}, trainings found finished in ``reuse_runs``). A training not finished
+    under ``<out_dir>/runs`` but finished, with the same id, under a ``reuse_runs`` directory is
+    taken from there (read only); ``restart`` ignores ``reuse_runs``."""
+    runs, reused = {}, set()
+    for training in TRAININGS:
+        run = config.run_config(training)
+        if not restart and not _finished(run):
+            for directory in config.reuse_runs:
+                other = run.replace(out_dir=str(directory))
+                if _finished(other):
+                    run = other
+                    reused.add(training)
+                    break
+        runs[training] = run
+    return runs, reused
+
+
+# ---------------------------------------------------------------------- the experiment
+def run_method_table(config: MethodTableConfig, *, restart: bool = False, progress: bool = True,
+                     log=print) -> dict:
+    """Train (or reuse) the four networks, prune, choose, time, write the files; returns
+    method_table.json's content."""
+    from sparsekern.train.loop import resolve_device
+
+    runs, reused = resolve_runs(config, restart)
+    for training in sorted(reused):
+        log(f"{training}: reusing the finished run {runs[training].run_dir()}")
+    train_runs([run for t, run in runs.items() if t not in reused], workers=config.workers, restart=restart,
+               progress=progress, log=log)
+    threads = torch.get_num_threads()
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    try:
+        results = measure(config, runs, reused, resolve_device(config.device), log)
+    finally:
+        torch.set_num_threads(threads)
+    out = Path(config.out_dir)
+    write_outputs(results, out)
+    log(f"{out / (OUTPUT_STEM + '.md')}: {len(results['rows'])} methods")
+    return results
+
+
+def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.device, log=print) -> dict:
+    """Everything of method_table.json but writing it (see the module docstring)."""
+    from sparsekern.data import make_loader
+    from sparsekern.prune.baselines import unit_layers
+    from sparsekern.prune.flops import count_flops, count_params
+    from sparsekern.prune.harvest import (
+        _accuracy, compare_logits, first_batch, implicit_plan, inference_model, run_datasets, time_models,
+        unit_keep_ratio,
+    )
+    from sparsekern.prune.surgery import prune_model
+    from sparsekern.train.loop import first_samples
+
+    train_set, test_set = run_datasets(runs["adam-l2"], device)
+    select_set, report_set = split_halves(test_set)
+    corpus = first_samples(train_set, config.analyze_samples)
+    batch = first_batch(corpus, 256)  # surgery verifies on training images
+    input_shape = (1,) + tuple(batch.shape[1:])
+    trained = {t: load_run(run, device) for t, run in runs.items()}  # (model, Optimization)
+    layers = unit_layers(trained["adam-l2"][0])
+    filters = _layer_filters(trained["adam-l2"][0], layers)
+
+    def accuracies(model) -> tuple[float, float]:
+        """(selection-half, report-half) accuracy in %."""
+        return (100.0 * _accuracy(model, select_set, config.eval_batch_size),
+                100.0 * _accuracy(model, report_set, config.eval_batch_size))
+
+    dense = {t: accuracies(model) for t, (model, _) in trained.items()}
+    rows, chosen_models, notes = [], {}, []
+
+    def point(model, plan, fraction) -> tuple[dict, nn.Module, object]:
+        pruned, report = prune_model(model, plan, batch)
+        select_acc, report_acc = accuracies(pruned)
+        removed = 1.0 - unit_keep_ratio(report, layers)
+        return ({"fraction": fraction, "filters_removed_pct": 100.0 * removed,
+                 "select_accuracy_pct": select_acc, "report_accuracy_pct": report_acc}, pruned, report)
+
+    def add_row(method: Method, pruned: nn.Module, report, plan, fraction, curve, extra=None) -> None:
+        select_dense, report_dense = dense[method.training]
+        model = trained[method.training][0]
+        kept = unit_keep_ratio(report, layers)
+        select_acc, report_acc = accuracies(pruned)
+        plan_path = Path(config.out_dir) / PLANS_DIR / f"{method.key}.json"
+        plan_path.parent.mkdir(parents=True, exist_ok=True)
+        plan.save(plan_path)
+        rows.append({
+            "method": method.key, "label": method.label, "training": method.training,
+            "trained_with": config.training_label(method.training), "run_id": runs[method.training].run_id(),
+            "ranking": method.ranking, "selected_fraction": fraction,
+            "filters": filters, "filters_kept": sum(report.layers[n].channels_after for n in layers),
+            "filters_removed_pct": 100.0 * (1.0 - kept),
+            "dense_accuracy_pct": report_dense, "pruned_accuracy_pct": report_acc,
+            "dense_select_accuracy_pct": select_dense, "pruned_select_accuracy_pct": select_acc,
+            "within_tolerance": select_acc >= select_dense - config.tolerance_pct,
+            "params_dense": count_params(model), "params": count_params(pruned),
+            "flops_dense": count_flops(model, input_shape), "flops": count_flops(pruned, input_shape),
+            "plan": str(Path(PLANS_DIR) / f"{method.key}.json"), "curve": curve, **(extra or {}),
+        })
+        chosen_models[method.key] = pruned
+        log(f"{method.label}: {rows[-1]['filters_removed_pct']:.1f}% of {filters} filters removed"
+            + ("" if fraction is None else f" (fraction {fraction:g})")
+            + f", report-half accuracy {report_dense:.2f}% -> {report_acc:.2f}%")
+
+    # implicit sparsity: one exact point
+    method = METHODS["implicit"]
+    model = trained[method.training][0]
+    plan = implicit_plan(model, make_loader(corpus, config.eval_batch_size, shuffle=False), by="both")
+    entry, pruned, report = point(model, plan, None)
+    logits = compare_logits(model, pruned, report_set, batch_size=config.eval_batch_size)
+    add_row(method, pruned, report, plan, None, [entry], {"logits_vs_dense": logits})
+
+    # the swept methods
+    for key in ("l1-norm", "slimming", "cges", "split-lbi"):
+        method = METHODS[key]
+        model, optimization = trained[method.training]
+        make_plan = plan_maker(key, model, optimization)
+        curve = [point(model, make_plan(1.0 - f), f)[0] for f in sorted(config.fractions)]
+        fraction = select_fraction([(p["fraction"], p["select_accuracy_pct"]) for p in curve],
+                                   dense[method.training][0], config.tolerance_pct)
+        if fraction is None:
+            notes.append(f"{method.label}: no fraction of the grid kept the selection-half accuracy within "
+                         f"{config.tolerance_pct:g} points; the row shows the unpruned network")
+        plan = make_plan(1.0 - (fraction or 0.0))
+        pruned, report = prune_model(model, plan, batch)
+        add_row(method, pruned, report, plan, fraction, curve)
+
+    # speed: every pruned and every dense network, side by side in one interleaved measurement
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    timed = {f"dense {t}": inference_model(model, dtype=dtype) for t, (model, _) in trained.items()}
+    timed.update({f"pruned {key}": inference_model(m, dtype=dtype) for key, m in chosen_models.items()})
+    timing = time_models(timed, (config.speed_batch,) + input_shape[1:], device=device, dtype=dtype,
+                         rounds=config.speed_rounds)
+    for row in rows:
+        row["ms_per_batch"] = 1e3 * timing[f"pruned {row['method']}"]
+        row["dense_ms_per_batch"] = 1e3 * timing[f"dense {row['training']}"]
+        row["speedup"] = row["dense_ms_per_batch"] / row["ms_per_batch"]
+
+    return {
+        "config": asdict(config),
+        "runs": {t: {"run_id": run.run_id(), "run_dir": str(run.run_dir()), "reused": t in reused}
+                 for t, run in runs.items()},
+        "test_samples": {"select": len(select_set), "report": len(report_set)},
+        "analysis_samples": len(corpus),
+        "input_shape": list(input_shape),
+        "speed": {"batch": config.speed_batch, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                  "threads": torch.get_num_threads(), "rounds": config.speed_rounds,
+                  "dense_ms_per_batch": {t: 1e3 * timing[f"dense {t}"] for t in trained}},
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+# ---------------------------------------------------------------------- tables
+def _r(value, digits: int = 2):
+    return None if value is None else round(float(value), digits)
+
+
+def table_rows(results: dict) -> tuple[list[str], list[list]]:
+    """(columns, rows) of the table: one line per method."""
+    batch = results["speed"]["batch"]
+    columns = ["method", "trained with", "fraction chosen", "filters removed (%)", "filters left",
+               "dense acc. (%)", "pruned acc. (%)", "params", "MFLOPs", f"pruned ms/batch (b{batch})",
+               f"dense ms/batch (b{batch})", "speedup"]
+    lines = []
+    for r in results["rows"]:
+        fraction = "exact" if r["method"] == "implicit" else ("-" if r["selected_fraction"] is None
+                                                              else f"{r['selected_fraction']:g}")
+        lines.append([r["label"], r["trained_with"], fraction, _r(r["filters_removed_pct"], 1),
+                      f"{r['filters_kept']} / {r['filters']}", _r(r["dense_accuracy_pct"]),
+                      _r(r["pruned_accuracy_pct"]), r["params"], _r(r["flops"] / 1e6), _r(r["ms_per_batch"]),
+                      _r(r["dense_ms_per_batch"]), _r(r["speedup"])])
+    return columns, lines
+
+
+def write_outputs(results: dict, out: Path) -> dict[str, Path]:
+    """method_table.json / .md / .csv in ``out``."""
+    from sparsekern.report.tables import Table
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = results["config"]
+    columns, lines = table_rows(results)
+    budget = f"{config['steps']} steps" if config["steps"] is not None else f"{config['epochs']} epochs"
+    speed = results["speed"]
+    dense = results["rows"][0]
+    implicit = next(r for r in results["rows"] if r["method"] == "implicit")
+    logits = implicit["logits_vs_dense"]
+    ranking = "\n".join(f"- **{r['label']}** ({r['trained_with']}): {r['ranking']}." for r in results["rows"])
+    reused = [t for t, run in results["runs"].items() if run["reused"]]
+    markdown = "\n".join([
+        "# Filter pruning methods compared: BasicNet, no fine-tuning",
+        "",
+        f"BasicNet width {config['width']:g} on `{config['dataset']}`; every network trained for {budget}, batch "
+        f"{config['batch_size']}, seed {config['seed']}. Dense: {dense['params_dense']:,} params, "
+        f"{dense['flops_dense'] / 1e6:.2f} MFLOPs per {'x'.join(map(str, results['input_shape'][1:]))} image, "
+        f"{dense['filters']} prunable filters (the Conv layers followed by a BN).",
+        "",
+        f"Selection and report on disjoint halves of the test split: each swept method takes the largest "
+        f"fraction of {{{', '.join(f'{f:g}' for f in sorted(config['fractions']))}}} whose accuracy on the first "
+        f"{results['test_samples']['select']} test images stays within {config['tolerance_pct']:g} points of its "
+        f"dense network's; the accuracies below are on the other {results['test_samples']['report']} images. "
+        "'filters removed' is what surgery removed at that fraction (per-layer rounding, at least one filter "
+        "kept per layer).",
+        "",
+        ranking,
+        "",
+        markdown_table(columns, lines),
+        "",
+        f"Speed: {speed['device']}, {speed['dtype']}, {speed['threads']} thread(s), batch {speed['batch']}, BN "
+        f"folded, channels_last, eager; median of {speed['rounds']} interleaved rounds, every network timed in "
+        "the same measurement ('dense' is the row's own unpruned network).",
+        "",
+        f"Implicit sparsity is exact on the training corpus ({results['analysis_samples']} images); on the report "
+        f"half its predictions agree with the dense network's on {100 * logits['agreement']:.2f}% of the images, "
+        f"max |logit difference| {logits['max_abs_logit_diff']:.3g} (logit scale {logits['logit_scale']:.3g}).",
+        "",
+        f"Settings: L2 {config['l2_strength']:g}, slimming {config['slimming_strength']:g}, CGES "
+        f"{config['cges_strength']:g} (momentum SGD lr {config['cges_lr']:g}); Split LBI lr {config['slbi_lr']:g}, "
+        f"kappa {config['slbi_kappa']:g}, nu {config['slbi_nu']:g}. CGES and Split LBI are untuned here."
+        + (f" Reused finished runs: {', '.join(reused)}." if reused else ""),
+        "",
+    ] + [f"- {note}" for note in results["notes"]] + ([""] if results["notes"] else []))
+    return {
+        "json": write_text(out / f"{OUTPUT_STEM}.json", json.dumps(results, indent=1) + "\n"),
+        "md": write_text(out / f"{OUTPUT_STEM}.md", markdown),
+        "csv": write_text(out / f"{OUTPUT_STEM}.csv", Table(OUTPUT_STEM, "", columns, lines).to_csv()),
+    }
+
+
+# ---------------------------------------------------------------------- command line
+def add_parser(subparsers) -> None:
+    """The ``sparsekern compare-methods`` subcommand."""
+    p = subparsers.add_parser("compare-methods", help="BasicNet: implicit sparsity vs L1-norm, Network Slimming, "
+                                                      "CGES and Split LBI filter pruning, one table",
+                              description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="same as --out-dir")
+    p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
+    p.add_argument("--restart", action="store_true", help="retrain every run from scratch (ignores --reuse-runs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_flags(p, MethodTableConfig)
+    p.set_defaults(func=_cmd_method_table)
+
+
+def _cmd_method_table(args) -> int:
+    base = MethodTableConfig().quick() if args.quick else MethodTableConfig()
+    config = config_from_args(MethodTableConfig, args, base)
+    run_method_table(config, restart=args.restart, progress=not args.no_progress,
+                     log=lambda message: print(message, file=sys.stderr))
+    print(json.dumps({"out_dir": config.out_dir, "table": str(Path(config.out_dir) / f"{OUTPUT_STEM}.md")}))
+    return 0
