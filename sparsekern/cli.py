@@ -8,6 +8,7 @@
     sparsekern demo [--full] [--out DIR]
     sparsekern keep-ratio --out runs/keep-ratio     # Split LBI keep-ratio table (sparsekern.experiments)
     sparsekern cges-vs-l2 --out runs/cges-vs-l2
+    sparsekern compare-methods --out runs/method-table   # implicit vs L1-norm, Slimming, CGES, Split LBI
     sparsekern prune runs/<run id> --by activation      # exact removal of dead filters (sparsekern.cli_prune)
     sparsekern bench runs/<run id>/pruned-activation    # dense vs pruned speed
     sparsekern harvest runs/<run id> --slimming-run runs/<id>   # vs L1-norm pruning, Network Slimming

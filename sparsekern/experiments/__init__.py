@@ -3,6 +3,7 @@ writes its tables:
 
     sparsekern keep-ratio --out runs/keep-ratio        # keep_ratio.py: the Split LBI pruning table
     sparsekern cges-vs-l2 --out runs/cges-vs-l2        # cges_vs_l2.py: CGES against plain L2
+    sparsekern compare-methods --out runs/method-table # method_table.py: one table of five pruning methods
 
     from sparsekern.experiments.keep_ratio import KeepRatioConfig, run_keep_ratio
     run_keep_ratio(KeepRatioConfig(out_dir="runs/keep-ratio"))
