@@ -50,9 +50,17 @@ def test_subnormal_parameters_counts_exactly_the_planted_ones():
     with torch.no_grad():
         net.features.c3.conv.weight.view(-1)[:7] = SUBNORMAL
         net.features.c3.conv.weight.view(-1)[7] = -SUBNORMAL
-        net.features.c3.bn.weight[0] = 0.0  # zero is not subnormal
+        net.features.c3.bn.weight[1] = 0.0  # zero is not subnormal
         net.features.c3.bn.running_mean[1] = 2e-39
     assert subnormal_parameters(net) == 9
+    x = torch.randn(3, 1, 28, 28)
+    zeroed, kept = inference_model(net), inference_model(net, subnormals="keep")
+    assert subnormal_parameters(kept) == 8 and subnormal_parameters(zeroed) == 0  # BN folded: its buffers are gone
+    assert subnormal_parameters(net) == 9, "the original was modified"
+    with torch.no_grad():
+        torch.testing.assert_close(zeroed(x), kept(x), rtol=0, atol=1e-30)
+    with pytest.raises(ValueError, match="subnormals"):
+        inference_model(net, subnormals="flush")
 
 
 def test_flush_denormals_flushes_inside_the_block_only():

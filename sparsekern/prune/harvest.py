@@ -467,18 +467,38 @@ def fuse_units(model: nn.Module) -> nn.Module:
 
 
 def inference_model(model: nn.Module, *, device=None, dtype: torch.dtype = torch.float32,
-                    bn: str = "fold") -> nn.Module:
+                    bn: str = "fold", subnormals: str = "zero") -> nn.Module:
     """A copy of ``model`` ready for timed inference: eval mode, on ``device`` (default: where it
     is), ``dtype``, channels_last, with its BNs folded into the convs (``bn="fold"``) or fused with
-    their ReLU (``bn="fuse"``)."""
+    their ReLU (``bn="fuse"``).
+
+    subnormals: "zero" (default) sets subnormal parameters to zero, which is how a CPU with the
+    denormals-are-zero flag reads them (each output moves by less than the smallest normal number
+    times the fan-in); "keep" leaves them. L2-trained networks hold many (dead filters decay towards
+    zero) and x86 CPUs compute with them many times slower, a cost pruning would otherwise be
+    credited with removing. Setting the CPU flag (``torch.set_flush_denormal``) is not enough: it
+    holds for the calling thread only, not torch's intra-op worker threads.
+    """
     if bn not in ("fold", "fuse"):
         raise ValueError(f"bn must be 'fold' or 'fuse', got {bn!r}")
+    if subnormals not in ("zero", "keep"):
+        raise ValueError(f"subnormals must be 'zero' or 'keep', got {subnormals!r}")
     device = device or next(model.parameters()).device
     if bn == "fold":  # folded in the model's own precision (float32), then converted
-        folded = fold_bn(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-        return _relu_in_place(folded)
-    ready = copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last)
-    return fuse_units(ready)  # after the conversion: FusedBNReLU keeps its scale / shift in float32
+        ready = _relu_in_place(fold_bn(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last))
+    else:  # fused after the conversion: FusedBNReLU keeps its scale / shift in float32
+        ready = fuse_units(copy.deepcopy(model).eval().to(device=device, dtype=dtype, memory_format=torch.channels_last))
+    if subnormals == "zero":
+        _zero_subnormals(ready)
+    return ready
+
+
+def _zero_subnormals(model: nn.Module) -> None:
+    """Set every subnormal floating-point parameter and buffer of ``model`` to zero, in place."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if t.is_floating_point():
+                t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
 
 
 def _relu_in_place(model: nn.Module) -> nn.Module:
@@ -498,7 +518,7 @@ def subnormal_parameters(model: nn.Module) -> int:
     """How many floating-point parameters and buffers of ``model`` are subnormal (0 < |w| < the
     smallest normal number). L2 / weight decay shrinks the weights of dead filters towards zero until
     many are subnormal, and x86 CPUs compute with subnormals many times slower (measured: dense
-    BasicNet 4.5x slower on an Intel Xeon); see :func:`flush_denormals`."""
+    BasicNet 4.5x slower on an Intel Xeon); :func:`inference_model` zeroes them for timing."""
     count = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
@@ -591,9 +611,10 @@ def speed_comparison(dense: nn.Module, pruned: nn.Module, sample_shape, *, batch
     (skipped, with the reason recorded, where compilation fails; the fused row runs eager only: its
     extension kernel is opaque to dynamo). fused: add the dense model with
     fused BN-ReLU kernels instead of folding. timer: ``interleaved_timer`` or harness's.
-    All rows are timed with subnormals flushed to zero on CPU (:func:`flush_denormals`);
-    subnormal_row: where either model holds subnormal weights (``subnormal_parameters``), also time
-    dense and pruned eager without flushing ("eager, subnormals"), to show what they cost.
+    All rows are timed with subnormal weights set to zero (``inference_model``) and, on CPU, the
+    calling thread flushing subnormals (:func:`flush_denormals`); subnormal_row: where either model
+    holds subnormal weights (``subnormal_parameters``), also time dense and pruned eager with them
+    kept and nothing flushed ("eager, subnormals"), to show what they cost.
 
     Returns {"flops_dense", "flops_pruned", "flop_ratio", "flops_saved", "rows": [one per (mode,
     batch)], "compile": {...}}; each row has the median ms of every variant, the speedup
@@ -609,16 +630,18 @@ def speed_comparison(dense: nn.Module, pruned: nn.Module, sample_shape, *, batch
                 "pruned": inference_model(pruned, device=device, dtype=dtype)}
     if fused:
         variants["dense fused bn-relu"] = inference_model(dense, device=device, dtype=dtype, bn="fuse")
+    kept = {"dense": inference_model(dense, device=device, dtype=dtype, subnormals="keep"),
+            "pruned": inference_model(pruned, device=device, dtype=dtype, subnormals="keep")}
     result = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "sample_shape": list(sample_shape),
               "flops_dense": flops_dense, "flops_pruned": flops_pruned, "flop_ratio": flops_dense / flops_pruned,
               "flops_saved": flops_saved, "criterion": f"time_saved >= {SPEED_CRITERION} * flops_saved",
               "compile": {}, "rows": [],
-              "subnormal_parameters": {n: subnormal_parameters(variants[n]) for n in ("dense", "pruned")},
+              "subnormal_parameters": {n: subnormal_parameters(kept[n]) for n in ("dense", "pruned")},
               "flush_denormal": device.type == "cpu"}
     if device.type == "cpu" and any(result["subnormal_parameters"].values()):
         log(f"subnormal weights: dense {result['subnormal_parameters']['dense']}, pruned "
-            f"{result['subnormal_parameters']['pruned']}; timed with subnormals flushed to zero"
-            + (" (and once without)" if subnormal_row else ""))
+            f"{result['subnormal_parameters']['pruned']}; timed with them set to zero"
+            + (" (and once as they are)" if subnormal_row else ""))
     for batch in batch_sizes:
         shape = (batch,) + sample_shape
         modes = {"eager": variants}
@@ -636,7 +659,7 @@ def speed_comparison(dense: nn.Module, pruned: nn.Module, sample_shape, *, batch
                     log(f"torch.compile skipped for {name} at batch {batch}: {why}")
             modes["compile"] = {n: m for n, m in compiled.items() if m is not None}
         if subnormal_row and device.type == "cpu" and any(result["subnormal_parameters"].values()):
-            modes["eager, subnormals"] = {n: variants[n] for n in ("dense", "pruned")}
+            modes["eager, subnormals"] = kept
         for mode, models in modes.items():
             if "dense" not in models or "pruned" not in models:
                 continue
@@ -664,7 +687,7 @@ def speed_markdown(result: dict) -> str:
         "speedup", "FLOP ratio", "time saved", "0.7 x FLOPs saved", "criterion"]
     lines = [f"{result['device']}, {result['dtype']}, input {result['sample_shape']}; FLOPs/sample "
              f"{result['flops_dense'] / 1e6:.1f}M -> {result['flops_pruned'] / 1e6:.1f}M"
-             + ("; subnormals flushed to zero except in 'eager, subnormals' rows"
+             + ("; subnormal weights set to zero except in 'eager, subnormals' rows"
                 if result.get("flush_denormal") else ""), "",
              "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
     for r in result["rows"]:
