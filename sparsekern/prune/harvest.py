@@ -637,7 +637,7 @@ def speed_comparison(dense: nn.Module, pruned: nn.Module, sample_shape, *, batch
               "flops_saved": flops_saved, "criterion": f"time_saved >= {SPEED_CRITERION} * flops_saved",
               "compile": {}, "rows": [],
               "subnormal_parameters": {n: subnormal_parameters(kept[n]) for n in ("dense", "pruned")},
-              "flush_denormal": device.type == "cpu"}
+              "flush_denormal": device.type == "cpu", "environment": timing_environment(device)}
     if device.type == "cpu" and any(result["subnormal_parameters"].values()):
         log(f"subnormal weights: dense {result['subnormal_parameters']['dense']}, pruned "
             f"{result['subnormal_parameters']['pruned']}; timed with them set to zero"
@@ -680,12 +680,37 @@ def speed_comparison(dense: nn.Module, pruned: nn.Module, sample_shape, *, batch
     return result
 
 
+def timing_environment(device) -> dict:
+    """Date, device name, versions and thread count, recorded with every speed result."""
+    import datetime
+    import platform
+
+    import sparsekern
+
+    device = torch.device(device)
+    name = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        try:
+            name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                         if line.startswith("model name")), name)
+        except OSError:
+            pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device_name": name, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "sparsekern": sparsekern.__version__}
+
+
 def speed_markdown(result: dict) -> str:
     """The rows of :func:`speed_comparison` as a markdown table."""
     fused = any("dense fused bn-relu ms" in r for r in result["rows"])
     header = ["mode", "batch", "dense ms", "pruned ms"] + (["fused bn-relu ms"] if fused else []) + [
         "speedup", "FLOP ratio", "time saved", "0.7 x FLOPs saved", "criterion"]
-    lines = [f"{result['device']}, {result['dtype']}, input {result['sample_shape']}; FLOPs/sample "
+    env = result.get("environment", {})
+    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]})" \
+        if env else result["device"]
+    lines = [f"{where}, {result['dtype']}, input {result['sample_shape']}; FLOPs/sample "
              f"{result['flops_dense'] / 1e6:.1f}M -> {result['flops_pruned'] / 1e6:.1f}M"
              + ("; subnormal weights set to zero except in 'eager, subnormals' rows"
                 if result.get("flush_denormal") else ""), "",
