@@ -257,10 +257,33 @@ def test_run_writes_metrics_checkpoint_and_result(finished_run):
         assert layer["gamma"] == gamma.tolist()
         assert layer["dead_mask"] == (relu_max < 1e-12).tolist()
         assert layer["dead_by_activation"] == int((relu_max < 1e-12).sum())
+    # The last eval point is the final step: its subnormal count is the checkpoint's.
+    smallest_normal = torch.finfo(torch.float32).tiny
+    assert metrics[-1]["subnormal_weights"] == sum(int(((p.abs() > 0) & (p.abs() < smallest_normal)).sum())
+                                                   for p in model.parameters())
     channels = sum(l["channels"] for l in result["layers"])
     dead = sum(l["dead_by_activation"] for l in result["layers"])
     assert result["total"]["channels"] == channels
     assert result["total"]["dead_by_activation_pct"] == pytest.approx(100 * dead / channels)
+
+
+def test_subnormal_weights_get_one_hint_on_cpu_unless_flushing(monkeypatch):
+    from sparsekern.train import loop
+
+    messages = []
+    run = SimpleNamespace(model=nn.Linear(10, 10), device=torch.device("cpu"), log=messages.append,
+                          config=SimpleNamespace(run_dir=lambda: "runs/x"))
+    hint = lambda count: loop._Run._subnormal_hint(run, count)  # noqa: E731
+    hint(1)  # 1 of 110 weights: under the 1% share
+    assert messages == []
+    hint(50)
+    hint(60)
+    assert len(messages) == 1 and "50 of 110 weights are subnormal" in messages[0]
+    assert "SPARSEKERN_FLUSH_DENORMAL=1" in messages[0]
+    quiet = SimpleNamespace(**{**vars(run), "_hinted": False})
+    monkeypatch.setattr(loop, "flush_denormal_enabled", lambda: True)
+    loop._Run._subnormal_hint(quiet, 50)
+    assert len(messages) == 1
 
 
 def test_finished_run_returns_its_result_without_training(finished_run):

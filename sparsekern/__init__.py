@@ -10,9 +10,12 @@ falls back to its pure-torch reference (with one warning). ``sparsekern.backends
 what is available.
 """
 from sparsekern._backend import BackendUnavailableError, backends
+from sparsekern._denormals import configure_from_environment as _configure_denormals
 from sparsekern.ops.channel_absmax import channel_absmax, channel_absmax_reference
 
 __version__ = "0.1.0"
+
+_configure_denormals()  # before torch's worker threads exist: see sparsekern/_denormals.py
 
 
 def __getattr__(name):

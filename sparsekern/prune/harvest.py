@@ -37,6 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from sparsekern._denormals import subnormal_count
 from sparsekern.prune.baselines import fine_tune, l1_norm_plan, slimming_plan, unit_layers
 from sparsekern.prune.flops import count_flops, count_params
 from sparsekern.prune.fold import fold_bn
@@ -519,12 +520,7 @@ def subnormal_parameters(model: nn.Module) -> int:
     smallest normal number). L2 / weight decay shrinks the weights of dead filters towards zero until
     many are subnormal, and x86 CPUs compute with subnormals many times slower (measured: dense
     BasicNet 4.5x slower on an Intel Xeon); :func:`inference_model` zeroes them for timing."""
-    count = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            a = t.detach().abs()
-            count += int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
-    return count
+    return subnormal_count(list(model.parameters()) + list(model.buffers()))
 
 
 @contextlib.contextmanager
