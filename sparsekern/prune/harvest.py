@@ -525,11 +525,17 @@ def subnormal_parameters(model: nn.Module) -> int:
 
 @contextlib.contextmanager
 def flush_denormals(enabled: bool = True):
-    """Within the block, CPU float ops flush subnormals to zero (``torch.set_flush_denormal``, the
-    FTZ/DAZ flags), so a dense model whose dead filters hold subnormal weights is not timed at the
-    subnormal penalty; that would credit pruning with a speedup FLOPs do not explain. Yields whether
-    flushing is on (False where the CPU lacks SSE3). torch has no getter for the flag: it is left off
-    afterwards, torch's default."""
+    """Within the block, the calling thread's CPU float ops flush subnormals to zero
+    (``torch.set_flush_denormal``, the FTZ/DAZ flags). Only that thread: torch's worker threads keep
+    the flags they were created with, which is why timing copies also zero subnormal weights
+    (:func:`inference_model`). Yields whether flushing is on (False where the CPU lacks SSE3).
+    Afterwards the flag is off again, torch's default, unless ``SPARSEKERN_FLUSH_DENORMAL=1``
+    turned it on for the whole process (then it is left on)."""
+    from sparsekern._denormals import flush_denormal_enabled
+
+    if flush_denormal_enabled():
+        yield True
+        return
     on = bool(enabled) and torch.set_flush_denormal(True)
     try:
         yield on
