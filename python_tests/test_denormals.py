@@ -42,3 +42,16 @@ def test_a_bad_value_is_a_clear_error():
     out = probe("maybe")
     assert out.returncode != 0
     assert "SPARSEKERN_FLUSH_DENORMAL='maybe'" in out.stderr
+
+
+def test_worker_processes_get_flushing_unless_the_user_chose(monkeypatch):
+    from sparsekern._denormals import ENV_VAR, on_for_worker_processes
+
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    with on_for_worker_processes() as value:
+        assert value == "1" and os.environ[ENV_VAR] == "1"
+    assert ENV_VAR not in os.environ
+    monkeypatch.setenv(ENV_VAR, "0")
+    with on_for_worker_processes() as value:
+        assert value == "0" and os.environ[ENV_VAR] == "0"
+    assert os.environ[ENV_VAR] == "0"

@@ -14,6 +14,7 @@ its intra-op worker threads (the first parallel op), which is why it is read onc
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -48,3 +49,18 @@ def subnormal_count(tensors) -> int:
             a = t.detach().abs()
             count += int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
     return count
+
+
+@contextlib.contextmanager
+def on_for_worker_processes():
+    """Within the block, worker processes started from here (sweep / demo runs) flush subnormals,
+    unless the user set ``SPARSEKERN_FLUSH_DENORMAL`` themselves (to anything: 0 keeps it off).
+    This process's own flags are left alone. Yields the value the workers see."""
+    if ENV_VAR in os.environ:
+        yield os.environ[ENV_VAR]
+        return
+    os.environ[ENV_VAR] = "1"
+    try:
+        yield "1"
+    finally:
+        os.environ.pop(ENV_VAR, None)
