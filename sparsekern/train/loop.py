@@ -296,7 +296,7 @@ class _Run:
             return
         self._hinted = True
         self.log(f"{self.config.run_dir()}: {count} of {total} weights are subnormal (dead filters decayed "
-                 f"towards zero); x86 CPUs compute with them several times slower (3.6x slower steps measured). "
+                 f"towards zero); x86 CPUs compute with them several times slower (3.9x slower steps measured). "
                  f"Set SPARSEKERN_FLUSH_DENORMAL=1 to flush them (see sparsekern/_denormals.py).")
 
     # ------------------------------------------------------------------ the end
