@@ -256,7 +256,9 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
     for layer in results["config"]["layers"]:
         for label in results["config"]["rows"]:
             first = cells[label, layer, ratios[0]]
-            lines.append([LAYERS[layer], label, f"{first['unit']} (of {first['units']})"]
+            # Internally a pruned fc row is a "filter" (one output unit, like a conv filter); say "row".
+            unit = "row" if first["unit"] == "filter" and layer != "c5" else first["unit"]
+            lines.append([LAYERS[layer], label, f"{unit} (of {first['units']})"]
                          + [cells[label, layer, r]["accuracy_pct"] for r in ratios])
     return columns, lines
 
