@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from sparsekern.prune.harvest import device_name
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -83,21 +85,8 @@ def environment(device: torch.device) -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    if device.type == "cuda":
-        info["device"] = torch.cuda.get_device_name(device)
-    else:
-        info["device"] = _cpu_model_name()
+    info["device"] = device_name(device)
     return info
-
-
-def _cpu_model_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def copy_bandwidth(nbytes: int, device: torch.device) -> float:

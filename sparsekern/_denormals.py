@@ -41,14 +41,15 @@ def flush_denormal_enabled() -> bool:
     return _enabled
 
 
+def subnormal_mask(t: torch.Tensor) -> torch.Tensor:
+    """Bool mask of the subnormal elements of floating-point ``t`` (0 < |x| < smallest normal)."""
+    a = t.detach().abs()
+    return (a > 0) & (a < torch.finfo(t.dtype).tiny)
+
+
 def subnormal_count(tensors) -> int:
-    """How many elements of the floating-point ``tensors`` are subnormal (0 < |x| < smallest normal)."""
-    count = 0
-    for t in tensors:
-        if t.is_floating_point():
-            a = t.detach().abs()
-            count += int(((a > 0) & (a < torch.finfo(t.dtype).tiny)).sum())
-    return count
+    """How many elements of the floating-point ``tensors`` are subnormal."""
+    return sum(int(subnormal_mask(t).sum()) for t in tensors if t.is_floating_point())
 
 
 @contextlib.contextmanager

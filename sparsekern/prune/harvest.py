@@ -37,7 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from sparsekern._denormals import subnormal_count
+from sparsekern._denormals import subnormal_count, subnormal_mask
 from sparsekern.prune.baselines import fine_tune, l1_norm_plan, slimming_plan, unit_layers
 from sparsekern.prune.flops import count_flops, count_params
 from sparsekern.prune.fold import fold_bn
@@ -499,7 +499,7 @@ def _zero_subnormals(model: nn.Module) -> None:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             if t.is_floating_point():
-                t.masked_fill_(t.abs() < torch.finfo(t.dtype).tiny, 0.0)
+                t.masked_fill_(subnormal_mask(t), 0.0)
 
 
 def _relu_in_place(model: nn.Module) -> nn.Module:
@@ -689,19 +689,25 @@ def timing_environment(device) -> dict:
 
     import sparsekern
 
-    device = torch.device(device)
-    name = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        try:
-            name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                         if line.startswith("model name")), name)
-        except OSError:
-            pass
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device_name": name, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "device_name": device_name(device), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "sparsekern": sparsekern.__version__}
+
+
+def device_name(device) -> str:
+    """The GPU's name, or the CPU model from /proc/cpuinfo (platform's guess elsewhere)."""
+    import platform
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def speed_markdown(result: dict) -> str:
