@@ -185,3 +185,37 @@ def test_bad_input_is_a_clear_error(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", str(out), "--batch-sizes", "0"])
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_bench_repeats_in_fresh_processes_and_profiles_layers(run_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(run_dir), "--by", "gamma", "--out", str(out), "--no-progress"]) == 0
+    speed = tmp_path / "speed.json"
+    assert main(["bench", str(out), "--batch-sizes", "1,4", "--rounds", "3", "--no-compile", "--no-fused",
+                 "--threads", "1", "--repeat", "2", "--layers", "--json", str(speed)]) == 0
+    printed = capsys.readouterr().out
+    assert "2 runs, each in a fresh process" in printed and "Per layer, batch 4" in printed
+    result = json.loads(speed.read_text())
+    assert len(result["runs"]) == 2
+    for batch in (1, 4):
+        runs = [r for run in result["runs"] for r in run["rows"] if r["batch"] == batch]
+        row = next(r for r in result["summary"]["rows"] if r["batch"] == batch)
+        saved = sorted(r["time_saved"] for r in runs)
+        assert row["time_saved_median"] == pytest.approx((saved[0] + saved[1]) / 2)
+        assert (row["time_saved_min"], row["time_saved_max"]) == (saved[0], saved[1])
+        assert row["runs_met"] == sum(r["criterion_met"] for r in runs)
+    # The profile: every conv / relu / pool of both models, conv MACs per sample as counted by hand.
+    layers = {r["layer"]: r for r in result["runs"][0]["layers"]}
+    pruned_widths = [len(PrunePlan.load(out / "manifest.json").layers[f"features.c{i}.conv"].kept)
+                     for i in range(1, 8)]
+    previous = (1, 1)
+    for i, (w, pw, side) in enumerate(zip(WIDTHS, pruned_widths, SIDES), start=1):
+        row = layers[f"features.c{i}.conv"]
+        assert row["dense MACs"] == side * side * w * previous[0] * 9
+        assert row["pruned MACs"] == side * side * pw * previous[1] * 9
+        assert row["dense ms"] > 0 and row["pruned ms"] > 0 and f"features.c{i}.relu" in layers
+        previous = (w, pw)
+    assert "features.c1.bn" not in layers  # folded: an Identity, not a layer
+    assert layers["(total)"]["dense MACs"] == result["summary"]["flops_dense"] // 2
+    assert main(["bench", str(out), "--repeat", "0"]) == 2
+    assert "--repeat=0" in capsys.readouterr().err

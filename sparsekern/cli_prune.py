@@ -1,7 +1,7 @@
 """The ``prune``, ``bench`` and ``harvest`` subcommands (registered in ``sparsekern.cli.SUBCOMMANDS``).
 
     sparsekern prune runs/<run id> [--by activation|gamma|both] [--out DIR] [--manifest plan.json]
-    sparsekern bench runs/<run id>/pruned-activation [--batch-sizes 1,256] [--json speed.json]
+    sparsekern bench runs/<run id>/pruned-activation [--batch-sizes 1,256] [--repeat 5] [--layers] [--json speed.json]
     sparsekern bench runs/<run id> --manifest plan.json
     sparsekern harvest runs/<run id> --slimming-run runs/<slimming run id> [--fine-tune-steps 1500]
 
@@ -109,36 +109,87 @@ def add_bench(subparsers) -> None:
     p.add_argument("--no-fused", action="store_true", help="skip the fused BN-ReLU row")
     p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median reported)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run the whole comparison N times, each in a fresh process, and judge the criterion on "
+                        "the median time saved (single runs on shared or virtual machines scatter by several "
+                        "points)")
+    p.add_argument("--layers", action="store_true",
+                   help="also profile every layer of both models at the largest batch size: ms and MACs side "
+                        "by side, to see where time does not follow FLOPs")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     _add_plan_flags(p)
     p.set_defaults(func=_cmd_bench)
 
 
 def _cmd_bench(args) -> int:
-    import torch
-
     from sparsekern.prune import PruneVerificationError, UnsupportedModelError
-    from sparsekern.prune.harvest import dense_and_pruned, speed_comparison, speed_markdown
+    from sparsekern.prune.harvest import repeat_markdown, repeat_summary, speed_markdown
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     if args.rounds < 3:
         raise ValueError(f"--rounds={args.rounds}: need at least 3 for a median")
+    if args.repeat < 1:
+        raise ValueError(f"--repeat={args.repeat}: need at least 1")
     try:
-        dense, pruned, sample_shape = dense_and_pruned(args.source, manifest=args.manifest, **_plan_options(args))
+        if args.repeat == 1:
+            results = [_bench_once(args)]
+        else:
+            results = _bench_in_fresh_processes(args)
     except (PruneVerificationError, UnsupportedModelError) as exc:
         print(f"sparsekern bench: error: {exc}", file=sys.stderr)
         return 1
+    if args.repeat == 1:
+        result = results[0]
+        print(speed_markdown(result))
+    else:
+        result = {"source": str(args.source), "summary": repeat_summary(results), "runs": results}
+        print(repeat_markdown(result["summary"]))
+    if results[0].get("layers"):
+        print(results[0]["layers_markdown"])
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def _bench_once(args) -> dict:
+    """One speed comparison (and, with ``--layers``, one per-layer profile at the largest batch)."""
+    import torch
+
+    from sparsekern.prune.harvest import dense_and_pruned, flush_denormals, inference_model, speed_comparison
+    from sparsekern.prune.layer_profile import layer_profile, profile_markdown
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dense, pruned, sample_shape = dense_and_pruned(args.source, manifest=args.manifest, **_plan_options(args))
     device = next(dense.parameters()).device
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     result = speed_comparison(dense, pruned, sample_shape, batch_sizes=args.batch_sizes, device=device, dtype=dtype,
                               compile=not args.no_compile, fused=not args.no_fused, rounds=args.rounds,
                               log=lambda m: print(m, file=sys.stderr))
     result["source"] = str(args.source)
-    print(speed_markdown(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    if args.layers:
+        batch = max(args.batch_sizes)
+        dtype = getattr(torch, result["dtype"])
+        models = {"dense": inference_model(dense, device=device, dtype=dtype),
+                  "pruned": inference_model(pruned, device=device, dtype=dtype)}
+        with flush_denormals(result["flush_denormal"]):
+            result["layers"] = layer_profile(models, (batch,) + tuple(result["sample_shape"]), rounds=args.rounds)
+        result["layers_markdown"] = f"Per layer, batch {batch}:\n\n" + profile_markdown(result["layers"], batch)
+    return result
+
+
+def _bench_in_fresh_processes(args) -> list:
+    """``args.repeat`` runs of :func:`_bench_once`, one after another, each in a new interpreter
+    (spawned): repeats in one process would share its allocator state and page placement, which
+    are part of what varies from run to run."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = []
+    for i in range(args.repeat):
+        print(f"sparsekern bench: run {i + 1} of {args.repeat}", file=sys.stderr)
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            results.append(pool.submit(_bench_once, args).result())
+    return results
 
 
 # ---------------------------------------------------------------------- harvest

@@ -735,3 +735,52 @@ def speed_markdown(result: dict) -> str:
         lines.append(f"- subnormal parameters: dense {result['subnormal_parameters']['dense']}, "
                      f"pruned {result['subnormal_parameters']['pruned']}")
     return "\n".join(lines) + "\n"
+
+
+def repeat_summary(results: list) -> dict:
+    """The criterion over repeated :func:`speed_comparison` runs (each in a fresh process, so the
+    allocator, page placement and the host's load are sampled anew): for every (mode, batch) the
+    median, min and max of time saved and speedup, and in how many runs the criterion held. The
+    verdict ``criterion_met`` is taken on the median time saved: on a shared or virtual machine a
+    single run can land on either side of the line."""
+    if not results:
+        raise ValueError("repeat_summary needs at least one speed_comparison result")
+    first = results[0]
+    rows = []
+    for mode, batch in dict.fromkeys((r["mode"], r["batch"]) for r in first["rows"]):
+        runs = [row for result in results for row in result["rows"] if (row["mode"], row["batch"]) == (mode, batch)]
+        saved = [row["time_saved"] for row in runs]
+        speedup = [row["speedup"] for row in runs]
+        flops_saved = runs[0]["flops_saved"]
+        rows.append({"mode": mode, "batch": batch, "runs": len(runs), "flops_saved": flops_saved,
+                     "flop_ratio": runs[0]["flop_ratio"], "time_saved_median": statistics.median(saved),
+                     "time_saved_min": min(saved), "time_saved_max": max(saved),
+                     "speedup_median": statistics.median(speedup),
+                     "dense_ms_median": statistics.median(row["dense ms"] for row in runs),
+                     "pruned_ms_median": statistics.median(row["pruned ms"] for row in runs),
+                     "runs_met": sum(row["criterion_met"] for row in runs),
+                     "criterion_met": statistics.median(saved) >= SPEED_CRITERION * flops_saved})
+    return {"repeats": len(results), "criterion": first["criterion"], "rows": rows,
+            "environment": first.get("environment", {}), "dtype": first["dtype"],
+            "sample_shape": first["sample_shape"], "flops_dense": first["flops_dense"],
+            "flops_pruned": first["flops_pruned"], "flush_denormal": first.get("flush_denormal")}
+
+
+def repeat_markdown(summary: dict) -> str:
+    """:func:`repeat_summary` as a markdown table."""
+    env = summary["environment"]
+    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]})" \
+        if env else ""
+    lines = [f"{where}, {summary['dtype']}, input {summary['sample_shape']}; FLOPs/sample "
+             f"{summary['flops_dense'] / 1e6:.1f}M -> {summary['flops_pruned'] / 1e6:.1f}M; "
+             f"{summary['repeats']} runs, each in a fresh process; criterion judged on the median", "",
+             "| mode | batch | dense ms | pruned ms | speedup | FLOP ratio | time saved, median [min, max] "
+             "| 0.7 x FLOPs saved | runs met | criterion |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["rows"]:
+        lines.append(f"| {r['mode']} | {r['batch']} | {r['dense_ms_median']:.3f} | {r['pruned_ms_median']:.3f} | "
+                     f"{r['speedup_median']:.2f}x | {r['flop_ratio']:.2f}x | {100 * r['time_saved_median']:.1f}% "
+                     f"[{100 * r['time_saved_min']:.1f}, {100 * r['time_saved_max']:.1f}] | "
+                     f"{100 * SPEED_CRITERION * r['flops_saved']:.1f}% | {r['runs_met']}/{r['runs']} | "
+                     f"{'met' if r['criterion_met'] else 'not met'} |")
+    return "\n".join(lines) + "\n"
