@@ -63,7 +63,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["torch>=2.11", "torchvision", "numpy", "tqdm", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "tensorboard"],
+        "tensorboard": ["tensorboard"],  # training curves under <run>/tb; optional
         "bench": ["pytest-benchmark", "torch-pruning"],
     },
     entry_points={"console_scripts": ["sparsekern=sparsekern.cli:main"]},

@@ -351,3 +351,31 @@ def test_diverging_run_stops_with_a_clear_error(tmp_path, monkeypatch):
     config = tiny(tmp_path, steps=4, eval_every=2)
     with pytest.raises(TrainingDivergedError, match="training loss is nan at step 2"):
         train(config, progress=False, log=lambda m: None)
+
+
+def test_tensorboard_scalars_survive_resume_once_per_eval_point(tmp_path):
+    """Every eval point appears once in TensorBoard with the value metrics.jsonl holds, also when
+    an attempt died after writing a step's scalars but before checkpointing it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sparsekern.train.loop import read_metrics
+
+    config = tiny(tmp_path)
+    checkpoint = config.run_dir() / "checkpoint.pt"
+    train(config, stop_after=4, progress=False, log=lambda m: None)
+    at_step_4 = checkpoint.read_bytes()
+    train(config, stop_after=8, progress=False, log=lambda m: None)
+    checkpoint.write_bytes(at_step_4)  # step 8's scalars are written, its checkpoint "never happened"
+    train(config, progress=False, log=lambda m: None)
+
+    events = EventAccumulator(str(config.run_dir() / "tb"))
+    events.Reload()
+    metrics = read_metrics(config.run_dir())
+    assert [m["step"] for m in metrics] == [4, 8, 12]
+    for tag, key in (("test_error", "test_error"), ("train_loss", "train_loss"),
+                     ("sparsity/dead_by_activation", "dead_by_activation")):
+        want = [(m["step"], m[key] if key in m else m["total"][key]) for m in metrics]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [4, 8, 12], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag

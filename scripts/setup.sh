@@ -15,7 +15,7 @@ then
   "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
 "$PY" -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja setuptools wheel numpy tqdm matplotlib \
-  pytest pytest-benchmark
+  pytest pytest-benchmark tensorboard
 
 # Real Fashion-MNIST from Debian (the default dataset); skipped quietly where apt is absent.
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -188,7 +188,10 @@ class _Run:
             self._resume()
         self.tracker_mode = "histogram" if self.config.track_selectivity else "none"
         self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode)
-        self.writer = _tensorboard_writer(self.files["tensorboard"], self.step)
+        # Events after the checkpointed step came from an attempt that did not reach its next
+        # checkpoint: TensorBoard hides them (purge_step). The checkpointed step's own scalars were
+        # written before that checkpoint and are not written again, so they stay.
+        self.writer = _tensorboard_writer(self.files["tensorboard"], purge_after=self.step)
         end = self.total_steps
         if stop_after is not None:  # only eval points are checkpointed: stop at the first one >= stop_after
             end = min(end, -(-stop_after // self.eval_every) * self.eval_every)
@@ -500,9 +503,9 @@ def _totals(layers: list[dict]) -> dict:
     return out
 
 
-def _tensorboard_writer(directory: Path, purge_step: int):
+def _tensorboard_writer(directory: Path, purge_after: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional
         return None
-    return SummaryWriter(str(directory), purge_step=purge_step)
+    return SummaryWriter(str(directory), purge_step=purge_after + 1)  # hides steps >= purge_step
