@@ -769,9 +769,9 @@ def repeat_summary(results: list) -> dict:
 def repeat_markdown(summary: dict) -> str:
     """:func:`repeat_summary` as a markdown table."""
     env = summary["environment"]
-    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]})" \
+    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]}), " \
         if env else ""
-    lines = [f"{where}, {summary['dtype']}, input {summary['sample_shape']}; FLOPs/sample "
+    lines = [f"{where}{summary['dtype']}, input {summary['sample_shape']}; FLOPs/sample "
              f"{summary['flops_dense'] / 1e6:.1f}M -> {summary['flops_pruned'] / 1e6:.1f}M; "
              f"{summary['repeats']} runs, each in a fresh process; criterion judged on the median", "",
              "| mode | batch | dense ms | pruned ms | speedup | FLOP ratio | time saved, median [min, max] "
