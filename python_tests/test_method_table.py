@@ -210,3 +210,50 @@ def test_the_implicit_run_is_the_reproductions():
             == "basicnet-w0.25_fashion-mnist_adam-lr0.002_l2-0.002_b20_e2_s0_3dab02f0")
     assert (config.run_config("slimming").run_id()
             == "basicnet-w0.25_fashion-mnist_adam-lr0.002_slimming-0.0001_b20_e2_s0_4c7589a0")
+
+
+# ---------------------------------------------------------------------- several seeds
+def test_aggregate_gives_mean_and_sample_std_over_seed_tables(quick_run, tmp_path, capsys):
+    import statistics
+
+    _, results = quick_run
+    directories = []
+    for seed, shift in ((0, 0.0), (1, 3.0), (2, -1.5)):  # the quick table, as if from three seeds
+        table = json.loads(json.dumps(results))
+        table["config"].update(seed=seed, out_dir=f"elsewhere-{seed}", workers=seed + 1)  # where: may differ
+        for row in table["rows"]:
+            row["filters_removed_pct"] += shift
+            row["speedup"] *= 1 + shift / 10
+        directory = tmp_path / f"seed-{seed}"
+        directory.mkdir()
+        (directory / "method_table.json").write_text(json.dumps(table))
+        directories.append(directory)
+    out = tmp_path / "combined"
+    assert cli_main(["compare-methods", "--aggregate", ",".join(map(str, directories)), "--out", str(out)]) == 0
+    combined = json.loads((out / "method_table_seeds.json").read_text())
+    assert combined["seeds"] == [0, 1, 2]
+    for row, original in zip(combined["rows"], results["rows"]):
+        removed = [original["filters_removed_pct"] + s for s in (0.0, 3.0, -1.5)]
+        assert row["filters_removed_pct"]["mean"] == pytest.approx(statistics.mean(removed))
+        assert row["filters_removed_pct"]["std"] == pytest.approx(statistics.stdev(removed))
+        speedups = [original["speedup"] * (1 + s / 10) for s in (0.0, 3.0, -1.5)]
+        assert row["speedup"]["std"] == pytest.approx(statistics.stdev(speedups))
+        assert row["mflops"]["mean"] == pytest.approx(original["flops"] / 1e6) and row["mflops"]["std"] == pytest.approx(0, abs=1e-12)
+        assert row["per_seed"]["filters_removed_pct"] == pytest.approx(removed)
+    markdown = (out / "method_table_seeds.md").read_text()
+    assert "mean ± std over seeds 0, 1, 2" in markdown and "[seed 1](" in markdown
+    implicit = combined["rows"][0]
+    assert f"{implicit['filters_removed_pct']['mean']:.2f} ± {implicit['filters_removed_pct']['std']:.2f}" in markdown
+
+    # Tables that differ in more than the seed, repeat a seed, or are missing: clear errors.
+    changed = json.loads((directories[2] / "method_table.json").read_text())
+    changed["config"]["width"] = 0.5
+    (directories[2] / "method_table.json").write_text(json.dumps(changed))
+    assert cli_main(["compare-methods", "--aggregate", ",".join(map(str, directories)), "--out", str(out)]) == 2
+    assert "width=0.5 differs" in capsys.readouterr().err
+    assert cli_main(["compare-methods", "--aggregate", f"{directories[0]},{directories[0]}", "--out", str(out)]) == 2
+    assert "seeds [0, 0] repeat" in capsys.readouterr().err
+    assert cli_main(["compare-methods", "--aggregate", f"{directories[0]},{tmp_path}", "--out", str(out)]) == 2
+    assert "no method_table.json" in capsys.readouterr().err
+    assert cli_main(["compare-methods", "--aggregate", str(directories[0])]) == 2
+    assert "needs --out" in capsys.readouterr().err

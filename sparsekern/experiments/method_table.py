@@ -3,6 +3,7 @@ remove with no accuracy loss, and what the pruned network costs and runs at.
 
     sparsekern compare-methods --out runs/method-table
     sparsekern compare-methods --out /tmp/mt --quick --dataset synthetic
+    sparsekern compare-methods --aggregate runs/mt-s0,runs/mt-s1,runs/mt-s2 --out runs/mt   # mean ± std over seeds
 
 Four BasicNets are trained (one seed, the same width, data and step budget), and five methods
 prune them, without fine-tuning:
@@ -563,6 +564,85 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
     }
 
 
+# ---------------------------------------------------------------------- several seeds
+# Config fields that may differ between the tables combined: where things ran, not what was run.
+_NOT_COMPARED = ("seed", "out_dir", "reuse_runs", "workers", "threads", "device")
+SEEDS_STEM = "method_table_seeds"
+
+
+def _mean_std(values: list) -> dict:
+    values = [float(v) for v in values]
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std}
+
+
+def aggregate_tables(directories) -> dict:
+    """Mean and sample std over the ``method_table.json`` of several runs of this experiment that
+    differ only in the seed (one directory each): per method, filters removed, dense and pruned
+    accuracy, MFLOPs and speedup, with every seed's value kept. Tables made with other settings
+    (anything but the seed and where it ran) are refused, naming the field."""
+    from sparsekern.train.config import ConfigError
+
+    tables = []
+    for directory in directories:
+        path = Path(directory) / f"{OUTPUT_STEM}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory}: no {OUTPUT_STEM}.json (not a `sparsekern compare-methods` output)")
+        tables.append((str(directory), json.loads(path.read_text())))
+    if len(tables) < 2:
+        raise ConfigError(f"aggregate needs at least two tables (one per seed), got {len(tables)}")
+    first_dir, first = tables[0]
+    seeds = [t["config"]["seed"] for _, t in tables]
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"the tables' seeds {seeds} repeat: each table must be another seed")
+    for directory, table in tables[1:]:
+        for key, value in first["config"].items():
+            if key not in _NOT_COMPARED and table["config"].get(key) != value:
+                raise ConfigError(f"{directory}: {key}={table['config'].get(key)!r} differs from {first_dir}'s "
+                                  f"{value!r}; only the seed may differ")
+        if [r["method"] for r in table["rows"]] != [r["method"] for r in first["rows"]]:
+            raise ConfigError(f"{directory}: its methods differ from {first_dir}'s")
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        per_seed = [t["rows"][i] for _, t in tables]
+        values = {
+            "filters_removed_pct": [r["filters_removed_pct"] for r in per_seed],
+            "dense_accuracy_pct": [r["dense_accuracy_pct"] for r in per_seed],
+            "pruned_accuracy_pct": [r["pruned_accuracy_pct"] for r in per_seed],
+            "mflops": [r["flops"] / 1e6 for r in per_seed],
+            "speedup": [r["speedup"] for r in per_seed],
+        }
+        rows.append({"method": row["method"], "label": row["label"], "trained_with": row["trained_with"],
+                     "selected_fraction": [r["selected_fraction"] for r in per_seed],
+                     **{key: _mean_std(v) for key, v in values.items()},
+                     "per_seed": values})
+    return {"seeds": seeds, "directories": [d for d, _ in tables], "config": first["config"],
+            "flops_dense": first["rows"][0]["flops_dense"], "rows": rows}
+
+
+def aggregate_markdown(result: dict) -> str:
+    """:func:`aggregate_tables` as a markdown table, mean ± sample std over the seeds."""
+    columns = ["method", "trained with", "filters removed (%)", "per seed", "dense acc. (%)", "pruned acc. (%)",
+               "MFLOPs", "speedup"]
+    lines = [[r["label"], r["trained_with"], r["filters_removed_pct"],
+              ", ".join(f"{v:.1f}" for v in r["per_seed"]["filters_removed_pct"]), r["dense_accuracy_pct"],
+              r["pruned_accuracy_pct"], r["mflops"], r["speedup"]] for r in result["rows"]]
+    config = result["config"]
+    return "\n".join([
+        f"# Filter pruning methods compared: BasicNet, mean ± std over seeds {', '.join(map(str, result['seeds']))}",
+        "",
+        f"BasicNet width {config['width']:g} on `{config['dataset']}`, dense {result['flops_dense'] / 1e6:.2f} "
+        f"MFLOPs; one `sparsekern compare-methods` table per seed (same settings otherwise): "
+        + ", ".join(f"[seed {s}]({d}/{OUTPUT_STEM}.md)" for s, d in zip(result["seeds"], result["directories"]))
+        + ". Each seed trains every network anew and selects its own fraction; speedups are from each "
+        "table's own timing.",
+        "",
+        markdown_table(columns, lines),
+        "",
+    ])
+
+
 # ---------------------------------------------------------------------- command line
 def add_parser(subparsers) -> None:
     """The ``sparsekern compare-methods`` subcommand."""
@@ -573,11 +653,24 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
     p.add_argument("--restart", action="store_true", help="retrain every run from scratch (ignores --reuse-runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--aggregate", metavar="DIR,DIR,...",
+                   help="run nothing: combine the tables in these output directories (one per --seed, same "
+                        "settings otherwise) into mean ± std, written to --out as method_table_seeds.md/.json")
     add_config_flags(p, MethodTableConfig)
     p.set_defaults(func=_cmd_method_table)
 
 
 def _cmd_method_table(args) -> int:
+    if args.aggregate:
+        if "out_dir" not in vars(args):
+            raise ValueError("--aggregate needs --out: the directory for the combined table")
+        result = aggregate_tables([d for d in args.aggregate.split(",") if d.strip()])
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / f"{SEEDS_STEM}.json", json.dumps(result, indent=1) + "\n")
+        write_text(out / f"{SEEDS_STEM}.md", aggregate_markdown(result))
+        print(json.dumps({"table": str(out / f"{SEEDS_STEM}.md")}))
+        return 0
     base = MethodTableConfig().quick() if args.quick else MethodTableConfig()
     config = config_from_args(MethodTableConfig, args, base)
     run_method_table(config, restart=args.restart, progress=not args.no_progress,
