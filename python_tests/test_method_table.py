@@ -241,7 +241,7 @@ def test_aggregate_gives_mean_and_sample_std_over_seed_tables(quick_run, tmp_pat
         assert row["mflops"]["mean"] == pytest.approx(original["flops"] / 1e6) and row["mflops"]["std"] == pytest.approx(0, abs=1e-12)
         assert row["per_seed"]["filters_removed_pct"] == pytest.approx(removed)
     markdown = (out / "method_table_seeds.md").read_text()
-    assert "mean ± std over seeds 0, 1, 2" in markdown and "[seed 1](" in markdown
+    assert "mean ± std over seeds 0, 1, 2" in markdown and "[seed 1](../seed-1/method_table.md)" in markdown
     implicit = combined["rows"][0]
     assert f"{implicit['filters_removed_pct']['mean']:.2f} ± {implicit['filters_removed_pct']['std']:.2f}" in markdown
 

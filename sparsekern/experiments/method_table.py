@@ -621,8 +621,15 @@ def aggregate_tables(directories) -> dict:
             "flops_dense": first["rows"][0]["flops_dense"], "rows": rows}
 
 
-def aggregate_markdown(result: dict) -> str:
-    """:func:`aggregate_tables` as a markdown table, mean ± sample std over the seeds."""
+def aggregate_markdown(result: dict, where=None) -> str:
+    """:func:`aggregate_tables` as a markdown table, mean ± sample std over the seeds; links to
+    the per-seed tables are relative to ``where`` (the directory the table goes to), if given."""
+    import os
+
+    def link(directory):
+        target = Path(directory) / f"{OUTPUT_STEM}.md"
+        return os.path.relpath(target, where) if where is not None else str(target)
+
     columns = ["method", "trained with", "filters removed (%)", "per seed", "dense acc. (%)", "pruned acc. (%)",
                "MFLOPs", "speedup"]
     lines = [[r["label"], r["trained_with"], r["filters_removed_pct"],
@@ -634,7 +641,7 @@ def aggregate_markdown(result: dict) -> str:
         "",
         f"BasicNet width {config['width']:g} on `{config['dataset']}`, dense {result['flops_dense'] / 1e6:.2f} "
         f"MFLOPs; one `sparsekern compare-methods` table per seed (same settings otherwise): "
-        + ", ".join(f"[seed {s}]({d}/{OUTPUT_STEM}.md)" for s, d in zip(result["seeds"], result["directories"]))
+        + ", ".join(f"[seed {s}]({link(d)})" for s, d in zip(result["seeds"], result["directories"]))
         + ". Each seed trains every network anew and selects its own fraction; speedups are from each "
         "table's own timing.",
         "",
@@ -668,7 +675,7 @@ def _cmd_method_table(args) -> int:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / f"{SEEDS_STEM}.json", json.dumps(result, indent=1) + "\n")
-        write_text(out / f"{SEEDS_STEM}.md", aggregate_markdown(result))
+        write_text(out / f"{SEEDS_STEM}.md", aggregate_markdown(result, where=out))
         print(json.dumps({"table": str(out / f"{SEEDS_STEM}.md")}))
         return 0
     base = MethodTableConfig().quick() if args.quick else MethodTableConfig()
