@@ -79,6 +79,7 @@ from sparsekern.experiments import (
     config_from_args,
     load_run,
     markdown_table,
+    mean_std,
     option,
     train_runs,
     write_text,
@@ -570,13 +571,6 @@ _NOT_COMPARED = ("seed", "out_dir", "reuse_runs", "workers", "threads", "device"
 SEEDS_STEM = "method_table_seeds"
 
 
-def _mean_std(values: list) -> dict:
-    values = [float(v) for v in values]
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return {"mean": mean, "std": std}
-
-
 def aggregate_tables(directories) -> dict:
     """Mean and sample std over the ``method_table.json`` of several runs of this experiment that
     differ only in the seed (one directory each): per method, filters removed, dense and pruned
@@ -615,7 +609,7 @@ def aggregate_tables(directories) -> dict:
         }
         rows.append({"method": row["method"], "label": row["label"], "trained_with": row["trained_with"],
                      "selected_fraction": [r["selected_fraction"] for r in per_seed],
-                     **{key: _mean_std(v) for key, v in values.items()},
+                     **{key: mean_std(v) for key, v in values.items()},
                      "per_seed": values})
     return {"seeds": seeds, "directories": [d for d, _ in tables], "config": first["config"],
             "flops_dense": first["rows"][0]["flops_dense"], "rows": rows}

@@ -710,15 +710,19 @@ def device_name(device) -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _where(env, fallback: str) -> str:
+    """'<device> (<threads> threads, torch <version>, <date>)' from a timing_environment dict."""
+    if not env:
+        return fallback
+    return f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]})"
+
+
 def speed_markdown(result: dict) -> str:
     """The rows of :func:`speed_comparison` as a markdown table."""
     fused = any("dense fused bn-relu ms" in r for r in result["rows"])
     header = ["mode", "batch", "dense ms", "pruned ms"] + (["fused bn-relu ms"] if fused else []) + [
         "speedup", "FLOP ratio", "time saved", "0.7 x FLOPs saved", "criterion"]
-    env = result.get("environment", {})
-    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]})" \
-        if env else result["device"]
-    lines = [f"{where}, {result['dtype']}, input {result['sample_shape']}; FLOPs/sample "
+    lines = [f"{_where(result.get('environment'), result['device'])}, {result['dtype']}, input {result['sample_shape']}; FLOPs/sample "
              f"{result['flops_dense'] / 1e6:.1f}M -> {result['flops_pruned'] / 1e6:.1f}M"
              + ("; subnormal weights set to zero except in 'eager, subnormals' rows"
                 if result.get("flush_denormal") else ""), "",
@@ -768,10 +772,7 @@ def repeat_summary(results: list) -> dict:
 
 def repeat_markdown(summary: dict) -> str:
     """:func:`repeat_summary` as a markdown table."""
-    env = summary["environment"]
-    where = f"{env['device_name']} ({env['torch_threads']} threads, torch {env['torch']}, {env['date'][:10]}), " \
-        if env else ""
-    lines = [f"{where}{summary['dtype']}, input {summary['sample_shape']}; FLOPs/sample "
+    lines = [f"{_where(summary['environment'], 'device unknown')}, {summary['dtype']}, input {summary['sample_shape']}; FLOPs/sample "
              f"{summary['flops_dense'] / 1e6:.1f}M -> {summary['flops_pruned'] / 1e6:.1f}M; "
              f"{summary['repeats']} runs, each in a fresh process; criterion judged on the median", "",
              "| mode | batch | dense ms | pruned ms | speedup | FLOP ratio | time saved, median [min, max] "
