@@ -8,6 +8,7 @@ from torch import nn
 import sparsekern
 from sparsekern.models import build_model
 from sparsekern.prune import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores, prune_model
+from sparsekern.prune import plan as plan_module
 
 
 def randomize_bn(model, seed=1):
@@ -119,6 +120,91 @@ def test_manifest_errors(tmp_path):
     path.write_text(json.dumps({"format": "sparsekern.prune_plan", "version": 99, "layers": {}}))
     with pytest.raises(ValueError, match="version 99"):
         PrunePlan.load(path)
+
+
+def good_manifest() -> dict:
+    """A valid manifest as plain data: layer "0" keeps 3 of 6 channels, channel 4 outputs 0.5."""
+    layers = {"0": LayerPlan(channels=6, kept=[0, 2, 3], constants={4: 0.5})}
+    return PrunePlan(layers=layers, input_shape=(2, 1, 8, 8), source="test").to_dict()
+
+
+def _set(path: tuple, value):
+    """A change to good_manifest(): the value at ``path`` (keys / indices) becomes ``value``."""
+    def change(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+    return change
+
+
+@pytest.mark.parametrize("change, message", [
+    (_set(("exact",), "false"), 'exact: expected true or false, got the string "false"'),
+    (_set(("exact",), 0), "exact: expected true or false, got 0"),
+    (_set(("layers", "0", "kept"), [2.7]), 'layers["0"].kept[0]: expected an int, got 2.7'),
+    (_set(("layers", "0", "kept"), [0, True]), 'layers["0"].kept[1]: expected an int, got true'),
+    (_set(("layers", "0", "kept"), [3, 2]), 'layers["0"].kept[1]: 2 after 3: kept must be increasing'),
+    (_set(("layers", "0", "kept"), [2, 2]), 'layers["0"].kept[1]: 2 after 2'),
+    (_set(("layers", "0", "kept"), [0, 6]), 'layers["0"].kept[1]: 6 is not a channel index in [0, 6)'),
+    (_set(("layers", "0", "kept"), "0,2"), 'layers["0"].kept: expected an array of channel indices'),
+    (_set(("layers", "0", "channels"), 10**12), 'layers["0"].channels: 1000000000000 is outside [1, 16777216]'),
+    (_set(("layers", "0", "channels"), "6"), 'layers["0"].channels: expected an int, got the string "6"'),
+    (_set(("layers", "0", "constants"), {"x": 1.0}), 'layers["0"].constants["x"]: the key must be a channel index'),
+    (_set(("layers", "0", "constants"), {"4": "0.5"}), 'layers["0"].constants["4"]: expected a finite number'),
+    (_set(("layers", "0", "constants"), {"2": 1.0}), 'layers["0"].constants["2"]: constants are only for removed'),
+    (_set(("layers", "0", "kapt"), [0]), 'layers["0"]: unknown key "kapt"; allowed: channels, kept, constants'),
+    (_set(("layers", ""), {"channels": 1, "kept": [0]}), 'layers[""]: a layer is named by its module'),
+    (_set(("exactly",), True), 'unknown key "exactly"; allowed: format, version'),
+    (_set(("version",), True), "version true is not supported"),
+    (_set(("input_shape",), [2.5, 1, 8, 8]), "input_shape[0]: expected an int, got 2.5"),
+    (_set(("notes",), [["nested"]]), "notes[0]: expected a string, got an array"),
+    (_set(("model_class",), 3), "model_class: expected a string or null, got 3"),
+])
+def test_manifest_is_read_strictly(tmp_path, change, message):
+    data = good_manifest()
+    change(data)
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        PrunePlan.load(path)
+    assert info.type is plan_module.ManifestError
+    assert str(info.value).startswith(f"{path}: ") and message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_manifest_nested_too_deeply_is_a_clean_error(tmp_path):
+    path = tmp_path / "deep.json"
+    path.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):  # not a RecursionError
+        PrunePlan.load(path)
+
+
+def test_manifest_size_is_limited(tmp_path, monkeypatch):
+    path = tmp_path / "plan.json"
+    PrunePlan.from_dict(good_manifest()).save(path)
+    assert PrunePlan.load(path).num_removed == 3
+    monkeypatch.setattr(plan_module, "MAX_MANIFEST_BYTES", path.stat().st_size - 1)
+    with pytest.raises(ValueError, match=f"larger than {path.stat().st_size - 1} bytes"):
+        PrunePlan.load(path)
+
+
+def test_manifest_duplicate_keys_are_refused(tmp_path):
+    # With plain json.loads the second "0" would silently replace the first.
+    path = tmp_path / "plan.json"
+    path.write_text('{"format": "sparsekern.prune_plan", "version": 1, "layers": {"0": {"channels": 2, "kept": [0]}, '
+                    '"0": {"channels": 2, "kept": [0, 1]}}}')
+    with pytest.raises(ValueError, match='duplicate key "0"'):
+        PrunePlan.load(path)
+
+
+def test_layer_plan_refuses_float_indices_and_absurd_channel_counts():
+    with pytest.raises(ValueError, match="channel indices must be ints, got 2.7"):
+        LayerPlan(channels=5, kept=[2.7])
+    with pytest.raises(ValueError, match=r"2\*\*24"):
+        LayerPlan(channels=10**12, kept=[])
+    # numpy / torch integers are indices like ints
+    assert LayerPlan(channels=5, kept=[torch.tensor(3), 1]).kept == [1, 3]
+    plan = PrunePlan(layers={"a": LayerPlan(channels=5, kept=[1, 3]), "b": LayerPlan(channels=2, kept=[])})
+    assert plan.num_removed == 3 + 2
 
 
 def test_from_scores_per_layer_and_global():

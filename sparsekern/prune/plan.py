@@ -18,16 +18,21 @@ Plans come from:
 
 ``save(path)`` / ``load(path)`` write and read a small JSON manifest (format name and version,
 model class, input shape if known, layer -> channels / kept / constants); it holds no
-modules or tensors and applies to any instance of the same model definition.
+modules or tensors and applies to any instance of the same model definition. A manifest is
+read strictly: every field must have its JSON type (``"exact": "false"`` is not a boolean,
+``2.7`` is not a channel index), kept indices are sorted, distinct and in range, unknown keys
+are refused, and the file's size and nesting are bounded; any of that is a one-line
+:class:`ManifestError` naming the file and the JSON path of the field.
 ``apply(model, example_inputs)`` runs :func:`sparsekern.prune.surgery.prune_model`.
 """
 from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 from torch import nn
@@ -37,6 +42,19 @@ from sparsekern.prune.surgery import class_path, prune_model
 
 MANIFEST_FORMAT = "sparsekern.prune_plan"
 MANIFEST_VERSION = 1
+# A manifest holds a few numbers per channel, so real ones are kilobytes; the limit stops a
+# wrong file (a checkpoint, /dev/zero) from being read into memory whole.
+MAX_MANIFEST_BYTES = 64 * 2**20
+# Channels of one layer. The widest real layers have ~1e5 outputs (large classifier heads);
+# a plan lists kept / removed channels one by one, so a count far beyond that is a corrupt
+# file whose per-channel lists would exhaust time and memory, not a model.
+MAX_CHANNELS = 2**24
+_MANIFEST_KEYS = ("format", "version", "model_class", "exact", "input_shape", "source", "notes", "layers")
+_LAYER_KEYS = ("channels", "kept", "constants")
+
+
+class ManifestError(ValueError):
+    """A prune plan manifest that cannot be used; the message names the file and the JSON path of the bad field."""
 
 
 @dataclass
@@ -51,13 +69,16 @@ class LayerPlan:
     def __post_init__(self):
         if isinstance(self.channels, bool) or not isinstance(self.channels, int) or self.channels < 1:
             raise ValueError(f"channels must be a positive int, got {self.channels!r}")
-        kept = sorted(int(c) for c in self.kept)
+        if self.channels > MAX_CHANNELS:
+            raise ValueError(f"channels={self.channels} is more than {MAX_CHANNELS} (2**24), the most one layer may have")
+        kept = sorted(_channel_index(c, "kept") for c in self.kept)
         if len(set(kept)) != len(kept) or any(not 0 <= c < self.channels for c in kept):
             raise ValueError(f"kept must be distinct channel indices in [0, {self.channels}), got {self.kept!r}")
         self.kept = kept
-        constants = {int(c): float(v) for c, v in self.constants.items()}
+        kept_set = set(kept)
+        constants = {_channel_index(c, "constants"): float(v) for c, v in self.constants.items()}
         for c, v in constants.items():
-            if c in set(kept) or not 0 <= c < self.channels:
+            if c in kept_set or not 0 <= c < self.channels:
                 raise ValueError(f"constant for channel {c}: constants are only for removed channels in [0, {self.channels})")
             if not math.isfinite(v):
                 raise ValueError(f"constant for channel {c} is {v}; constants must be finite")
@@ -225,8 +246,8 @@ class PrunePlan:
 
     @property
     def num_removed(self) -> int:
-        """Channels the plan removes over all layers."""
-        return sum(len(layer.removed) for layer in self.layers.values())
+        """Channels the plan removes over all layers (from the counts: kept indices are distinct and in range)."""
+        return sum(layer.channels - len(layer.kept) for layer in self.layers.values())
 
     # --- manifest --------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -250,23 +271,12 @@ class PrunePlan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PrunePlan":
-        """Read a manifest made by :meth:`to_dict` (checks format and version)."""
-        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"not a prune plan manifest (expected format {MANIFEST_FORMAT!r})")
-        if data.get("version") != MANIFEST_VERSION:
-            raise ValueError(f"prune plan manifest version {data.get('version')!r} is not supported (expected {MANIFEST_VERSION})")
-        layers = {}
-        for name, entry in data["layers"].items():
-            layers[name] = LayerPlan(
-                channels=entry["channels"], kept=entry["kept"],
-                constants={int(c): v for c, v in entry.get("constants", {}).items()},
-            )
-        return cls(
-            layers=layers, exact=bool(data.get("exact", True)), model_class=data.get("model_class"),
-            input_shape=_shape_or_none(data.get("input_shape")), source=data.get("source", ""),
-            notes=list(data.get("notes", [])),
-        )
+    def from_dict(cls, data: dict, *, source: str = "manifest") -> "PrunePlan":
+        """Read a manifest made by :meth:`to_dict`, strictly (see the module docstring).
+
+        Raises ManifestError naming ``source`` (the file) and the JSON path of the first bad field.
+        """
+        return cls(**_manifest_fields(data, source))
 
     def save(self, path) -> None:
         """Write the JSON manifest to ``path``."""
@@ -274,12 +284,140 @@ class PrunePlan:
 
     @classmethod
     def load(cls, path) -> "PrunePlan":
-        """Read a JSON manifest written by :meth:`save`."""
+        """Read a JSON manifest written by :meth:`save`; ManifestError if it is not a valid one."""
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_MANIFEST_BYTES + 1)  # never more: the file may be anything
+        if len(raw) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes, the most a prune plan manifest may be")
         try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not a JSON prune plan manifest ({exc})") from None
-        return cls.from_dict(data)
+            data = json.loads(raw, object_pairs_hook=_object_without_duplicates)
+        except ManifestError as exc:
+            raise ManifestError(f"{path}: {exc}") from None
+        except RecursionError:  # the C decoder recurses per nesting level and stops itself here, quickly
+            raise ManifestError(f"{path}: JSON nested too deeply to be a prune plan manifest") from None
+        except ValueError as exc:  # bad JSON, bad UTF-8, an integer of more than 4300 digits
+            raise ManifestError(f"{path}: not a JSON prune plan manifest ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+# --- reading a manifest -----------------------------------------------------------------------
+
+
+def _object_without_duplicates(pairs: list) -> dict:
+    """json's object hook: a repeated key would silently drop a value (e.g. one of two layers)."""
+    result = {}
+    for key, value in pairs:
+        if key in result:
+            raise ManifestError(f"duplicate key {json.dumps(key)}")
+        result[key] = value
+    return result
+
+
+def _got(value) -> str:
+    """A JSON value as an error message shows it."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return f"the string {json.dumps(value[:60])}"
+    return json.dumps(value)  # 2.7, true, null
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Reader:
+    """Checks of one manifest's values; each failure is a ManifestError '<source>: <JSON path>: <problem>'."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, where: str, problem: str) -> NoReturn:
+        """``where``: the JSON path of the value ('' for the manifest itself)."""
+        raise ManifestError(f"{self.source}: {where + ': ' if where else ''}{problem}")
+
+    def expect(self, value, kind, where: str, expected: str):
+        ok = _is_int(value) if kind is int else isinstance(value, kind)
+        if not ok:
+            self.fail(where, f"expected {expected}, got {_got(value)}")
+        return value
+
+    def keys(self, obj: dict, allowed: tuple, required: tuple, where: str) -> None:
+        unknown = [k for k in obj if k not in allowed]
+        if unknown:
+            self.fail(where, f"unknown key {json.dumps(unknown[0])}; allowed: {', '.join(allowed)}")
+        missing = [k for k in required if k not in obj]
+        if missing:
+            self.fail(where, f"missing key {json.dumps(missing[0])}")
+
+    def layer(self, entry, where: str) -> LayerPlan:
+        self.expect(entry, dict, where, "an object with channels, kept and constants")
+        self.keys(entry, _LAYER_KEYS, ("channels", "kept"), where)
+        channels = self.expect(entry["channels"], int, f"{where}.channels", "an int")
+        if not 1 <= channels <= MAX_CHANNELS:
+            self.fail(f"{where}.channels", f"{channels} is outside [1, {MAX_CHANNELS}] (2**24 channels per layer "
+                                           "at most: far beyond any real layer, so a corrupt file)")
+        kept = self.expect(entry["kept"], list, f"{where}.kept", "an array of channel indices")
+        previous = -1
+        for i, c in enumerate(kept):
+            self.expect(c, int, f"{where}.kept[{i}]", "an int")
+            if not 0 <= c < channels:
+                self.fail(f"{where}.kept[{i}]", f"{c} is not a channel index in [0, {channels})")
+            if c <= previous:
+                self.fail(f"{where}.kept[{i}]", f"{c} after {previous}: kept must be increasing, without repeats")
+            previous = c
+        constants = self.expect(entry.get("constants", {}), dict, f"{where}.constants",
+                                "an object {\"channel\": value}")
+        kept_set, values = set(kept), {}
+        for key, value in constants.items():
+            at = f"{where}.constants[{json.dumps(key)}]"
+            if not (key.isdecimal() and str(int(key)) == key):
+                self.fail(at, "the key must be a channel index written as a decimal int, e.g. \"3\"")
+            channel = int(key)
+            if channel >= channels or channel in kept_set:
+                self.fail(at, f"constants are only for removed channels in [0, {channels})")
+            if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+                self.fail(at, f"expected a finite number, got {_got(value)}")
+            values[channel] = float(value)
+        return LayerPlan(channels=channels, kept=list(kept), constants=values)
+
+
+def _manifest_fields(data, source: str) -> dict:
+    """PrunePlan's keyword arguments from manifest ``data``, every value checked (``_Reader``)."""
+    reader = _Reader(source)
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ManifestError(f"{source}: not a prune plan manifest (expected format {MANIFEST_FORMAT!r})")
+    version = data.get("version")
+    if not _is_int(version) or version != MANIFEST_VERSION:
+        raise ManifestError(f"{source}: prune plan manifest version {_got(version)} is not supported "
+                            f"(expected {MANIFEST_VERSION})")
+    reader.keys(data, _MANIFEST_KEYS, ("layers",), "")
+    exact = reader.expect(data.get("exact", True), bool, "exact", "true or false")
+    model_class = data.get("model_class")
+    if model_class is not None:
+        reader.expect(model_class, str, "model_class", "a string or null")
+    shape = data.get("input_shape")
+    if shape is not None:
+        reader.expect(shape, list, "input_shape", "an array of ints or null")
+        for i, d in enumerate(shape):
+            reader.expect(d, int, f"input_shape[{i}]", "an int")
+        if len(shape) < 2 or min(shape) < 1:
+            reader.fail("input_shape", f"{shape} is not a full input shape with a batch dim, e.g. [2, 3, 32, 32]")
+    source_text = reader.expect(data.get("source", ""), str, "source", "a string")
+    notes = reader.expect(data.get("notes", []), list, "notes", "an array of strings")
+    for i, note in enumerate(notes):
+        reader.expect(note, str, f"notes[{i}]", "a string")
+    layers = reader.expect(data["layers"], dict, "layers", "an object {layer name: layer}")
+    plans = {}
+    for name, entry in layers.items():
+        where = f"layers[{json.dumps(name)}]"
+        if not name:
+            reader.fail(where, "a layer is named by its module's qualified name, never empty")
+        plans[name] = reader.layer(entry, where)
+    return {"layers": plans, "exact": exact, "model_class": model_class, "input_shape": _shape_or_none(shape),
+            "source": source_text, "notes": list(notes)}
 
 
 # --- scores for the baselines -----------------------------------------------------------------
@@ -317,6 +455,16 @@ def _bool_mask(mask, what: str) -> torch.Tensor:
     if t.dim() != 1 or t.numel() == 0:
         raise ValueError(f"{what} must be 1-D and non-empty, got shape {tuple(t.shape)}")
     return t.cpu()
+
+
+def _channel_index(value, what: str) -> int:
+    """A channel index as an int: ints, numpy / torch integers; never a float or a bool (no silent rounding)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{what}: channel indices must be ints, got {value!r}") from None
 
 
 def _check_channels(model: nn.Module, name: str, count: int) -> None:
