@@ -136,10 +136,28 @@ def test_load_fashion_mnist_search_order(tmp_path, monkeypatch, no_default_data)
     np.testing.assert_array_equal(load_fashion_mnist(tmp_path / "root")[0].numpy(), from_root)
     np.testing.assert_array_equal(load_fashion_mnist()[0].numpy(), from_env)
     # A root without the files falls through to the next place.
+    (tmp_path / "empty").mkdir()
     np.testing.assert_array_equal(load_fashion_mnist(tmp_path / "empty")[0].numpy(), from_env)
     monkeypatch.delenv("SPARSEKERN_DATA")
     monkeypatch.setattr(fmnist, "DEBIAN_DIR", tmp_path / "root")
     np.testing.assert_array_equal(load_fashion_mnist()[0].numpy(), from_root)
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "cifar10"])
+def test_a_root_that_does_not_exist_is_an_error_not_the_default_copy(tmp_path, monkeypatch, name):
+    # The data is there under $SPARSEKERN_DATA and in the "Debian" folder, but the explicit root
+    # names a folder that is not: that is a mistake to report, not a reason to use another copy.
+    fake_fashion_mnist(tmp_path / "env")
+    monkeypatch.setenv("SPARSEKERN_DATA", str(tmp_path / "env"))
+    monkeypatch.setattr(fmnist, "DEBIAN_DIR", tmp_path / "env")
+    missing = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError) as info:
+        get_dataset(name, train=True, root=missing)
+    assert f"data root {str(missing)!r}" in str(info.value) and "not an existing directory" in str(info.value)
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(FileNotFoundError, match="not an existing directory"):
+        get_dataset(name, train=True, root=tmp_path / "a-file")
+    assert len(get_dataset("fashion-mnist", train=True)) == 6  # the default places still work
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, no_default_data):

@@ -48,7 +48,14 @@ def dataset_not_found(what: str, searched: Sequence[Path], how_to_get: str) -> F
 
 
 def data_roots(root: Optional[Union[str, Path]]) -> List[Path]:
-    """Folders to search, in order: ``root`` if given, then ``$SPARSEKERN_DATA`` if set."""
+    """Folders to search, in order: ``root`` if given, then ``$SPARSEKERN_DATA`` if set.
+
+    A ``root`` that is not an existing directory raises FileNotFoundError naming it: it is a typo
+    or another machine's path, and searching on would quietly use some other copy of the data.
+    """
+    if root is not None and not Path(root).expanduser().is_dir():
+        raise FileNotFoundError(f"data root {str(root)!r} (--data-root / root=) is not an existing directory; "
+                                f"leave it unset to search ${DATA_ENV} and the default places")
     return [Path(p).expanduser() for p in (root, os.environ.get(DATA_ENV)) if p]
 
 
