@@ -182,8 +182,9 @@ def test_bad_input_is_a_clear_error(run_dir, tmp_path, capsys):
     assert main(["prune", str(tmp_path / "nothing")]) == 2
     assert "config.toml and checkpoint.pt" in capsys.readouterr().err
     out = tmp_path / "pruned"
-    assert main(["prune", str(run_dir), "--out", str(out), "--samples", "0", "--no-progress"]) == 2
-    assert "samples must be a positive int" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["prune", str(run_dir), "--out", str(out), "--samples", "0", "--no-progress"])
+    assert info.value.code == 2 and "argument --samples: must be >= 1, got 0" in capsys.readouterr().err
     assert main(["prune", str(run_dir), "--out", str(out), "--samples", "64", "--no-progress"]) == 0
     assert main(["bench", str(out), "--manifest", str(out / "manifest.json")]) == 2
     assert "prune output directory" in capsys.readouterr().err
@@ -192,6 +193,30 @@ def test_bad_input_is_a_clear_error(run_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", str(out), "--batch-sizes", "0"])
     assert "positive integers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("exact", "false", 'exact: expected true or false, got the string "false"'),
+    ("kept", 2.7, 'layers["features.c2.conv"].kept[0]: expected an int, got 2.7'),
+    ("channels", 10**12, 'layers["features.c2.conv"].channels: 1000000000000 is outside [1, 16777216] (2**24 '
+                         'channels per layer at most: far beyond any real layer, so a corrupt file)'),
+])
+def test_a_bad_manifest_is_one_line_naming_the_field(run_dir, tmp_path, capsys, field, value, message):
+    out = tmp_path / "pruned"
+    assert main(["prune", str(run_dir), "--by", "gamma", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "manifest.json").read_text())
+    if field == "exact":
+        data["exact"] = value
+    elif field == "kept":
+        data["layers"]["features.c2.conv"]["kept"][0] = value
+    else:
+        data["layers"]["features.c2.conv"]["channels"] = value
+    manifest = tmp_path / "bad.json"
+    manifest.write_text(json.dumps(data))
+    assert main(["bench", str(run_dir), "--manifest", str(manifest), "--batch-sizes", "1", "--rounds", "3",
+                 "--no-compile", "--no-fused"]) == 2
+    assert capsys.readouterr().err.strip() == f"sparsekern bench: error: {manifest}: {message}"
 
 
 def test_bench_repeats_in_fresh_processes_and_profiles_layers(run_dir, tmp_path, capsys):
@@ -224,5 +249,6 @@ def test_bench_repeats_in_fresh_processes_and_profiles_layers(run_dir, tmp_path,
         previous = (w, pw)
     assert "features.c1.bn" not in layers  # folded: an Identity, not a layer
     assert layers["(total)"]["dense MACs"] == result["summary"]["flops_dense"] // 2
-    assert main(["bench", str(out), "--repeat", "0"]) == 2
-    assert "--repeat=0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["bench", str(out), "--repeat", "0"])
+    assert info.value.code == 2 and "argument --repeat: must be >= 1, got 0" in capsys.readouterr().err

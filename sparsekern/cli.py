@@ -17,16 +17,26 @@
 Subcommands are registered in ``SUBCOMMANDS`` (name -> function that adds its parser); a new
 one (``prune``, ``bench``) is one more entry there. A registrar adds a sub-parser and sets
 ``func``: a function of the parsed args returning the exit code.
+
+Errors: argparse's own (a bad flag) exit 2 with its usage message. Any exception from a
+subcommand becomes one line ``sparsekern <cmd>: error: <message>`` on stderr and exit code 2
+(the project's own errors by their message, anything else as ``Type: message``); Ctrl-C exits
+130. ``sparsekern --debug <cmd>`` or ``SPARSEKERN_DEBUG=1`` re-raises instead, with the traceback.
+Counts given as flags are checked by ``positive_int`` / ``int_at_least``, directories by
+``existing_directory``, devices (present on this machine) by ``device_name``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
-from sparsekern.cli_prune import add_bench, add_harvest, add_prune
-from sparsekern.train.config import ConfigError, RunConfig, config_fields, field_type
+from sparsekern.train.config import ConfigError, RunConfig, check_data_root, config_fields, field_type
+
+DEBUG_ENV = "SPARSEKERN_DEBUG"
 
 GRID_FLAGS = {  # sweep flag -> RunConfig field it lists values of
     "optimizers": "optimizer",
@@ -36,6 +46,51 @@ GRID_FLAGS = {  # sweep flag -> RunConfig field it lists values of
     "widths": "width",
     "seeds": "seed",
 }
+
+
+# ---------------------------------------------------------------------- flag types
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``. A count of 0 or -3 is a mistake to report, not to run with."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def existing_directory(text: str) -> str:
+    """An argparse type: a directory that exists (an explicit --data-root is never silently replaced)."""
+    if not Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is not an existing directory")
+    return text
+
+
+def device_name(text: str) -> str:
+    """An argparse type: auto, or a device this machine has (see ``resolve_device``); kept as the name."""
+    from sparsekern.train.loop import resolve_device
+
+    try:
+        resolve_device(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def check_here(data_root, device: str, source: str) -> None:
+    """ConfigError before anything is written when a config's data folder or device is not on this machine."""
+    from sparsekern.train.loop import resolve_device
+
+    check_data_root(data_root, source)
+    resolve_device(device)
 
 
 # ---------------------------------------------------------------------- config flags
@@ -74,11 +129,15 @@ def config_overrides(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """Defaults, then the --config TOML file, then the flags given."""
+    """Defaults, then the --config TOML file, then the flags given; its data_root and device checked here."""
     overrides = config_overrides(args)
+    source = args.config or "command line"
     if args.config is not None:
-        return RunConfig.from_toml(args.config, overrides)
-    return RunConfig.from_dict(overrides, source="command line")
+        config = RunConfig.from_toml(args.config, overrides)
+    else:
+        config = RunConfig.from_dict(overrides, source=source)
+    check_here(config.data_root, config.device, source)
+    return config
 
 
 def _quiet_log(message: str) -> None:
@@ -91,7 +150,7 @@ def _add_train(subparsers) -> None:
                               description="Train one run; rerunning the same command resumes it.")
     p.add_argument("--config", help="TOML file with RunConfig fields (flat, or under [run])")
     p.add_argument("--restart", action="store_true", help="discard an existing checkpoint / result and start over")
-    p.add_argument("--stop-after", type=int, metavar="STEP",
+    p.add_argument("--stop-after", type=positive_int, metavar="STEP",
                    help="stop (checkpointed) at the first eval point at or after STEP; rerun to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_flags(p)
@@ -117,7 +176,7 @@ def _add_sweep(subparsers) -> None:
                               description="Run a grid of configurations; completed runs are skipped on rerun.")
     p.add_argument("--config", help="sweep TOML file with [base] and [grid] tables")
     p.add_argument("--out", required=True, help="sweep directory (runs/, sweep_summary.json)")
-    p.add_argument("--workers", type=int, default=1, help="parallel runs (subprocesses); threads are split")
+    p.add_argument("--workers", type=positive_int, default=1, help="parallel runs (subprocesses); threads are split")
     p.add_argument("--restart", action="store_true", help="rerun every run from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report", action="store_true", help="also write the report when the sweep is done")
@@ -144,12 +203,14 @@ def _grid_from_args(args) -> dict:
 
 
 def _cmd_sweep(args) -> int:
-    from sparsekern.train.sweep import load_sweep, run_sweep
+    from sparsekern.train.sweep import expand_grid, load_sweep, run_sweep
 
     if args.config is not None:
         base, grid = load_sweep(args.config, config_overrides(args), _grid_from_args(args))
     else:
         base, grid = config_overrides(args), _grid_from_args(args)
+    for config in expand_grid(base, grid, args.out):  # every run's config, before anything is written
+        check_here(config.data_root, config.device, args.config or "command line")
     summary = run_sweep(args.out, base, grid, workers=args.workers, restart=args.restart,
                         progress=not args.no_progress, log=_quiet_log)
     if args.report:
@@ -179,12 +240,12 @@ def _add_analyze(subparsers) -> None:
                               description="Measure every post-ReLU feature of a checkpoint over a corpus.")
     p.add_argument("checkpoint", help="a run directory or its checkpoint.pt (config.toml must be beside it)")
     p.add_argument("--dataset", help="dataset to measure on (default: the run's)")
-    p.add_argument("--data-root", help="dataset directory (default: the run's)")
+    p.add_argument("--data-root", type=existing_directory, help="dataset directory (default: the run's)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: train)")
-    p.add_argument("--samples", type=int, help="only the first N samples")
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--samples", type=positive_int, help="only the first N samples")
+    p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--selectivity", default="two-pass", help="two-pass | exact | histogram | memmap | none")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
@@ -216,7 +277,7 @@ def _add_demo(subparsers) -> None:
                                           "regularisation and Adam+WD; measure sparsity; write a report.")
     p.add_argument("--full", action="store_true", help="the paper-scale configuration (hours on a CPU)")
     p.add_argument("--out", default=None, help="output directory (default: runs/demo or runs/demo-full)")
-    p.add_argument("--workers", type=int, help="parallel runs (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--workers", type=positive_int, help="parallel runs (default: 2 on CPU, 1 on GPU)")
     p.add_argument("--restart", action="store_true", help="rerun every configuration from scratch")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_demo)
@@ -242,12 +303,13 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _add_experiment(module: str) -> Callable:
-    """The registrar of an experiment of ``sparsekern.experiments.<module>`` (its ``add_parser``)."""
+def _add_from(module: str, function: str = "add_parser") -> Callable:
+    """The registrar ``sparsekern.<module>.<function>``, imported when the parser is built (so those
+    modules, which use the flag types above, are not imported with this one)."""
     def register(subparsers) -> None:
         import importlib
 
-        importlib.import_module(f"sparsekern.experiments.{module}").add_parser(subparsers)
+        getattr(importlib.import_module(f"sparsekern.{module}"), function)(subparsers)
 
     return register
 
@@ -259,17 +321,19 @@ SUBCOMMANDS: dict[str, Callable] = {
     "analyze": _add_analyze,
     "demo": _add_demo,
     "info": _add_info,
-    "keep-ratio": _add_experiment("keep_ratio"),
-    "compare-methods": _add_experiment("method_table"),
-    "cges-vs-l2": _add_experiment("cges_vs_l2"),
-    "prune": add_prune,
-    "bench": add_bench,
-    "harvest": add_harvest,
+    "keep-ratio": _add_from("experiments.keep_ratio"),
+    "compare-methods": _add_from("experiments.method_table"),
+    "cges-vs-l2": _add_from("experiments.cges_vs_l2"),
+    "prune": _add_from("cli_prune", "add_prune"),
+    "bench": _add_from("cli_prune", "add_bench"),
+    "harvest": _add_from("cli_prune", "add_harvest"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description="Measure and harvest filter-level sparsity in CNNs.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"on an error, raise it with its traceback instead of one line (also: {DEBUG_ENV}=1)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for register in SUBCOMMANDS.values():
         register(subparsers)
@@ -277,17 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of the ``sparsekern`` console script; returns the exit code."""
+    """Entry point of the ``sparsekern`` console script; returns the exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"sparsekern {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        # The message says what is wrong; a traceback would only bury it (--debug shows it).
+        print(f"sparsekern {args.command}: error: {error_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def error_line(exc: BaseException) -> str:
+    """One line for an error: the project's own errors (bad input: ValueError, ConfigError,
+    ManifestError, CheckpointError, a missing file ...) by their message; any other exception
+    with its type, since "'foo'" alone does not say that a KeyError happened."""
     from sparsekern.train.checkpoint import CheckpointError
     from sparsekern.train.loop import TrainingDivergedError
 
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, TrainingDivergedError, FileNotFoundError, ValueError) as exc:
-        # Bad input: the message says what is wrong; a traceback would only bury it.
-        print(f"sparsekern {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if isinstance(exc, (ValueError, FileNotFoundError, CheckpointError, TrainingDivergedError)) and message:
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 if __name__ == "__main__":

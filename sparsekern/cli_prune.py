@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from sparsekern.cli import device_name, int_at_least, positive_int
+
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
@@ -42,11 +44,11 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
                        help="a channel is dead when its max |activation| over the corpus is below this (default 1e-12)")
     group.add_argument("--gamma-threshold", type=float, default=1e-3, help="|gamma| threshold (default 1e-3)")
     group.add_argument("--split", choices=("train", "test"), default="train", help="corpus split (default: train)")
-    group.add_argument("--samples", type=int, help="only the first N images of the corpus (default: all)")
-    group.add_argument("--verify-samples", type=int, default=256,
+    group.add_argument("--samples", type=positive_int, help="only the first N images of the corpus (default: all)")
+    group.add_argument("--verify-samples", type=positive_int, default=256,
                        help="images the surgery is verified on, node by node (default 256)")
-    group.add_argument("--batch-size", type=int, default=500, help="analysis / evaluation batch size")
-    p.add_argument("--device", default="auto")
+    group.add_argument("--batch-size", type=positive_int, default=500, help="analysis / evaluation batch size")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -64,7 +66,7 @@ def add_prune(subparsers) -> None:
     p.add_argument("run", help="a run directory or its checkpoint.pt (config.toml beside it)")
     p.add_argument("--out", help="output directory (default: <run dir>/pruned-<by>)")
     p.add_argument("--manifest", metavar="PATH", help="also write the JSON manifest (the plan) here")
-    p.add_argument("--test-samples", type=int, help="compare original and pruned on the first N test images "
+    p.add_argument("--test-samples", type=positive_int, help="compare original and pruned on the first N test images "
                                                     "(default: the run's test set)")
     _add_plan_flags(p)
     p.set_defaults(func=_cmd_prune)
@@ -107,9 +109,10 @@ def add_bench(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, float16 on CUDA")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
     p.add_argument("--no-fused", action="store_true", help="skip the fused BN-ReLU row")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds (median reported)")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--repeat", type=int, default=1,
+    p.add_argument("--rounds", type=int_at_least(3), default=15, help="interleaved timing rounds (median reported; "
+                                                                    "at least 3)")
+    p.add_argument("--threads", type=positive_int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--repeat", type=positive_int, default=1,
                    help="run the whole comparison N times, each in a fresh process, and judge the criterion on "
                         "the median time saved (single runs on shared or virtual machines scatter by several "
                         "points)")
@@ -125,10 +128,6 @@ def _cmd_bench(args) -> int:
     from sparsekern.prune import PruneVerificationError, UnsupportedModelError
     from sparsekern.prune.harvest import repeat_markdown, repeat_summary, speed_markdown
 
-    if args.rounds < 3:
-        raise ValueError(f"--rounds={args.rounds}: need at least 3 for a median")
-    if args.repeat < 1:
-        raise ValueError(f"--repeat={args.repeat}: need at least 1")
     try:
         if args.repeat == 1:
             results = [_bench_once(args)]
@@ -207,28 +206,30 @@ def add_harvest(subparsers) -> None:
                            "e.g. 1e-4), next to the run; resumes if interrupted")
     p.add_argument("--by", choices=("activation", "gamma", "both"), default="activation",
                    help="what implicit sparsity removes (default: dead by activation)")
-    p.add_argument("--analysis-samples", type=int, help="training images the dead filters are measured on "
+    p.add_argument("--analysis-samples", type=positive_int, help="training images the dead filters are measured on "
                                                         "(default: the run's)")
-    p.add_argument("--fine-tune-steps", type=int, help="fine-tuning steps of each baseline (default: one epoch)")
+    p.add_argument("--fine-tune-steps", type=int_at_least(0),
+                   help="fine-tuning steps of each baseline (default: one epoch; 0: none)")
     p.add_argument("--fine-tune-lr", type=float, default=1e-4)
     p.add_argument("--fine-tune-optimizer", choices=("adam", "sgd"), default="adam")
-    p.add_argument("--batch-size", type=int, help="fine-tuning batch size (default: the run's)")
+    p.add_argument("--batch-size", type=positive_int, help="fine-tuning batch size (default: the run's)")
     p.add_argument("--speed-batch-sizes", type=_int_list, default=(), help="also time each row, e.g. 1,256")
     p.add_argument("--out", help="output directory for harvest.json / harvest.md (default: <run dir>/harvest)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_harvest)
 
 
 def _cmd_harvest(args) -> int:
     from sparsekern.prune.harvest import comparison_markdown, harvest_run, slimming_config
-    from sparsekern.train.config import RunConfig
+    from sparsekern.train.config import RunConfig, check_data_root
     from sparsekern.train.loop import train
 
     run_dir = _run_dir(args.run)
     config = RunConfig.from_toml(run_dir / "config.toml") if (run_dir / "config.toml").is_file() else None
     if config is None:
         raise FileNotFoundError(f"{args.run}: expected a run directory with config.toml (written by `sparsekern train`)")
+    check_data_root(config.data_root, str(run_dir / "config.toml"))  # before --train-slimming trains anything
     slimming_run = args.slimming_run
     if args.train_slimming is not None:
         slim = slimming_config(config, args.train_slimming).replace(out_dir=str(run_dir.parent))

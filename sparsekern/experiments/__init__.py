@@ -74,9 +74,16 @@ def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def config_from_args(cls, args: argparse.Namespace, base=None):
-    """``base`` (default: ``cls()``) with the fields given as flags replaced."""
+    """``base`` (default: ``cls()``) with the fields given as flags replaced; its ``data_root`` and
+    ``device`` checked on this machine, before anything is trained."""
+    from sparsekern.train.config import check_data_root
+    from sparsekern.train.loop import resolve_device
+
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    return dataclasses.replace(base if base is not None else cls(), **given)
+    config = dataclasses.replace(base if base is not None else cls(), **given)
+    check_data_root(config.data_root, "command line")
+    resolve_device(config.device)
+    return config
 
 
 def check_positive(config, names) -> None:

@@ -137,9 +137,22 @@ class RunConfig:
 
     @classmethod
     def from_toml(cls, path, overrides: dict | None = None) -> "RunConfig":
-        """Load a flat TOML file (optionally under a [run] table), then apply ``overrides``."""
+        """Load a flat TOML file (or one whose fields are all under a [run] table), then apply ``overrides``.
+
+        Any other table, and keys beside a [run] table, raise ConfigError naming them: they
+        would otherwise be ignored, and a setting put in the wrong place silently not applied.
+        """
         values = load_toml(path)
-        values = values.get("run", values)
+        if isinstance(values.get("run"), dict):
+            outside = [k for k in values if k != "run"]
+            if outside:
+                raise ConfigError(f"{path}: {_toml_key(outside[0], values)} is outside the [run] table; a run config "
+                                  "is flat, or has all of its fields under [run]")
+            values = values["run"]
+        tables = [k for k, v in values.items() if isinstance(v, dict)]
+        if tables:
+            raise ConfigError(f"{path}: unknown table [{tables[0]}]; a run config has no tables but an optional [run] "
+                              f"(its fields: {', '.join(_HINTS)})")
         return cls.from_dict({**values, **(overrides or {})}, source=str(path))
 
     def to_toml(self) -> str:
@@ -217,6 +230,22 @@ def _coerce(name: str, value):
             return tuple(float(v) for v in value)
     raise ConfigError(f"{name}={value!r}: expected {getattr(base, '__name__', base)}"
                       f"{' or None' if optional else ''}, got {type(value).__name__}")
+
+
+def _toml_key(key: str, values: dict) -> str:
+    """How an error names a top-level TOML key: ``[table]`` or ``key``."""
+    return f"[{key}]" if isinstance(values[key], dict) else repr(key)
+
+
+def check_data_root(data_root, source: str) -> None:
+    """ConfigError unless ``data_root`` is None (the default search) or an existing directory.
+
+    Called where a config is loaded to be run (the CLI), not by RunConfig itself: the config.toml
+    of a finished run may name another machine's folder and is still read to analyse the run.
+    """
+    if data_root is not None and not Path(data_root).expanduser().is_dir():
+        raise ConfigError(f"{source}: data_root={str(data_root)!r} is not an existing directory "
+                          "(leave it unset to search $SPARSEKERN_DATA and the default places)")
 
 
 def _plain(value):

@@ -80,12 +80,25 @@ def run_files(run_dir) -> dict[str, Path]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device when one is available, else the CPU."""
+    """``auto`` -> the first CUDA device when one is available, else the CPU.
+
+    A device this machine does not have (cuda without a GPU, cuda:N past the last one) or a name
+    torch does not know is a ConfigError naming it and the devices there are.
+    """
+    from sparsekern.train.config import ConfigError
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available on this machine (use device='auto' or 'cpu')")
+    try:
+        device = torch.device(name)
+    except RuntimeError:  # torch: "Expected one of cpu, cuda, ... device type at start of device string"
+        raise ConfigError(f"device={name!r} is not a device name; expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index is not None and device.index >= count):
+            available = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(count)])
+            raise ConfigError(f"device={name!r} is not available on this machine ({count} CUDA GPUs); "
+                              f"available: {available} (or auto)")
     return device
 
 

@@ -47,11 +47,20 @@ OPTIMIZER_LABELS = {"sgd": "SGD", "momentum": "mSGD", "adam": "Adam", "adamax": 
 
 
 def load_sweep(path, base_overrides: dict | None = None, grid_overrides: dict | None = None):
-    """(base values, grid) from a sweep TOML file, with command-line overrides applied."""
+    """(base values, grid) from a sweep TOML file, with command-line overrides applied.
+
+    Anything but a [base] and a [grid] table of RunConfig fields raises ConfigError naming it.
+    """
     spec = load_toml(path)
-    unknown = sorted(set(spec) - {"base", "grid"})
+    unknown = [k for k in spec if k not in ("base", "grid") or not isinstance(spec[k], dict)]
     if unknown:
-        raise ConfigError(f"{path}: unknown table(s) {', '.join(unknown)}; a sweep file has [base] and [grid]")
+        what = f"table [{unknown[0]}]" if isinstance(spec[unknown[0]], dict) else f"key {unknown[0]!r} outside a table"
+        raise ConfigError(f"{path}: unknown {what}; a sweep file has only a [base] and a [grid] table")
+    fields = [f.name for f in config_fields()]
+    for table in ("base", "grid"):
+        unknown = [k for k in spec.get(table, {}) if k not in fields]
+        if unknown:
+            raise ConfigError(f"{path}: [{table}] has unknown field {unknown[0]!r}; known: {', '.join(fields)}")
     return {**spec.get("base", {}), **(base_overrides or {})}, {**spec.get("grid", {}), **(grid_overrides or {})}
 
 
