@@ -494,6 +494,35 @@ def test_tracker_reports_nan_channels_instead_of_calling_them_dead():
     assert not bool((tracker.stats["bn1"].dead_mask(on_nan="exclude") & nan).any())
 
 
+def test_tracker_report_table_shows_nan_channels_and_warns():
+    model = make_two_layer().eval()
+    with torch.no_grad():
+        model.bn2.bias[1] = float("nan")  # one channel of bn2; fc averages it into all of its outputs
+    points = {"bn1": ("relu1", 0, False), "bn2": ("relu2", 0, False), "fc": ("relu3", 0, False)}
+    ref = ReferenceHooks(model, points)
+    tracker = SparsityTracker(model, selectivity="exact")
+    with torch.no_grad():
+        model(batches(1, shape=(2, 3, 8, 8))[0])
+    expected = {name: int((~torch.isfinite(ref.m(name))).any(dim=0).sum()) for name in points}
+    assert expected == {"bn1": 0, "bn2": 1, "fc": 6}
+    report = tracker.report()
+    text, markdown = str(report), report.to_markdown()
+    header = text.splitlines()[0].split()
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:] if line and not line.startswith("-")}
+    column = header.index("NaN/Inf")
+    for name, count in expected.items():
+        assert rows[name][column] == str(count) and report.layer(name).nonfinite_channels == count
+    assert rows["total"][column - 2] == "7" and report.totals["nonfinite_channels"] == 7
+    warning = "WARNING: 7 channels in 2 layers (bn2, fc) had NaN/Inf activations; they are neither dead nor active"
+    assert text.splitlines()[-1].startswith(warning) and warning in markdown
+    # Without non-finite channels there is no warning line.
+    clean = make_two_layer().eval()
+    with SparsityTracker(clean, selectivity="none") as t:
+        with torch.no_grad():
+            clean(batches(1, shape=(2, 3, 8, 8))[0])
+    assert "WARNING" not in str(t.report()) and str(t.report()).splitlines()[-1].startswith("total")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_tracker_adds_no_host_synchronisation_on_cuda():

@@ -13,6 +13,9 @@ Built from one ChannelStats per feature (``build_report``) or from the BN scales
 
 plus totals over all layers. ``to_dict()`` is JSON-able, ``to_markdown()`` a markdown table and
 ``str(report)`` a fixed-width text table. Comparisons ``v < t`` are done in float64 (SCIENCE.md).
+
+Channels that saw NaN / Inf are neither dead nor active: the tables show them per layer (column
+"NaN/Inf") and, when there are any, end with a warning line saying how many and where.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch.nn as nn
 
 SELECTIVITY_BINS = 10  # histogram bins over [0, 1]
 _QUANTILES = {"min": 0.0, "p25": 0.25, "median": 0.5, "p75": 0.75, "max": 1.0}
+_SHOWN_LAYERS = 5  # layers the NaN / Inf warning names
 
 
 @dataclass
@@ -94,11 +98,24 @@ class SparsityReport:
             "totals": totals,
         }
 
+    def nonfinite_warning(self) -> str | None:
+        """A one-line warning when channels saw NaN / Inf activations, else None."""
+        layers = [l.name for l in self.layers if l.nonfinite_channels]
+        if not layers:
+            return None
+        count = self.totals["nonfinite_channels"]
+        shown = ", ".join(layers[:_SHOWN_LAYERS]) + (", ..." if len(layers) > _SHOWN_LAYERS else "")
+        return (f"WARNING: {count} channel{'s' if count != 1 else ''} in {len(layers)} layer"
+                f"{'s' if len(layers) != 1 else ''} ({shown}) had NaN/Inf activations; they are neither dead "
+                "nor active (left out of the inactive counts, selectivity and APoZ)")
+
     def to_markdown(self) -> str:
-        """A markdown table, one row per layer plus a totals row."""
+        """A markdown table, one row per layer plus a totals row; then the NaN / Inf warning, if any."""
         header, rows = _table_cells(self)
         cells = lambda row: "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"  # noqa: E731
-        return "\n".join([cells(header), "|" + "|".join("---" for _ in header) + "|", *map(cells, rows)])
+        table = [cells(header), "|" + "|".join("---" for _ in header) + "|", *map(cells, rows)]
+        warning = self.nonfinite_warning()
+        return "\n".join(table + ([] if warning is None else ["", f"**{warning}**"]))
 
     def __str__(self) -> str:
         header, rows = _table_cells(self)
@@ -109,7 +126,8 @@ class SparsityReport:
         rule = "-" * len(line(header))
         body = [line(r) for r in rows]
         # The totals row is the last one; a rule sets it apart.
-        return "\n".join([line(header), rule, *body[:-1], rule, body[-1]])
+        warning = self.nonfinite_warning()
+        return "\n".join([line(header), rule, *body[:-1], rule, body[-1]] + ([] if warning is None else [warning]))
 
 
 # --- building ------------------------------------------------------------------------------
@@ -270,7 +288,7 @@ def _fmt_spread(s: dict | None) -> str:
 
 def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
     act, gam = report.activation_thresholds, report.gamma_thresholds
-    header = ["layer", "kind", "ch", "samples"]
+    header = ["layer", "kind", "ch", "samples"] + (["NaN/Inf"] if act else [])
     header += [f"act<{t:g}" for t in act] + [f"|gamma|<{t:g}" for t in gam]
     if act:
         header += ["selectivity med [p25, p75] +-err", "APoZ"]
@@ -278,6 +296,7 @@ def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
     rows = []
     for l in report.layers:
         row = [l.name, l.kind, _fmt(l.channels, "d"), str(l.num_samples)]
+        row += [_fmt(l.nonfinite_channels, "d")] if act else []
         row += [_fmt_count(l.inactive_by_activation, t, l.channels) for t in act]
         row += [_fmt_count(l.inactive_by_gamma, t, l.channels) for t in gam]
         if act:
@@ -292,6 +311,8 @@ def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
         rows.append(row)
     t = report.totals
     total = ["total", "", str(t["channels"] or t["channels_with_gamma"]), ""]
+    if act:
+        total.append("-" if t["inactive_by_activation"] is None else str(t["nonfinite_channels"]))
     total += [_fmt_count(t["inactive_by_activation"], x, t["channels"]) for x in act]
     total += [_fmt_count(t["inactive_by_gamma"], x, t["channels_with_gamma"]) for x in gam]
     total += ["", ""] if act else []
