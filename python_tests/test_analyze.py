@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from sparsekern.models import build_model
-from sparsekern.stats.analyze import analyze
+from sparsekern.stats.analyze import CorpusChangedError, analyze
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz"
 
@@ -184,8 +184,135 @@ def test_analyze_two_pass_detects_a_changing_corpus(basicnet_case):
             self.epoch += 1
             return iter(random_batches(2, (8, 1, 28, 28), seed=100 + self.epoch))
 
-    with pytest.raises(RuntimeError, match="second pass saw different activations"):
+    with pytest.raises(CorpusChangedError, match="batch 0 .* holds different content in pass 2"):
         analyze(model, Augmenting(), selectivity="two-pass", progress=False)
+
+
+class PerPassLoader:
+    """Yields passes[i] on its i-th iteration: a loader whose batches change between passes."""
+
+    def __init__(self, *passes):
+        self.passes = passes
+        self.calls = 0
+
+    def __iter__(self):
+        self.calls += 1
+        return iter(self.passes[self.calls - 1])
+
+
+def same_corpus_maxima(model, one, two) -> bool:
+    """Whether two corpora give every layer the same corpus max (all the old check compared)."""
+    a, b = reference(model, one, BASICNET_POINTS), reference(model, two, BASICNET_POINTS)
+    return all(torch.equal(a[name].amax(dim=0), b[name].amax(dim=0)) for name in a)
+
+
+@pytest.fixture(scope="module")
+def strong_and_weak():
+    """Two strong batches and a weak one (inputs x 0.05) whose maxima are nowhere a corpus max."""
+    strong = random_batches(2, (16, 1, 28, 28), seed=20)
+    weak = random_batches(1, (8, 1, 28, 28), seed=21)[0] * 0.05
+    return strong[0], weak, strong[1]
+
+
+def test_analyze_two_pass_rejects_fewer_batches_in_pass_2(basicnet_case, strong_and_weak):
+    model = basicnet_case[0]
+    strong, weak, _ = strong_and_weak
+    assert same_corpus_maxima(model, [strong, weak], [strong])  # the corpus maxima alone cannot tell
+    loader = PerPassLoader([strong, weak], [strong])
+    with pytest.raises(CorpusChangedError, match=r"pass 2 yielded fewer batches, 1 \(16 images\) against 2 "
+                                                 r"\(24 images\) in pass 1: batch 1 is missing"):
+        analyze(model, loader, selectivity="two-pass", progress=False)
+    more = PerPassLoader([strong], [strong, weak])
+    with pytest.raises(CorpusChangedError, match="more batches.*batch 1 is extra"):
+        analyze(model, more, selectivity="two-pass", progress=False)
+
+
+def test_analyze_two_pass_rejects_a_batch_of_another_size(basicnet_case, strong_and_weak):
+    model = basicnet_case[0]
+    strong, weak, _ = strong_and_weak
+    assert same_corpus_maxima(model, [strong, weak], [strong, weak[:4]])
+    loader = PerPassLoader([strong, weak], [strong, weak[:4]])
+    with pytest.raises(CorpusChangedError, match="batch 1 has 4 images in pass 2 but 8 in pass 1"):
+        analyze(model, loader, selectivity="two-pass", progress=False)
+
+
+def test_analyze_two_pass_rejects_a_rescaled_batch_that_holds_no_maximum(basicnet_case, strong_and_weak):
+    model = basicnet_case[0]
+    strong, weak, strong2 = strong_and_weak
+    one, two = [strong, weak, strong2], [strong, weak * 0.5, strong2]
+    assert same_corpus_maxima(model, one, two)  # what the old check compared agrees
+    with pytest.raises(CorpusChangedError, match=r"batch 1 \(images 16 to 23\) holds different content in pass 2: "
+                                                 r"the checksum of the per-sample maxima of layer 'features.c1'"):
+        analyze(model, PerPassLoader(one, two), selectivity="two-pass", progress=False)
+
+
+def test_analyze_two_pass_rejects_a_shuffled_order(basicnet_case, strong_and_weak):
+    model = basicnet_case[0]
+    strong, weak, strong2 = strong_and_weak
+    loader = PerPassLoader([strong, weak, strong2], [strong2, weak, strong])
+    with pytest.raises(CorpusChangedError, match="batch 0 .*different content.*no shuffle=True"):
+        analyze(model, loader, selectivity="two-pass", progress=False)
+
+
+def test_analyze_two_pass_with_identical_passes_equals_exact_mode(basicnet_case, strong_and_weak):
+    model, data, _ = basicnet_case
+    corpus = list(strong_and_weak) + data[:2]
+    two_pass = analyze(model, PerPassLoader(corpus, [x.clone() for x in corpus]), selectivity="two-pass",
+                       progress=False)
+    exact = analyze(model, corpus, selectivity="exact", progress=False)
+    assert two_pass.num_images == exact.num_images == 72 and two_pass.passes == 2
+    for name, s in exact.stats.items():
+        t = two_pass.stats[name]
+        assert torch.equal(t.corpus_max, s.corpus_max) and torch.equal(t.dead_mask(), s.dead_mask()), name
+        assert t.selectivity().mode == "two_pass"
+        assert torch.equal(t.selectivity().value, s.selectivity().value), name
+    for a, b in zip(two_pass.report.to_dict()["layers"], exact.report.to_dict()["layers"]):
+        assert a["selectivity"].pop("mode") == "two_pass" and b["selectivity"].pop("mode") == "exact"
+        assert a == b
+
+
+def nan_channel_basicnet():
+    """small_basicnet whose last feature's channel 2 is NaN on every input (BN bias NaN)."""
+    model = small_basicnet()
+    with torch.no_grad():
+        model.features.c7.bn.bias[2] = float("nan")
+    return model
+
+
+def assert_reports_one_nan_channel(text: str):
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.startswith(("features.", "total"))}
+    header = text.splitlines()[0].split()
+    column = header.index("NaN/Inf")
+    assert rows["features.c7"][column] == "1" and rows["features.c6"][column] == "0"
+    assert rows["total"][column - 2] == "1"  # the totals row leaves kind and samples empty
+    assert ("WARNING: 1 channel in 1 layer (features.c7) had NaN/Inf activations; they are neither dead nor "
+            "active") in text
+
+
+@pytest.mark.parametrize("selectivity", ["two-pass", "exact"])
+def test_analyze_report_shows_nan_channels(basicnet_case, selectivity):
+    data = basicnet_case[1][:2]
+    model = nan_channel_basicnet()
+    result = analyze(model, data, selectivity=selectivity, progress=False)
+    assert result.report.layer("features.c7").nonfinite_channels == 1
+    assert_reports_one_nan_channel(str(result))
+    assert "**WARNING: 1 channel in 1 layer" in result.report.to_markdown()
+    m = reference(model, data, {"features.c7": BASICNET_POINTS["features.c7"]})["features.c7"]
+    nan = torch.isnan(m).any(dim=0)
+    assert nan.tolist() == [c == 2 for c in range(m.shape[1])]
+    dead = (torch.where(torch.isnan(m), 0.0, m).amax(dim=0) < 1e-12) & ~nan  # the NaN channel is not dead
+    assert result.report.layer("features.c7").inactive_by_activation[1e-12] == int(dead.sum())
+
+
+def test_cli_analyze_prints_nan_channels(basicnet_case, monkeypatch, capsys):
+    import sparsekern.train.loop
+    from sparsekern.cli import main
+    from sparsekern.train import RunConfig
+
+    model = nan_channel_basicnet()
+    monkeypatch.setattr(sparsekern.train.loop, "load_trained", lambda path, device: (model, RunConfig(dataset="synthetic")))
+    assert main(["analyze", "unused", "--samples", "16", "--batch-size", "8", "--no-progress"]) == 0
+    assert_reports_one_nan_channel(capsys.readouterr().out)
 
 
 def test_analyze_rejects_bad_input(basicnet_case):

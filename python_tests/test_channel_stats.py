@@ -625,6 +625,40 @@ def test_summary_is_json_and_consistent():
     assert none["selectivity"] is None and "channels" not in none
 
 
+# ---------------------------------------------------------------- batch checksums
+def reference_checksum(x: torch.Tensor) -> int:
+    """Sum of the float32 bit patterns of the per-sample maxima; NaN counts -1, zeros 0."""
+    m = ref_maxima(x).float().numpy()  # maxima of float32 values are float32 values: exact
+    bits = m.view(np.int32).astype(np.int64)
+    bits[np.isnan(m)] = -1
+    bits[m == 0] = 0
+    return int(bits.sum())
+
+
+def test_batch_checksums_follow_the_maxima_of_every_update(monkeypatch):
+    monkeypatch.setattr(cs_module, "_CHECKSUM_BLOCK", 2)  # stacking happens within these 5 updates
+    x = make_activations(n=20, seed=14)
+    x[3, 6, 0, 0] = float("nan")
+    stats = feed(ChannelStats(selectivity="none", checksums=True), x, [4] * 5)
+    assert stats.batch_checksums().tolist() == [reference_checksum(x[i:i + 4]) for i in range(0, 20, 4)]
+    changed = x.clone()
+    changed[9] *= 0.5  # one sample of batch 2
+    other = feed(ChannelStats(selectivity="none", checksums=True), changed, [4] * 5)
+    assert (other.batch_checksums() != stats.batch_checksums()).tolist() == [False, False, True, False, False]
+    stats.reset()
+    assert stats.batch_checksums().tolist() == []
+    with pytest.raises(ValueError, match="checksums=True"):
+        ChannelStats().batch_checksums()
+
+
+def test_batch_checksums_ignore_the_sign_of_zero_and_the_nan_payload():
+    nan_bits = torch.tensor([0x7FC00000, 0x7FC00123], dtype=torch.int32).view(torch.float32)
+    a, b = ChannelStats(selectivity="none", checksums=True), ChannelStats(selectivity="none", checksums=True)
+    a.update_reduced(torch.stack([torch.tensor([0.0, 2.0]), torch.stack([nan_bits[0], torch.tensor(1.0)])]))
+    b.update_reduced(torch.stack([torch.tensor([-0.0, 2.0]), torch.stack([nan_bits[1], torch.tensor(1.0)])]))
+    assert torch.equal(a.batch_checksums(), b.batch_checksums())
+
+
 # ---------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -655,3 +689,22 @@ def test_cuda_update_never_synchronises_and_matches_cpu(mode, tmp_path):
         g, c = gpu.selectivity(t, on_nan="exclude"), cpu.selectivity(t, on_nan="exclude")
         assert g.mode == c.mode
         torch.testing.assert_close(g.value.cpu(), c.value, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batch_checksums_never_synchronise_and_equal_cpu():
+    x = make_activations(n=24, seed=15)
+    x[5, 3, 0, 0] = float("nan")
+    gpu = ChannelStats(selectivity="none", checksums=True, backend="auto")
+    xc = x.cuda()
+    gpu.update(xc[:4])  # first update allocates the state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gpu.update(xc[4:16])
+        gpu.update(xc[16:])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = feed(ChannelStats(selectivity="none", checksums=True), x, [4, 12, 8])
+    # The maxima are the same floats on both devices (a max is exact), so are their checksums.
+    assert torch.equal(gpu.batch_checksums().cpu(), cpu.batch_checksums())

@@ -12,8 +12,12 @@ or a user model).
 Selectivity (fraction of samples with m[n, c] / max_n m[n, c] < t) needs the corpus max first:
 
 * ``"two-pass"`` (default): pass 1 finds the corpus max, pass 2 counts exactly against it.
-  Exact with a few bytes per channel; the loader must yield the same images both times (no
-  random augmentation), which is checked.
+  Exact with a few bytes per channel; the loader must yield the same batches in the same order
+  both times (no random augmentation, no shuffling). This is checked batch by batch: both passes
+  record every batch's size and, per layer, a checksum of its per-sample maxima (8 bytes per
+  layer and batch, kept on the device; ``ChannelStats.batch_checksums``). They are compared
+  after pass 2, once, rather than per batch, which would cost a host sync per batch; a
+  difference raises CorpusChangedError naming the first batch that differs.
 * ``"exact"``: one pass, keeps every per-sample maximum (N x C floats per layer).
 * ``"histogram"``: one pass, bounded memory, approximate with a reported error bound.
 * ``"memmap"``: one pass, exact, per-sample maxima in temporary files. ``"none"``: no selectivity.
@@ -38,6 +42,10 @@ from sparsekern.stats.tracker import SparsityTracker
 
 SELECTIVITY_MODES = ("two-pass",) + MODES
 _AMP_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class CorpusChangedError(ValueError):
+    """The second pass of a two-pass analysis did not see the batches of the first."""
 
 
 @dataclass
@@ -118,16 +126,18 @@ def analyze(
     try:
         with torch.no_grad():
             if selectivity == "two-pass":
-                with SparsityTracker(network, selectivity="none", features=features, backend=backend) as first:
+                with SparsityTracker(network, selectivity="none", features=features, backend=backend,
+                                     checksums=True) as first:
                     run("pass 1/2 (corpus max)")
                 _all_reduce(first, distributed)
                 references = {name: _reference(s) for name, s in first.stats.items()}
-                with SparsityTracker(network, selectivity="none", features=first.features, backend=backend) as tracker:
+                with SparsityTracker(network, selectivity="none", features=first.features, backend=backend,
+                                     checksums=True) as tracker:
                     for name, s in tracker.stats.items():
                         s.set_reference_max(references[name], thresholds=(selectivity_threshold,))
                     run("pass 2/2 (selectivity)")
                 _all_reduce(tracker, distributed)
-                _check_same_corpus(tracker, references)
+                _agree(_corpus_change(run.batch_sizes, first, tracker), distributed, device)
             else:
                 with SparsityTracker(network, selectivity=selectivity, features=features, backend=backend) as tracker:
                     run("analyze")
@@ -139,7 +149,7 @@ def analyze(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
 
-    images = run.images
+    images = sum(run.batch_sizes[0])  # every pass saw these (checked for two-pass)
     if distributed:
         total = torch.tensor(images, dtype=torch.int64, device=_comm_device(device))
         dist.all_reduce(total)
@@ -151,24 +161,27 @@ def analyze(
     )
     return AnalysisResult(
         features=tracker.features, stats=tracker.stats, report=report, selectivity=selectivity,
-        passes=run.passes, num_images=images // run.passes, seconds=seconds,
-        images_per_second=images / seconds if seconds > 0 else float("inf"),
+        passes=run.passes, num_images=images, seconds=seconds,
+        images_per_second=images * run.passes / seconds if seconds > 0 else float("inf"),
     )
 
 
 class _PassRunner:
-    """Runs the model over the loader once per call (one pass), counting images."""
+    """Runs the model over the loader once per call (one pass), recording every batch's size."""
 
     def __init__(self, model, loader, device, max_batches, amp_dtype, show):
         self.model, self.loader, self.device = model, loader, device
         self.max_batches, self.amp_dtype, self.show = max_batches, amp_dtype, show
-        self.images = 0
-        self.passes = 0
+        self.batch_sizes: list[list[int]] = []  # per pass, per batch
+
+    @property
+    def passes(self) -> int:
+        return len(self.batch_sizes)
 
     def __call__(self, description: str) -> None:
         from tqdm.auto import tqdm
 
-        batches = 0
+        sizes = []
         with tqdm(total=_total_images(self.loader, self.max_batches), desc=description, unit="img",
                   unit_scale=True, disable=not self.show, dynamic_ncols=True) as bar:
             for batch in self.loader:
@@ -178,15 +191,14 @@ class _PassRunner:
                 else:
                     with torch.autocast(self.device.type, dtype=self.amp_dtype):
                         self.model(x)
-                self.images += x.shape[0]
+                sizes.append(x.shape[0])
                 bar.update(x.shape[0])
-                batches += 1
-                if batches == self.max_batches:
+                if len(sizes) == self.max_batches:
                     break
-        if batches == 0:
+        if not sizes:
             again = " on its second pass (two-pass needs a re-iterable loader, not a generator)" if self.passes else ""
             raise ValueError(f"analyze: the loader yielded no batches{again}")
-        self.passes += 1
+        self.batch_sizes.append(sizes)
 
 
 def _inputs_of(batch) -> torch.Tensor:
@@ -246,15 +258,59 @@ def _reference(stats: ChannelStats) -> torch.Tensor:
     return torch.where(torch.isfinite(ref), ref, torch.zeros_like(ref))
 
 
-def _check_same_corpus(tracker: SparsityTracker, references: dict) -> None:
-    """Pass 2 must have seen exactly the activations of pass 1, else its counts are not exact."""
-    for name, s in tracker.stats.items():
-        differs = (s.corpus_max != references[name]) & ~s.nonfinite_mask()
-        if bool(differs.any()):
-            raise RuntimeError(
-                f"analyze: the second pass saw different activations than the first in layer {name!r} "
-                f"({int(differs.sum())} channels have a different corpus max), so the two-pass selectivity "
-                "would not be exact. The loader must yield the same images in both passes (no random "
-                "augmentation) and the model must be deterministic; otherwise use selectivity='exact' or "
-                "'histogram'."
-            )
+_SAME_CORPUS_HINT = (
+    "two-pass selectivity needs a loader that yields the same batches in the same order on every pass (no random "
+    "augmentation, no shuffle=True) and a deterministic model; otherwise use selectivity='exact' or 'histogram'"
+)
+
+
+def _corpus_change(batch_sizes: list[list[int]], first: SparsityTracker, second: SparsityTracker) -> str | None:
+    """How pass 2 differs from pass 1 on this process (first differing batch), or None.
+
+    Batches are compared by size, then by the checksums of every layer's per-sample maxima:
+    equal checksums mean (up to a hash collision) that both passes counted the same maxima.
+    """
+    one, two = batch_sizes
+    for index, (a, b) in enumerate(zip(one, two)):
+        if a != b:
+            return f"batch {index} has {b} images in pass 2 but {a} in pass 1"
+    if len(two) < len(one):
+        return (f"pass 2 yielded fewer batches, {len(two)} ({sum(two)} images) against {len(one)} ({sum(one)} "
+                f"images) in pass 1: batch {len(two)} is missing")
+    if len(two) > len(one):
+        return (f"pass 2 yielded more batches, {len(two)} ({sum(two)} images) against {len(one)} ({sum(one)} "
+                f"images) in pass 1: batch {len(one)} is extra")
+    # One checksum per batch and layer (a feature is measured once per forward); pass 2 measures
+    # the features of pass 1 and no others.
+    first_change = None
+    for name, s in second.stats.items():
+        a, b = first.stats[name].batch_checksums().cpu(), s.batch_checksums().cpu()
+        if a.shape != b.shape:
+            return f"layer {name!r} was measured in {a.numel()} batches in pass 1 but {b.numel()} in pass 2"
+        differs = (a != b).nonzero().flatten().tolist()
+        if differs and (first_change is None or differs[0] < first_change[0]):
+            first_change = (differs[0], name)
+    if first_change is None:
+        return None
+    index, name = first_change
+    start = sum(one[:index])
+    return (f"batch {index} (images {start} to {start + one[index] - 1}) holds different content in pass 2: "
+            f"the checksum of the per-sample maxima of layer {name!r} differs")
+
+
+def _agree(change: str | None, distributed: bool, device: torch.device) -> None:
+    """Raise CorpusChangedError on every rank when any rank's pass 2 differed (so no rank is left
+    waiting in a collective), each naming what its own loader did."""
+    failed = [change is not None]
+    if distributed:
+        flags = torch.zeros(dist.get_world_size(), dtype=torch.int64, device=_comm_device(device))
+        flags[dist.get_rank()] = int(change is not None)
+        dist.all_reduce(flags)
+        failed = flags.bool().tolist()
+    if not any(failed):
+        return
+    if change is None:
+        ranks = [r for r, bad in enumerate(failed) if bad]
+        change = f"the loader of rank(s) {ranks} yielded different batches in pass 2 (their errors say how)"
+    raise CorpusChangedError(f"analyze: the second pass did not see the corpus of the first: {change}. "
+                             f"{_SAME_CORPUS_HINT}")

@@ -63,6 +63,9 @@ none            about C x 29                59 KB           0.8 MB
 ==============  ==========================  ==============  ==================================
 
 Every mode also keeps the ~29 bytes per channel of "none" (max, NaN / Inf / positive counts).
+
+Batch checksums (``checksums=True``): one int64 per update, on the device, that tells whether
+two passes fed the same maxima batch by batch (``batch_checksums()``; analyze's two-pass check).
 """
 from __future__ import annotations
 
@@ -85,6 +88,7 @@ _MAX_MANTISSA_BITS = 10  # 2^10 buckets per octave is already ~2 MB per channel
 _STAGING_BYTES = 2 << 20  # one pinned staging buffer of the memmap mode
 _CHUNK_BYTES = 64 << 20  # float64 working set when re-reading stored maxima
 _SHOWN_CHANNELS = 8  # how many channels an error message lists by index
+_CHECKSUM_BLOCK = 1024  # batch checksums are stacked into one tensor per this many updates
 
 
 class NonFiniteActivationError(ValueError):
@@ -253,6 +257,20 @@ class _MemmapStore:
         self.rows_on_disk += array.shape[0]
 
 
+def _checksum(m: torch.Tensor) -> torch.Tensor:
+    """0-dim int64 checksum of a batch of maxima m (N, C float32): the sum of their bit patterns.
+
+    Stays on the device (no host sync). Integer addition is associative, so the sum does not
+    depend on the order in which a reduction kernel adds (a float sum on a GPU may differ
+    bitwise between two runs); the maxima themselves are order-independent too (a max, even one
+    merged with atomics), so the same activations always give the same checksum. Zero and NaN
+    are mapped to one pattern each first: a max may return -0.0, or any NaN payload. At most
+    N C 2^31 in magnitude: no overflow below 2^32 maxima per batch.
+    """
+    bits = torch.where(torch.isnan(m), -1, m.view(torch.int32))
+    return torch.where(m == 0, 0, bits).sum(dtype=torch.int64)
+
+
 def _same_device(a: torch.device, b: torch.device) -> bool:
     return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
@@ -270,6 +288,7 @@ class ChannelStats:
     object then owns and rewrites from its first update (a temporary file, removed with the
     stats, when None); ``histogram_mantissa_bits`` sets the bucket width
     of "histogram" (relative width <= 2^-bits); ``backend`` is passed to ``channel_absmax``.
+    ``checksums``: keep one checksum per update (``batch_checksums()``).
     """
 
     def __init__(
@@ -281,6 +300,7 @@ class ChannelStats:
         memmap_path=None,
         histogram_mantissa_bits: int = 3,
         backend: str = "auto",
+        checksums: bool = False,
     ):
         if selectivity not in MODES:
             raise ValueError(f"ChannelStats: unknown selectivity mode {selectivity!r}; expected one of {MODES}")
@@ -301,6 +321,7 @@ class ChannelStats:
         self.memmap_path = None if memmap_path is None else os.fspath(memmap_path)
         self.histogram_mantissa_bits = bits
         self.backend = backend
+        self.checksums = bool(checksums)
         self._given_channels = num_channels
         self._given_device = None if device is None else torch.device(device)
         self._clear()
@@ -322,6 +343,8 @@ class ChannelStats:
         self._thresholds_tensor = None
         self._pass2_counts = self._pass2_max = None
         self._pass2_samples = 0
+        self._checksum_blocks: list[torch.Tensor] = []  # stacked checksums, _CHECKSUM_BLOCK each
+        self._recent_checksums: list[torch.Tensor] = []  # 0-dim checksums not stacked yet
 
     def _ensure_state(self, num_channels: int, device: torch.device, memmap_rows: int = 0) -> None:
         """Allocate the accumulators the first time the channel count and device are known."""
@@ -448,7 +471,30 @@ class ChannelStats:
             self._pass2_counts += (ratio.unsqueeze(-1) < self._thresholds_tensor).sum(dim=0)
             torch.maximum(self._pass2_max, finite_or_inf.amax(dim=0), out=self._pass2_max)
             self._pass2_samples += n
+        if self.checksums:
+            self._record_checksum(m)
         self.num_samples += n
+
+    def _record_checksum(self, m: torch.Tensor) -> None:
+        self._recent_checksums.append(_checksum(m))
+        # Stacked now and then, so a long pass holds a few tensors rather than one per batch.
+        if len(self._recent_checksums) == _CHECKSUM_BLOCK:
+            self._checksum_blocks.append(torch.stack(self._recent_checksums))
+            self._recent_checksums = []
+
+    def batch_checksums(self) -> torch.Tensor:
+        """(updates,) int64, on the stats device: one checksum of the maxima of every non-empty
+        update since construction or ``reset()``, in order (needs ``checksums=True``).
+
+        Equal checksums mean, up to a hash collision, that the same per-sample maxima were fed.
+        They describe what this object was fed: merge, all_reduce and state_dict leave them out.
+        """
+        if not self.checksums:
+            raise ValueError("ChannelStats.batch_checksums: construct with checksums=True to record them")
+        blocks = self._checksum_blocks + ([torch.stack(self._recent_checksums)] if self._recent_checksums else [])
+        if not blocks:
+            return torch.zeros(0, dtype=torch.int64, device=self._device or torch.device("cpu"))
+        return torch.cat(blocks)
 
     def _histogram_add(self, m: torch.Tensor) -> None:
         # For non-negative floats the int32 bit pattern orders like the value, so shifting off

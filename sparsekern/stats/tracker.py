@@ -49,11 +49,12 @@ class SparsityTracker:
     ``every``: measure one step in every ``every`` steps (steps 0, every, 2 * every, ...).
     A step is one forward of the model, unless ``step()`` is called: from then on only
     ``step()`` advances it (e.g. one optimizer step over several accumulated forwards).
-    ``backend`` goes to ``channel_absmax``.
+    ``backend`` goes to ``channel_absmax``. ``checksums``: every ChannelStats keeps one checksum
+    per measured forward (``ChannelStats.batch_checksums``; analyze compares two passes with them).
     """
 
     def __init__(self, model: nn.Module, *, selectivity: str = "histogram", features=None, every: int = 1,
-                 backend: str = "auto", memmap_dir=None):
+                 backend: str = "auto", memmap_dir=None, checksums: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SparsityTracker: expected an nn.Module, got {type(model).__name__}")
         if selectivity not in MODES:
@@ -67,6 +68,7 @@ class SparsityTracker:
         self.selectivity_mode = selectivity
         self.memmap_dir = memmap_dir
         self.backend = backend
+        self.checksums = checksums
         self.every = every
         features = find_features(self.network) if features is None else list(features)
         if not features:
@@ -109,7 +111,8 @@ class SparsityTracker:
             os.makedirs(self.memmap_dir, exist_ok=True)
             path = os.path.join(self.memmap_dir, f.name.replace("/", "_") + ".f32")
         self.features.append(f)
-        self.stats[f.name] = ChannelStats(selectivity=self.selectivity_mode, memmap_path=path, backend=self.backend)
+        self.stats[f.name] = ChannelStats(selectivity=self.selectivity_mode, memmap_path=path, backend=self.backend,
+                                          checksums=self.checksums)
 
     def _on_model_forward(self, module, args) -> None:
         self._calls = {}
