@@ -66,6 +66,11 @@ Every mode also keeps the ~29 bytes per channel of "none" (max, NaN / Inf / posi
 
 Batch checksums (``checksums=True``): one int64 per update, on the device, that tells whether
 two passes fed the same maxima batch by batch (``batch_checksums()``; analyze's two-pass check).
+
+``load_state_dict`` checks a state before using it: every field present with its dtype and
+shape, counts non-negative and within the sample count, and the fields consistent with each
+other (NaN / Inf counts with the stored maxima or histogram, the corpus max with both, the
+two-pass counts with their sample count). A violation raises StateDictError naming the field.
 """
 from __future__ import annotations
 
@@ -103,6 +108,10 @@ class NonFiniteActivationError(ValueError):
         self.channels = channels
         self.nan_samples = nan_samples
         self.inf_samples = inf_samples
+
+
+class StateDictError(ValueError):
+    """A ChannelStats or SparsityTracker state dict that is malformed or inconsistent."""
 
 
 @dataclass
@@ -277,6 +286,135 @@ def _same_device(a: torch.device, b: torch.device) -> bool:
 
 def _json_float(v: float):
     return v if math.isfinite(v) else None
+
+
+# ---------------------------------------------------------------------- state dict checks
+_HEADER_FIELDS = ("format", "mode", "histogram_mantissa_bits", "num_channels", "num_samples", "elements",
+                  "apoz_samples")
+_CHANNEL_FIELDS = {"max": torch.float32, "nan_samples": torch.int64, "inf_samples": torch.int64,
+                   "positive": torch.int64, "negative": torch.bool}
+_MODE_FIELDS = {"exact": ("maxima",), "memmap": ("memmap_path", "memmap_rows"), "histogram": ("histogram",), "none": ()}
+_TWO_PASS_FIELDS = ("reference", "thresholds", "pass2_counts", "pass2_max", "pass2_samples")
+
+
+def _state_count(sd: dict, key: str, where: str) -> int:
+    value = sd[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StateDictError(f"{where}: field {key!r} must be a non-negative int, got {value!r}")
+    return value
+
+
+def _state_tensor(sd: dict, key: str, dtype: torch.dtype, shape: tuple, where: str) -> torch.Tensor:
+    value = sd[key]
+    if isinstance(value, torch.Tensor) and value.dtype == dtype and tuple(value.shape) == shape:
+        return value
+    got = f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+    raise StateDictError(f"{where}: field {key!r} must be a {dtype} tensor of shape {shape}, got {got}")
+
+
+def _require(ok: torch.Tensor, where: str, what: str, values: torch.Tensor, label: str = "channel") -> None:
+    """Raise StateDictError saying ``what`` unless all of ``ok`` holds, naming the first place
+    where it does not (its index, called ``label``) and the value of ``values`` there."""
+    if bool(ok.all()):
+        return
+    index = tuple((~ok).nonzero()[0].tolist())
+    at = index[0] if len(index) == 1 else index
+    raise StateDictError(f"{where}: {what}; not so at {label} {at} (value {values[index].item()!r}), "
+                         f"{int((~ok).sum())} place(s) in all")
+
+
+def _check_channel_fields(f: dict, n: int, elements: int, where: str) -> None:
+    """The per-channel accumulators against each other and the sample counts."""
+    mx, nan, inf = f["max"], f["nan_samples"], f["inf_samples"]
+    _require(~torch.isnan(mx), where, "field 'max' must not be NaN (NaN samples never enter the corpus max; "
+             "'nan_samples' counts them)", mx)
+    _require(mx >= 0, where, "field 'max' must be >= 0", mx)
+    for key in ("nan_samples", "inf_samples", "positive"):
+        _require(f[key] >= 0, where, f"field {key!r} must be >= 0", f[key])
+    _require(nan + inf <= n, where, f"'nan_samples' + 'inf_samples' must be <= num_samples ({n})", nan + inf)
+    _require(~torch.isinf(mx) | (inf > 0), where, "field 'max' is +Inf, so 'inf_samples' must be > 0", inf)
+    # A -Inf from update_reduced counts as Inf without raising the max; it also sets 'negative'.
+    _require((inf == 0) | torch.isinf(mx) | f["negative"], where,
+             "field 'inf_samples' is > 0, so 'max' must be +Inf", mx)
+    _require(f["positive"] <= elements, where, f"field 'positive' must be <= elements ({elements})", f["positive"])
+    if n == 0:
+        _require(mx == 0, where, "field 'max' must be 0 while num_samples is 0", mx)
+
+
+def _check_maxima(maxima: torch.Tensor, f: dict, where: str) -> None:
+    """The "exact" mode: the stored per-sample maxima must give the per-channel accumulators."""
+    _require(torch.isnan(maxima).sum(dim=0) == f["nan_samples"], where,
+             "field 'nan_samples' must count the NaN samples in 'maxima'", f["nan_samples"])
+    _require(torch.isinf(maxima).sum(dim=0) == f["inf_samples"], where,
+             "field 'inf_samples' must count the Inf samples in 'maxima'", f["inf_samples"])
+    _require((maxima < 0).any(dim=0) == f["negative"], where,
+             "field 'negative' must flag the channels with negative 'maxima'", f["negative"])
+    if maxima.shape[0]:
+        column_max = torch.where(torch.isnan(maxima), 0.0, maxima).amax(dim=0).clamp(min=0)
+        _require(column_max == f["max"], where, "field 'max' must be the max over samples of 'maxima' "
+                 "(NaN samples ignored)", f["max"])
+
+
+def _check_memmap(sd: dict, c: int, n: int, where: str) -> None:
+    path = sd["memmap_path"]
+    if not isinstance(path, str):
+        raise StateDictError(f"{where}: field 'memmap_path' must be a str, got {type(path).__name__}")
+    rows = _state_count(sd, "memmap_rows", where)
+    if rows != n:
+        raise StateDictError(f"{where}: field 'memmap_rows' ({rows}) must equal num_samples ({n})")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{where}: the state's memmap file {path} does not exist")
+    if os.path.getsize(path) < rows * c * 4:
+        raise StateDictError(f"{where}: memmap file {path} holds {os.path.getsize(path)} bytes, fewer than the "
+                             f"{rows} rows x {c} channels x 4 bytes of 'memmap_rows'")
+
+
+def _check_histogram(hist: torch.Tensor, f: dict, n: int, bits: int, where: str) -> None:
+    """The "histogram" mode: bucket counts against the sample count, the NaN / Inf counts, the max."""
+    _require(hist >= 0, where, "field 'histogram' must be >= 0", hist, "(channel, bucket)")
+    _require(hist.sum(dim=1) == n, where, f"every row of 'histogram' must sum to num_samples ({n})", hist.sum(dim=1))
+    nonfinite = f["nan_samples"] + f["inf_samples"]
+    _require(hist[:, -1] == nonfinite, where, "the last bucket of 'histogram' (NaN / Inf samples) must hold "
+             "'nan_samples' + 'inf_samples'", hist[:, -1])
+    # A finite corpus max lies in the highest occupied finite bucket (the bucket rule of
+    # _histogram_add); without a finite sample it is 0. An infinite max bounds nothing.
+    mx = f["max"]
+    occupied = hist[:, :-1] > 0
+    highest = torch.where(occupied, torch.arange(occupied.shape[1], device=hist.device), -1).amax(dim=1)
+    key = torch.where(mx > 0, (mx.view(torch.int32) >> (23 - bits)) + 1, 0)
+    any_finite = occupied.any(dim=1)
+    ok = torch.isinf(mx) | (any_finite & (highest == key)) | (~any_finite & (mx == 0))
+    _require(ok, where, "field 'max' must lie in the highest occupied finite bucket of 'histogram'", mx)
+
+
+def _check_two_pass(sd: dict, f: dict, c: int, n: int, where: str) -> None:
+    """set_reference_max: the reference, its thresholds, and the counts made against it."""
+    ref = _state_tensor(sd, "reference", torch.float32, (c,), where)
+    _require(torch.isfinite(ref) & (ref >= 0), where, "field 'reference' must be finite and >= 0", ref)
+    thresholds = sd["thresholds"]
+    if (not isinstance(thresholds, (tuple, list)) or not thresholds or len(set(thresholds)) != len(thresholds)
+            or any(isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and t > 0)
+                   for t in thresholds)):
+        raise StateDictError(f"{where}: field 'thresholds' must be distinct positive finite numbers, "
+                             f"got {thresholds!r}")
+    samples = _state_count(sd, "pass2_samples", where)
+    if samples > n:
+        raise StateDictError(f"{where}: field 'pass2_samples' ({samples}) must be <= num_samples ({n})")
+    counts = _state_tensor(sd, "pass2_counts", torch.int64, (c, len(thresholds)), where)
+    _require((counts >= 0) & (counts <= samples), where,
+             f"field 'pass2_counts' must lie in [0, pass2_samples] = [0, {samples}]", counts, "(channel, threshold)")
+    # m / ref < t holds for every larger t too: counts grow with the threshold.
+    order = sorted(range(len(thresholds)), key=lambda i: thresholds[i])
+    grows = torch.ones_like(counts, dtype=torch.bool)
+    grows[:, order[1:]] = counts[:, order[1:]] >= counts[:, order[:-1]]
+    _require(grows, where, "field 'pass2_counts' must not decrease as the threshold grows", counts,
+             "(channel, threshold)")
+    pass2_max = _state_tensor(sd, "pass2_max", torch.float32, (c,), where)
+    _require(pass2_max >= 0, where, "field 'pass2_max' must be >= 0 and not NaN", pass2_max)
+    # The samples counted since set_reference_max are among all the samples.
+    _require(pass2_max <= f["max"], where, "field 'pass2_max' must be <= 'max'", pass2_max)
+    if samples == 0:
+        _require(pass2_max == 0, where, "field 'pass2_max' must be 0 while pass2_samples is 0", pass2_max)
 
 
 class ChannelStats:
@@ -870,31 +1008,79 @@ class ChannelStats:
             sd["pass2_samples"] = self._pass2_samples
         return sd
 
-    def load_state_dict(self, sd: dict) -> None:
-        """Replace this object's statistics by those in ``sd`` (from ``state_dict``).
+    def check_state_dict(self, sd: dict) -> None:
+        """Raise StateDictError unless ``sd`` is a consistent state these stats can load.
 
-        "memmap": if this object's memmap_path is the file named in ``sd``, the file is resumed in
-        place; otherwise its rows are copied into this object's own file (a temporary one when
-        memmap_path is None), so two objects never share a file.
+        Checks that every field is present with its type, dtype and shape, and the invariants
+        the updates keep (module docstring). A "memmap" state whose file is gone raises
+        FileNotFoundError; the file's rows are not read (that would be a pass over the corpus).
         """
         where = "ChannelStats.load_state_dict"
         if not isinstance(sd, dict) or sd.get("format") != 1:
-            raise ValueError(f"{where}: not a ChannelStats state dict (format 1)")
+            raise StateDictError(f"{where}: not a ChannelStats state dict (format 1)")
+        missing = [key for key in _HEADER_FIELDS if key not in sd]
+        if missing:
+            raise StateDictError(f"{where}: missing field(s) {missing}")
         if sd["mode"] != self.mode or sd["histogram_mantissa_bits"] != self.histogram_mantissa_bits:
-            raise ValueError(
+            raise StateDictError(
                 f"{where}: state is for selectivity={sd['mode']!r} with {sd['histogram_mantissa_bits']} mantissa bits, "
                 f"these stats use {self.mode!r} with {self.histogram_mantissa_bits}"
             )
+        n, elements, apoz_samples = (_state_count(sd, k, where) for k in ("num_samples", "elements", "apoz_samples"))
         c = sd["num_channels"]
+        if c is not None and (isinstance(c, bool) or not isinstance(c, int) or c < 1):
+            raise StateDictError(f"{where}: field 'num_channels' must be a positive int or None, got {c!r}")
         if self._given_channels is not None and c is not None and c != self._given_channels:
-            raise ValueError(f"{where}: state has {c} channels, these stats were built for {self._given_channels}")
+            raise StateDictError(f"{where}: state has {c} channels, these stats were built for {self._given_channels}")
+        if apoz_samples > n:
+            raise StateDictError(f"{where}: field 'apoz_samples' ({apoz_samples}) must be <= num_samples ({n})")
+        if apoz_samples == 0 and elements != 0:
+            raise StateDictError(f"{where}: field 'elements' is {elements} but apoz_samples is 0 (no positions "
+                                 "counted)")
+        expected = set(_HEADER_FIELDS)
+        if "max" in sd:
+            expected |= set(_CHANNEL_FIELDS) | set(_MODE_FIELDS[self.mode])
+            expected |= set(_TWO_PASS_FIELDS) if "reference" in sd else set()
+        unknown, absent = sorted(set(sd) - expected), sorted(expected - set(sd))
+        if unknown:
+            hint = " (two-pass fields come with 'reference')" if set(unknown) & set(_TWO_PASS_FIELDS) else ""
+            raise StateDictError(f"{where}: unexpected field(s) {unknown} in a selectivity={self.mode!r} state{hint}")
+        if absent:
+            raise StateDictError(f"{where}: missing field(s) {absent}")
+        if "max" not in sd:
+            if n or elements:
+                raise StateDictError(f"{where}: num_samples is {n} and elements {elements}, but the state holds no "
+                                     "statistics (no field 'max')")
+            return
+        if c is None:
+            raise StateDictError(f"{where}: field 'num_channels' is None but the state holds statistics")
+        fields = {key: _state_tensor(sd, key, dtype, (c,), where) for key, dtype in _CHANNEL_FIELDS.items()}
+        _check_channel_fields(fields, n, elements, where)
+        if self.mode == "exact":
+            _check_maxima(_state_tensor(sd, "maxima", torch.float32, (n, c), where), fields, where)
+        elif self.mode == "memmap":
+            _check_memmap(sd, c, n, where)
+        elif self.mode == "histogram":
+            hist = _state_tensor(sd, "histogram", torch.int64, (c, _num_buckets(self.histogram_mantissa_bits)), where)
+            _check_histogram(hist, fields, n, self.histogram_mantissa_bits, where)
+        if "reference" in sd:
+            _check_two_pass(sd, fields, c, n, where)
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Replace this object's statistics by those in ``sd`` (from ``state_dict``).
+
+        ``sd`` is checked first (``check_state_dict``); an invalid state leaves these stats as
+        they were. "memmap": if this object's memmap_path is the file named in ``sd``, the file is
+        resumed in place; otherwise its rows are copied into this object's own file (a temporary
+        one when memmap_path is None), so two objects never share a file.
+        """
+        self.check_state_dict(sd)
+        c = sd["num_channels"]
         self._clear()
         if "max" not in sd:
             self._num_channels = c if c is not None else self._given_channels
             return
         device = self._given_device or sd["max"].device
-        if self.mode == "memmap" and not os.path.exists(sd["memmap_path"]):
-            raise FileNotFoundError(f"{where}: the state's memmap file {sd['memmap_path']} does not exist")
         resume_in_place = self.mode == "memmap" and self.memmap_path is not None and os.path.exists(self.memmap_path) \
             and os.path.samefile(self.memmap_path, sd["memmap_path"])
         self._ensure_state(c, device, memmap_rows=sd["memmap_rows"] if resume_in_place else 0)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.stats.channel_stats import MODES, ChannelStats
+from sparsekern.stats.channel_stats import MODES, ChannelStats, StateDictError
 from sparsekern.stats.features import Feature, find_features, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report, gamma_sparsity
 
@@ -202,18 +202,69 @@ class SparsityTracker:
         }
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore what ``state_dict`` saved into a tracker on the same model."""
-        if not isinstance(sd, dict) or sd.get("format") != 1:
-            raise ValueError("SparsityTracker.load_state_dict: not a SparsityTracker state dict (format 1)")
-        for saved in sd["features"]:
-            if saved["name"] not in self.stats:
-                feature = Feature(**saved)
-                if None not in self._routes.get(feature.hook_module_name, {}):
-                    raise ValueError(f"SparsityTracker.load_state_dict: this tracker has no feature {saved['name']!r}")
-                self._add_feature(feature)  # a fallback feature numbered at run time
-        missing = set(self.stats) - set(sd["stats"])
-        if missing:
-            raise ValueError(f"SparsityTracker.load_state_dict: the state has no statistics for {sorted(missing)}")
+        """Restore what ``state_dict`` saved into a tracker on the same model.
+
+        The whole state is checked before anything changes: a malformed or inconsistent one
+        raises StateDictError (naming the layer and field) and leaves the tracker as it was.
+        """
+        new_features = self._check_state_dict(sd)
+        for feature in new_features:
+            self._add_feature(feature)  # a fallback feature numbered at run time
         for name, s in self.stats.items():
             s.load_state_dict(sd["stats"][name])
         self.steps, self._manual_steps = sd["steps"], sd["manual_steps"]
+
+    def _check_state_dict(self, sd: dict) -> list[Feature]:
+        """Raise StateDictError unless ``sd`` fits this tracker; returns the fallback features it
+        adds (features numbered at run time that this tracker has not made yet)."""
+        where = "SparsityTracker.load_state_dict"
+        if not isinstance(sd, dict) or sd.get("format") != 1:
+            raise StateDictError(f"{where}: not a SparsityTracker state dict (format 1)")
+        fields = {"format", "features", "steps", "manual_steps", "stats"}
+        if set(sd) != fields:
+            raise StateDictError(f"{where}: expected the fields {sorted(fields)}, got {sorted(sd)}")
+        steps = sd["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise StateDictError(f"{where}: field 'steps' must be a non-negative int, got {steps!r}")
+        if not isinstance(sd["manual_steps"], bool):
+            raise StateDictError(f"{where}: field 'manual_steps' must be a bool, got {sd['manual_steps']!r}")
+        if not isinstance(sd["features"], list) or not isinstance(sd["stats"], dict):
+            raise StateDictError(f"{where}: field 'features' must be a list and 'stats' a dict")
+        saved = [_saved_feature(entry, where) for entry in sd["features"]]
+        names = [f.name for f in saved]
+        if len(set(names)) != len(names):
+            raise StateDictError(f"{where}: field 'features' names a feature twice: {names}")
+        if set(sd["stats"]) != set(names):
+            raise StateDictError(f"{where}: field 'stats' has statistics for {sorted(sd['stats'])}, "
+                                 f"field 'features' lists {sorted(names)}")
+        missing = set(self.stats) - set(names)
+        if missing:
+            raise StateDictError(f"{where}: the state has no statistics for {sorted(missing)}")
+        new_features = []
+        for feature in saved:
+            if feature.name in self.stats:
+                own = next(f for f in self.features if f.name == feature.name)
+                if feature != own:
+                    differ = [f"{k.name} ({getattr(feature, k.name)!r} in the state, {getattr(own, k.name)!r} here)"
+                              for k in dataclasses.fields(Feature) if getattr(feature, k.name) != getattr(own, k.name)]
+                    raise StateDictError(f"{where}: feature {feature.name!r} differs from this tracker's in "
+                                         f"{', '.join(differ)}: a state of another model?")
+                probe = self.stats[feature.name]
+            elif None in self._routes.get(feature.hook_module_name, {}):
+                new_features.append(feature)
+                probe = ChannelStats(selectivity=self.selectivity_mode, backend=self.backend)
+            else:
+                raise StateDictError(f"{where}: this tracker has no feature {feature.name!r}")
+            try:
+                probe.check_state_dict(sd["stats"][feature.name])
+            except StateDictError as exc:
+                raise StateDictError(f"{where}: layer {feature.name!r}: {exc}") from None
+        return new_features
+
+
+def _saved_feature(entry, where: str) -> Feature:
+    """A Feature from its state_dict form (a dict of its fields)."""
+    try:
+        return Feature(**entry)
+    except (TypeError, ValueError) as exc:
+        raise StateDictError(f"{where}: field 'features' holds an invalid feature {entry!r}: {exc}") from None
