@@ -4,10 +4,11 @@
     result = train(RunConfig(model="basicnet", width=0.25, batch_size=20, steps=5000, eval_every=500))
 
 See ``config.py`` (fields, TOML, run ids), ``optim.py`` (optimizers, L2 vs decoupled weight
-decay, LR schedules, the regulariser registry), ``loop.py`` (one run), ``checkpoint.py`` and
-``sweep.py`` (grids of runs, parallel workers, mean +- std over seeds).
+decay, LR schedules, the regulariser registry), ``loop.py`` (one run), ``checkpoint.py`` (checked
+checkpoints, the run-directory lock), ``progress.py`` (live progress lines) and ``sweep.py`` (grids
+of runs, parallel workers, mean +- std over seeds).
 """
-from sparsekern.train.checkpoint import CheckpointError
+from sparsekern.train.checkpoint import CheckpointError, RunLockedError
 from sparsekern.train.config import ConfigError, RunConfig
 from sparsekern.train.loop import TrainingDivergedError, evaluate, read_metrics, read_result, train
 from sparsekern.train.optim import Optimization, register_optimizer, register_regularizer
@@ -17,6 +18,7 @@ __all__ = [
     "ConfigError",
     "Optimization",
     "RunConfig",
+    "RunLockedError",
     "TrainingDivergedError",
     "evaluate",
     "read_metrics",

@@ -6,10 +6,12 @@
 Files in the run directory (``config.run_dir()``):
 
     config.toml     the run's configuration (``sparsekern train --config`` reads it back)
-    checkpoint.pt   model, optimizer, schedule, RNG states, step; rewritten at every eval point
+    checkpoint.pt   model, optimizer, schedule, RNG states, step, checksum; rewritten at every eval point
+    checkpoint.prev.pt  the one before (used, with a warning, when checkpoint.pt is corrupt)
     metrics.jsonl   one JSON line per eval point (see ``_eval_point``)
     result.json     written once the budget is reached (see ``_final_result``)
     tb/             TensorBoard scalars, when torch.utils.tensorboard imports
+    .lock           locked (flock) by the one process training the run; its PID and host
 
 Per step, everything stays on the device: the loss and the number of correct predictions
 are summed into device tensors and read back only at eval points, the regulariser's decay
@@ -27,12 +29,16 @@ training samples in epoch e is a pure function of (seed, e), so a run resumed mi
 rebuilds that epoch's order and skips the batches already consumed; torch / numpy / python
 RNG states are restored from the checkpoint. On a deterministic device (CPU) the resumed run
 ends with bit-identical weights. A finished run (result.json present) returns its result.
+Before anything else, train() takes the run directory's lock (a second process of the same
+run stops with an error naming the first), removes temporary files of killed writers, and
+cuts metrics.jsonl back to the checkpoint's step, so no eval point is ever logged twice.
 """
 from __future__ import annotations
 
 import itertools
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -46,14 +52,18 @@ from torch import nn
 from sparsekern._denormals import flush_denormal_enabled, subnormal_count
 from sparsekern.train.checkpoint import (
     CheckpointError,
+    RunLock,
     atomic_write_text,
     capture_rng_state,
-    load_checkpoint,
+    load_with_fallback,
+    previous_path,
+    remove_stale_temp_files,
     restore_rng_state,
     save_checkpoint,
 )
 from sparsekern.train.config import RunConfig
 from sparsekern.train.optim import Optimization
+from sparsekern.train.progress import CountingLoader, run_progress
 
 ACTIVATION_THRESHOLDS = (1e-12, 1e-4)  # SCIENCE.md default, and the paper's looser check
 GAMMA_THRESHOLDS = (1e-3, 1e-2)
@@ -73,6 +83,8 @@ def run_files(run_dir) -> dict[str, Path]:
     return {
         "config": run_dir / "config.toml",
         "checkpoint": run_dir / "checkpoint.pt",
+        "previous_checkpoint": previous_path(run_dir / "checkpoint.pt"),
+        "corrupt_checkpoint": run_dir / "checkpoint.corrupt.pt",
         "metrics": run_dir / "metrics.jsonl",
         "result": run_dir / "result.json",
         "tensorboard": run_dir / "tb",
@@ -125,10 +137,17 @@ def train(config: RunConfig, *, restart: bool = False, stop_after: int | None = 
     interruption would; returns None then. The step is rounded up to the next eval point,
     since checkpoints are only taken there.
     """
-    files = run_files(config.run_dir())
     config.run_dir().mkdir(parents=True, exist_ok=True)
+    with RunLock(config.run_dir()):  # held to the end: a second process of this run fails here
+        return _train_locked(config, restart, stop_after, progress, log)
+
+
+def _train_locked(config: RunConfig, restart: bool, stop_after: int | None, progress: bool, log) -> dict | None:
+    files = run_files(config.run_dir())
+    for path in remove_stale_temp_files(config.run_dir()):
+        log(f"{path}: removed (a temporary file of a process killed while writing)")
     if restart:
-        for key in ("checkpoint", "metrics", "result"):
+        for key in ("checkpoint", "previous_checkpoint", "metrics", "result"):
             files[key].unlink(missing_ok=True)
         shutil.rmtree(files["tensorboard"], ignore_errors=True)
     result = read_result(config.run_dir())
@@ -172,6 +191,8 @@ class _Run:
             "config": self.config.identity(),
             "config_hash": self.config.config_hash(),
             "step": self.step,
+            "total_steps": self.total_steps,
+            "eval_every": self.eval_every,
             "train_seconds": self.train_seconds,
             "model": self.model.state_dict(),
             "optimization": self.optimization.state_dict(),
@@ -180,51 +201,73 @@ class _Run:
 
     def _resume(self) -> None:
         # Loaded to the CPU (RNG states must stay there); load_state_dict moves the rest to the device.
-        state = load_checkpoint(self.files["checkpoint"], config_hash=self.config.config_hash(),
-                                config=self.config.identity(), map_location="cpu")
+        state, source = load_with_fallback(
+            self.files["checkpoint"], config_hash=self.config.config_hash(), config=self.config.identity(),
+            schedule=(self.total_steps, self.eval_every), map_location="cpu", warn=self.log)
+        if source != self.files["checkpoint"] and self.files["checkpoint"].exists():
+            # Kept for inspection but out of the rotation: the next save must not make it the previous one.
+            os.replace(self.files["checkpoint"], self.files["corrupt_checkpoint"])
         self.model.load_state_dict(state["model"])
         self.optimization.load_state_dict(state["optimization"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
         restore_rng_state(state["rng"])
-        # Lines written after the checkpoint (a crash between the two writes) are redone.
-        lines = [m for m in read_metrics(self.config.run_dir()) if m["step"] <= self.step]
-        atomic_write_text(self.files["metrics"], "".join(json.dumps(m) + "\n" for m in lines))
         self.log(f"{self.config.run_dir()}: resuming at step {self.step}/{self.total_steps}")
+
+    def _truncate_metrics(self) -> None:
+        """Keep the metrics lines of the checkpointed steps only (all of them are redone otherwise).
+
+        Lines after ``self.step`` come from an attempt that died before its next checkpoint (or
+        before its first one, when there is no checkpoint: then none is kept).
+        """
+        path = self.files["metrics"]
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                step = json.loads(line)["step"]
+            except ValueError:  # the partial last line of a process killed while appending it
+                continue
+            if step <= self.step:
+                kept.append(line + "\n")
+        atomic_write_text(path, "".join(kept))
 
     # ------------------------------------------------------------------ training
     def execute(self, stop_after: int | None) -> dict | None:
-        from tqdm.auto import tqdm
+        if self.files["checkpoint"].exists() or self.files["previous_checkpoint"].exists():
+            self._resume()
+        self._truncate_metrics()
+        end = self.total_steps
+        if stop_after is not None:  # only eval points are checkpointed: stop at the first one >= stop_after
+            end = min(end, -(-stop_after // self.eval_every) * self.eval_every)
+        with run_progress(self.config.run_dir().name, self.progress) as self.report:
+            self._train(end)
+            result = self._final_result() if self.step == self.total_steps else None
+        if result is None:
+            self.log(f"{self.config.run_dir()}: stopped at step {self.step}/{self.total_steps} (checkpointed)")
+            return None
+        atomic_write_text(self.files["result"], json.dumps(result, indent=1) + "\n")
+        return result
 
+    def _train(self, end: int) -> None:
+        """Train to step ``end``, with the tracker and the TensorBoard writer open meanwhile."""
         from sparsekern.stats.tracker import SparsityTracker
 
-        if self.files["checkpoint"].is_file():
-            self._resume()
         self.tracker_mode = "histogram" if self.config.track_selectivity else "none"
         self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode)
         # Events after the checkpointed step came from an attempt that did not reach its next
         # checkpoint: TensorBoard hides them (purge_step). The checkpointed step's own scalars were
         # written before that checkpoint and are not written again, so they stay.
         self.writer = _tensorboard_writer(self.files["tensorboard"], purge_after=self.step)
-        end = self.total_steps
-        if stop_after is not None:  # only eval points are checkpointed: stop at the first one >= stop_after
-            end = min(end, -(-stop_after // self.eval_every) * self.eval_every)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, unit="step",
-                   desc=self.config.run_dir().name, dynamic_ncols=True)
+        self.report.start("train", self.step, self.total_steps)
         try:
-            self._train_until(end, bar)
+            self._train_until(end)
         finally:
-            bar.close()
             self.tracker.remove()
             if self.writer is not None:
                 self.writer.close()
-        if self.step < self.total_steps:
-            self.log(f"{self.config.run_dir()}: stopped at step {self.step}/{self.total_steps} (checkpointed)")
-            return None
-        result = self._final_result()
-        atomic_write_text(self.files["result"], json.dumps(result, indent=1) + "\n")
-        return result
 
-    def _train_until(self, end: int, bar) -> None:
+    def _train_until(self, end: int) -> None:
         config, model, device = self.config, self.model, self.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -245,7 +288,7 @@ class _Run:
                 correct += (logits.detach().argmax(1) == y).sum()
                 seen += y.shape[0]
                 self.step += 1
-                bar.update(1)
+                self.report.advance(self.step)
                 if self.step % self.steps_per_epoch == 0:  # before the eval point, so it is checkpointed
                     self.optimization.end_epoch(epoch)
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
@@ -259,9 +302,7 @@ class _Run:
                             f"(lr={config.lr}, optimizer={config.optimizer}); lower the learning rate"
                         )
                     metrics = self._eval_point(train_loss, 1.0 - correct.item() / seen, seen, elapsed / steps)
-                    dead = metrics["total"]["dead_by_gamma_pct"]
-                    bar.set_postfix(test_err=f"{metrics['test_error']:.3f}",
-                                    dead_gamma="-" if dead is None else f"{dead:.1f}%")
+                    self.report.evaluated(self.step, metrics["test_error"], metrics["total"]["dead_by_activation_pct"])
                     loss_sum.zero_()
                     correct.zero_()
                     seen, window_start, clock = 0, self.step, time.perf_counter()
@@ -322,10 +363,14 @@ class _Run:
         from sparsekern.stats.analyze import analyze
 
         last = read_metrics(self.config.run_dir())[-1]
-        loader = make_loader(self.analysis_set, self.config.eval_batch_size, shuffle=False)
+        passes = 2 if self.config.selectivity == "two-pass" else 1
+        self.report.start("analysis", 0, passes * len(self.analysis_set))
+        loader = CountingLoader(make_loader(self.analysis_set, self.config.eval_batch_size, shuffle=False),
+                                self.report.advance)
         analysis = analyze(self.model, loader, device=self.device, selectivity=self.config.selectivity,
-                           progress=self.progress, activation_thresholds=ACTIVATION_THRESHOLDS,
+                           progress=False, activation_thresholds=ACTIVATION_THRESHOLDS,
                            gamma_thresholds=GAMMA_THRESHOLDS, selectivity_threshold=SELECTIVITY_THRESHOLD)
+        self.report.flush()
         layers = _layer_rows(analysis.report, self.model, analysis.features, analysis.stats,
                              with_selectivity=self.config.selectivity != "none")
         return {
@@ -366,7 +411,9 @@ def build_run_model(config: RunConfig, info) -> nn.Module:
 def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
     """(model with the checkpoint's weights, its RunConfig) from a run directory or its checkpoint.pt.
 
-    The run's config.toml (next to the checkpoint) says how to rebuild the model.
+    The run's config.toml (next to the checkpoint) says how to rebuild the model. The checkpoint
+    is verified (checksum, config, step: see ``checkpoint.load_with_fallback``); the run's own
+    checkpoint of a finished run must be at the step its result.json reports.
     """
     from sparsekern.data import dataset_info, get_dataset
 
@@ -374,7 +421,7 @@ def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
     run_dir = path if path.is_dir() else path.parent
     files = run_files(run_dir)
     checkpoint = path if path.is_file() else files["checkpoint"]
-    if not files["config"].is_file() or not checkpoint.is_file():
+    if not files["config"].is_file() or not (checkpoint.is_file() or previous_path(checkpoint).is_file()):
         raise FileNotFoundError(f"{path}: expected a run directory with config.toml and checkpoint.pt "
                                 "(written by `sparsekern train`)")
     config = RunConfig.from_toml(files["config"])
@@ -384,8 +431,14 @@ def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
         info = get_dataset(config.dataset, train=False, root=config.data_root).info
     target = resolve_device(device)
     model = build_run_model(config, info).to(target)
-    state = load_checkpoint(checkpoint, config_hash=config.config_hash(), config=config.identity(),
-                            map_location=target)
+    state, source = load_with_fallback(checkpoint, config_hash=config.config_hash(), config=config.identity(),
+                                       map_location=target)
+    result = read_result(run_dir)
+    if checkpoint == files["checkpoint"] and result is not None and state["step"] != result["steps"]:
+        raise CheckpointError(
+            f"{source}: checkpoint is at step {state['step']}, but {files['result']} reports the run "
+            f"complete at step {result['steps']}: these are not the weights of that result. Rerun the training "
+            "with --restart.")
     model.load_state_dict(state["model"])
     return model.eval(), config
 

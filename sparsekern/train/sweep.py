@@ -17,7 +17,10 @@ A sweep file (TOML)::
 Runs live in ``<sweep_dir>/runs/<run_id>``; a run whose result.json exists is skipped, a
 partial one resumes from its checkpoint. With ``workers > 1`` each run is a subprocess
 (``python -m sparsekern train --config <run>/config.toml``, log in ``<run>/train.log``) and
-the CPU threads are split between the workers. ``sweep_summary.json`` groups the runs that
+the CPU threads are split between the workers; each worker's run writes ``<run>/progress.json``
+and the sweep draws one progress line per worker from it (``progress.py``). Every run holds
+its directory's lock: a run that another live process is training is reported as failed,
+naming that process, and the others go on. ``sweep_summary.json`` groups the runs that
 differ only in their seed and gives mean and sample standard deviation (ddof=1; None for a
 single seed) of the test error and the sparsity numbers, in total and per layer.
 """
@@ -32,9 +35,10 @@ import sys
 import time
 from pathlib import Path
 
-from sparsekern.train.checkpoint import atomic_write_text
+from sparsekern.train.checkpoint import RunLockedError, atomic_write_text, ensure_unlocked
 from sparsekern.train.config import NOT_IDENTITY, ConfigError, RunConfig, config_fields, dumps_toml, load_toml
 from sparsekern.train.loop import read_result, run_files, train
+from sparsekern.train.progress import PROGRESS_FILE, PROGRESS_FILE_ENV, ProgressConsole, read_progress_file
 
 SUMMARY_FILE = "sweep_summary.json"
 SPEC_FILE = "sweep.toml"
@@ -120,7 +124,7 @@ def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = Fals
                 status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
                 log(f"run {config.run_id()} failed: {status['error']}")
     else:
-        _run_in_subprocesses(pending, workers, restart, log)
+        _run_in_subprocesses(pending, workers, restart, progress, log)
     return statuses
 
 
@@ -129,39 +133,75 @@ def _finished(config: RunConfig) -> bool:
     return result is not None and result.get("config_hash") == config.config_hash()
 
 
-def _run_in_subprocesses(pending, workers: int, restart: bool, log) -> None:
+def _run_in_subprocesses(pending, workers: int, restart: bool, progress: bool, log) -> None:
+    """Each run in a ``sparsekern train`` subprocess, ``workers`` at a time. With ``progress``, each
+    worker slot is one line of a ProgressConsole, drawn from the progress file its run writes."""
     threads = max(1, (os.cpu_count() or 1) // workers)
+    console = ProgressConsole() if progress else None
+    say = log if console is None else (lambda message: console.write(log, message))
     queue = list(pending)
-    running = []  # (process, status, log file handle)
-    while queue or running:
-        while queue and len(running) < workers:
-            config, status = queue.pop(0)
-            if config.threads is None:
-                config = config.replace(threads=threads)
-            files = run_files(config.run_dir())
-            config.run_dir().mkdir(parents=True, exist_ok=True)
-            atomic_write_text(files["config"], config.to_toml())
-            command = [sys.executable, "-m", "sparsekern", "train", "--config", str(files["config"]), "--no-progress"]
-            if restart:
-                command.append("--restart")
-            env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
-            handle = (config.run_dir() / "train.log").open("w")
-            running.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env), status, handle))
-            log(f"started {config.run_id()} ({config.threads} threads)")
-        time.sleep(0.2)
-        for entry in list(running):
-            process, status, handle = entry
-            if process.poll() is None:
-                continue
-            handle.close()
-            running.remove(entry)
-            if process.returncode == 0:
-                status["status"] = "done"
-                log(f"finished {status['run_id']}")
-            else:
-                tail = (Path(status["run_dir"]) / "train.log").read_text().strip().splitlines()[-1:]
-                status.update(status="failed", error=f"exit code {process.returncode}: {' '.join(tail)}")
-                log(f"run {status['run_id']} failed ({status['error']}); log: {status['run_dir']}/train.log")
+    running = {}  # worker slot -> (process, status)
+    try:
+        while queue or running:
+            for slot in range(workers):
+                while slot not in running and queue:
+                    config, status = queue.pop(0)
+                    process = _start_worker(config.replace(threads=config.threads or threads), status, restart,
+                                            progress, say)
+                    if process is not None:
+                        running[slot] = (process, status)
+            time.sleep(0.2)
+            for slot, (process, status) in list(running.items()):
+                returncode = process.poll()  # before reading the record: a finished run's last one is on disk
+                progress_file = Path(status["run_dir"]) / PROGRESS_FILE
+                record = read_progress_file(progress_file) if console is not None else None
+                if record is not None:
+                    console.show(slot, record, last=returncode is not None)
+                if returncode is None:
+                    continue
+                del running[slot]
+                progress_file.unlink(missing_ok=True)
+                _finish_worker(returncode, status, say)
+    finally:
+        if console is not None:
+            console.close()
+
+
+def _start_worker(config: RunConfig, status: dict, restart: bool, progress: bool, say):
+    """The ``sparsekern train`` subprocess of ``config`` (log in <run>/train.log), or None when another
+    process holds the run's lock (the status says which)."""
+    try:
+        ensure_unlocked(config.run_dir())  # before touching its files; the worker takes the lock itself
+    except RunLockedError as exc:
+        status.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+        say(f"run {status['run_id']} not started: {exc}")
+        return None
+    files = run_files(config.run_dir())
+    config.run_dir().mkdir(parents=True, exist_ok=True)
+    atomic_write_text(files["config"], config.to_toml())
+    command = [sys.executable, "-m", "sparsekern", "train", "--config", str(files["config"]), "--no-progress"]
+    if restart:
+        command.append("--restart")
+    env = {**os.environ, "OMP_NUM_THREADS": str(config.threads)}
+    progress_file = config.run_dir() / PROGRESS_FILE
+    progress_file.unlink(missing_ok=True)  # a killed attempt's record is not this one's progress
+    env.pop(PROGRESS_FILE_ENV, None)
+    if progress:
+        env[PROGRESS_FILE_ENV] = str(progress_file)
+    with (config.run_dir() / "train.log").open("w") as handle:  # the subprocess keeps its own copy
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+    say(f"started {config.run_id()} ({config.threads} threads)")
+    return process
+
+
+def _finish_worker(returncode: int, status: dict, say) -> None:
+    if returncode == 0:
+        status["status"] = "done"
+        say(f"finished {status['run_id']}")
+        return
+    tail = (Path(status["run_dir"]) / "train.log").read_text().strip().splitlines()[-1:]
+    status.update(status="failed", error=f"exit code {returncode}: {' '.join(tail)}")
+    say(f"run {status['run_id']} failed ({status['error']}); log: {status['run_dir']}/train.log")
 
 
 # ---------------------------------------------------------------------- summary
