@@ -119,6 +119,29 @@ def test_both_checkpoints_corrupt_is_a_clear_error(tmp_path):
     assert "--restart" in str(info.value)
 
 
+def test_a_full_disk_during_a_checkpoint_write_leaves_both_checkpoints_intact(tmp_path, monkeypatch):
+    import errno
+
+    config = tiny(tmp_path)
+    train(config, stop_after=8, **QUIET)
+    save = torch.save
+
+    def disk_full(obj, fh):
+        fh.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train(config, **QUIET)  # fails writing the step-12 checkpoint
+    monkeypatch.setattr(torch, "save", save)
+    run_dir = config.run_dir()
+    assert read_checkpoint(run_dir / "checkpoint.pt")["step"] == 8
+    assert read_checkpoint(run_dir / "checkpoint.prev.pt")["step"] == 4
+    assert not list(run_dir.glob(".*.tmp-*"))
+    assert train(config, **QUIET) is not None
+    assert [m["step"] for m in read_metrics(run_dir)] == [4, 8, 12]
+
+
 # ---------------------------------------------------------------------- step against the run
 @pytest.mark.parametrize("step", [1000, 6])
 def test_checkpoint_step_off_the_runs_schedule_is_an_error(tmp_path, step):

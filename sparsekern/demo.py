@@ -12,6 +12,8 @@ Trains BasicNet on Fashion-MNIST under four settings, as in the paper's Table 1:
 
 then writes ``<out>/report.md`` (tables, Figures 2-4) and prints a summary. Interrupt it
 and run it again: finished runs are kept, the running ones resume from their checkpoints.
+While it works, each worker's run shows its step, s/step, ETA and last eval point (test error,
+% dead by activation), then its final analysis, on stderr (``sparsekern.train.progress``).
 
 Why the quick setting looks like it does: on a CPU budget the effect must show within a few
 thousand steps. Sparsity grows with the number of steps, with the regularisation strength
