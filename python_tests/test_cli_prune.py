@@ -8,6 +8,7 @@ import torch
 from sparsekern.cli import main
 from sparsekern.data import get_dataset, make_loader
 from sparsekern.prune import PrunePlan
+from sparsekern.train.checkpoint import save_checkpoint
 from sparsekern.train.loop import load_trained
 
 RUN_FLAGS = ["--dataset", "synthetic", "--width", "0.125", "--batch-size", "16", "--num-train-samples", "256",
@@ -35,7 +36,7 @@ def run_dir(tmp_path_factory):
     for unit, (channels, beta) in {**KILLED, **CONSTANT}.items():
         state["model"][f"{unit}.bn.weight"][channels] = 0.0
         state["model"][f"{unit}.bn.bias"][channels] = beta
-    torch.save(state, path)
+    save_checkpoint(path, state)  # a new checksum over the edited weights
     return out / "implicit"
 
 

@@ -257,6 +257,7 @@ def test_run_writes_metrics_checkpoint_and_result(finished_run):
         assert layer["gamma"] == gamma.tolist()
         assert layer["dead_mask"] == (relu_max < 1e-12).tolist()
         assert layer["dead_by_activation"] == int((relu_max < 1e-12).sum())
+        assert layer["nonfinite_channels"] == int((~torch.isfinite(relu_max)).sum())
     # The last eval point is the final step: its subnormal count is the checkpoint's.
     smallest_normal = torch.finfo(torch.float32).tiny
     assert metrics[-1]["subnormal_weights"] == sum(int(((p.abs() > 0) & (p.abs() < smallest_normal)).sum())
@@ -264,6 +265,7 @@ def test_run_writes_metrics_checkpoint_and_result(finished_run):
     channels = sum(l["channels"] for l in result["layers"])
     dead = sum(l["dead_by_activation"] for l in result["layers"])
     assert result["total"]["channels"] == channels
+    assert result["total"]["nonfinite_channels"] == sum(l["nonfinite_channels"] for l in result["layers"])
     assert result["total"]["dead_by_activation_pct"] == pytest.approx(100 * dead / channels)
 
 

@@ -318,6 +318,7 @@ class _Run:
         self.tracker.remove()  # evaluation forwards must not count as training-stream samples
         test_loss, test_error = evaluate(self.model, self.test_set, self.config.eval_batch_size, self.device)
         layers = _layer_rows(report, self.model, features)
+        self._warn_nonfinite(report)
         metrics = {
             "step": self.step,
             "epoch": self.step / self.steps_per_epoch,
@@ -345,6 +346,11 @@ class _Run:
         save_checkpoint(self.files["checkpoint"], self._checkpoint_state())
         return metrics
 
+    def _warn_nonfinite(self, report) -> None:
+        warning = report.nonfinite_warning()
+        if warning:
+            self.log(f"{self.config.run_dir()}: {warning}")
+
     def _subnormal_hint(self, count: int) -> None:
         """Once per run: say that subnormal weights slow CPU steps, and how to flush them."""
         total = sum(p.numel() for p in self.model.parameters())
@@ -371,6 +377,7 @@ class _Run:
                            progress=False, activation_thresholds=ACTIVATION_THRESHOLDS,
                            gamma_thresholds=GAMMA_THRESHOLDS, selectivity_threshold=SELECTIVITY_THRESHOLD)
         self.report.flush()
+        self._warn_nonfinite(analysis.report)
         layers = _layer_rows(analysis.report, self.model, analysis.features, analysis.stats,
                              with_selectivity=self.config.selectivity != "none")
         return {
@@ -537,6 +544,7 @@ def _layer_rows(report, model: nn.Module, features, stats=None, with_selectivity
             "dead_by_gamma": gam.get(GAMMA_THRESHOLDS[0]),
             "dead_by_gamma_loose": gam.get(GAMMA_THRESHOLDS[1]),
             "mean_abs_gamma": None if gamma is None else gamma.abs().mean().item(),
+            "nonfinite_channels": layer.nonfinite_channels,  # NaN/Inf: neither dead nor active
         }
         if stats is not None:
             s = stats[layer.name]
@@ -561,6 +569,7 @@ def _totals(layers: list[dict]) -> dict:
         out[key] = sum(l[key] for l in counted) if counted else None
         out[f"{key}_pct"] = 100.0 * out[key] / channels if counted and channels else None
     out["channels"] = sum(l["channels"] or 0 for l in layers)
+    out["nonfinite_channels"] = sum(l.get("nonfinite_channels") or 0 for l in layers)
     with_gamma = [l for l in layers if l["mean_abs_gamma"] is not None]
     gamma_channels = sum(l["channels"] for l in with_gamma)
     # Mean |gamma| over every BN channel of the network (layer means weighted by their width).
