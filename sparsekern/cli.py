@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from sparsekern.train.config import ConfigError, RunConfig, check_data_root, config_fields, field_type
+from sparsekern.errors import ConfigError, SparsekernError
+from sparsekern.train.config import RunConfig, check_data_root, config_fields, field_type
 
 DEBUG_ENV = "SPARSEKERN_DEBUG"
 
@@ -360,14 +361,11 @@ def main(argv=None) -> int:
 
 
 def error_line(exc: BaseException) -> str:
-    """One line for an error: the project's own errors (bad input: ValueError, ConfigError,
-    ManifestError, CheckpointError, a missing file ...) by their message; any other exception
-    with its type, since "'foo'" alone does not say that a KeyError happened."""
-    from sparsekern.train.checkpoint import CheckpointError
-    from sparsekern.train.loop import TrainingDivergedError
-
+    """One line for an error: the project's own errors (``sparsekern.errors``) and bad input
+    (ValueError, a missing file) by their message; any other exception with its type, since
+    "'foo'" alone does not say that a KeyError happened."""
     message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    if isinstance(exc, (ValueError, FileNotFoundError, CheckpointError, TrainingDivergedError)) and message:
+    if isinstance(exc, (SparsekernError, ValueError, FileNotFoundError)) and message:
         return message
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 

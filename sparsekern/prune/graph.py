@@ -37,10 +37,7 @@ from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-
-class UnsupportedModelError(RuntimeError):
-    """The model contains an op the channel analysis cannot map; the model was not changed."""
-
+from sparsekern.errors import UnsupportedModelError
 
 # Node kinds -------------------------------------------------------------------------------
 INPUT = "input"              # placeholder

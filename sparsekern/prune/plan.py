@@ -37,6 +37,7 @@ from typing import NoReturn, Optional
 import torch
 from torch import nn
 
+from sparsekern.errors import ManifestError
 from sparsekern.prune.graph import ChannelGraph
 from sparsekern.prune.surgery import class_path, prune_model
 
@@ -51,10 +52,6 @@ MAX_MANIFEST_BYTES = 64 * 2**20
 MAX_CHANNELS = 2**24
 _MANIFEST_KEYS = ("format", "version", "model_class", "exact", "input_shape", "source", "notes", "layers")
 _LAYER_KEYS = ("channels", "kept", "constants")
-
-
-class ManifestError(ValueError):
-    """A prune plan manifest that cannot be used; the message names the file and the JSON path of the bad field."""
 
 
 @dataclass

@@ -43,21 +43,12 @@ import torch
 import torch.fx
 from torch import nn
 
+from sparsekern.errors import PruneVerificationError, UnsupportedModelError
 from sparsekern.prune import flops
 from sparsekern.prune.graph import (
     BINARY, CAT, CHANNELWISE, ELEMENTWISE, FLATTEN, GROUPED, IDENTITY, INPUT, OUTPUT, POOL,
-    PRODUCER, UNKNOWN, ChannelGraph, UnsupportedModelError, constant_through, conv_zero_padded,
-    trace,
+    PRODUCER, UNKNOWN, ChannelGraph, constant_through, conv_zero_padded, trace,
 )
-
-
-class PruneVerificationError(RuntimeError):
-    """The pruned model's outputs differ from the reference beyond tolerance; nothing was changed."""
-
-    def __init__(self, message: str, max_abs_diff: float, tolerance: float):
-        super().__init__(message)
-        self.max_abs_diff = max_abs_diff
-        self.tolerance = tolerance
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from sparsekern.errors import CorpusChangedError
 from sparsekern.stats.channel_stats import MODES, ChannelStats
 from sparsekern.stats.features import Feature, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report
@@ -42,10 +43,6 @@ from sparsekern.stats.tracker import SparsityTracker
 
 SELECTIVITY_MODES = ("two-pass",) + MODES
 _AMP_DTYPES = (torch.float16, torch.bfloat16)
-
-
-class CorpusChangedError(ValueError):
-    """The second pass of a two-pass analysis did not see the batches of the first."""
 
 
 @dataclass

@@ -85,6 +85,7 @@ import numpy as np
 import torch
 
 from sparsekern._backend import BACKENDS
+from sparsekern.errors import NonFiniteActivationError, StateDictError
 from sparsekern.ops._layout import SUPPORTED_DTYPES, check_activation
 from sparsekern.ops.channel_absmax import channel_absmax
 
@@ -94,24 +95,6 @@ _STAGING_BYTES = 2 << 20  # one pinned staging buffer of the memmap mode
 _CHUNK_BYTES = 64 << 20  # float64 working set when re-reading stored maxima
 _SHOWN_CHANNELS = 8  # how many channels an error message lists by index
 _CHECKSUM_BLOCK = 1024  # batch checksums are stacked into one tensor per this many updates
-
-
-class NonFiniteActivationError(ValueError):
-    """Some channels saw NaN (or Inf) activations; a metric cannot call them dead or active.
-
-    ``channels`` lists every offending channel index, ``nan_samples`` / ``inf_samples`` the
-    number of samples in which each of them saw NaN / Inf.
-    """
-
-    def __init__(self, message: str, channels: list[int], nan_samples: list[int], inf_samples: list[int]):
-        super().__init__(message)
-        self.channels = channels
-        self.nan_samples = nan_samples
-        self.inf_samples = inf_samples
-
-
-class StateDictError(ValueError):
-    """A ChannelStats or SparsityTracker state dict that is malformed or inconsistent."""
 
 
 @dataclass

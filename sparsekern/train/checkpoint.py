@@ -30,21 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsekern.errors import CheckpointError, CorruptCheckpointError, RunLockedError
+
 FORMAT_VERSION = 2
 REQUIRED_KEYS = ("step", "total_steps", "eval_every")  # what a checkpoint's step is checked with
 LOCK_FILE = ".lock"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be used (unreadable, corrupt, or of another config or schedule)."""
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A checkpoint file is unreadable or fails its checksum (the previous one may still be good)."""
-
-
-class RunLockedError(CheckpointError):
-    """Another live process holds the run directory's lock (it is training that run)."""
 
 
 # ---------------------------------------------------------------------- atomic writes

@@ -16,15 +16,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsekern.errors import ConfigError
+
 LR_SCHEDULES = ("constant", "step", "cosine")
 # Options of the Split LBI optimizers, with their defaults. They are None (and left out of the
 # run id) for every other optimizer, so adding them changed no existing run's id.
 SLBI_OPTIMIZERS = ("slbi", "slbi-group")
 SLBI_DEFAULTS = {"slbi_kappa": 1.0, "slbi_nu": 100.0}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field."""
 
 
 def _opt(default, help: str):

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern._denormals import flush_denormal_enabled, subnormal_count
+from sparsekern.errors import TrainingDivergedError
 from sparsekern.train.checkpoint import (
     CheckpointError,
     RunLock,
@@ -71,10 +72,6 @@ SELECTIVITY_THRESHOLD = 1e-3
 SUBNORMAL_HINT_SHARE = 0.01  # hint at flushing once this share of the weights is subnormal
 # Epoch e of seed s shuffles with seed s * _SEED_STRIDE + e: no two (seed, epoch) pairs share an order.
 _SEED_STRIDE = 1_000_003
-
-
-class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
 
 
 def run_files(run_dir) -> dict[str, Path]:
