@@ -2,6 +2,7 @@
 // extension does not depend on the installed torch's C++ ABI. Python validates every input
 // (sparsekern/ops/*.py) before it reaches these entry points.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
@@ -9,6 +10,7 @@
 
 #include "sparsekern/bn_relu.h"
 #include "sparsekern/channel_absmax.h"
+#include "sparsekern/cpu_dispatch.h"
 #include "sparsekern_build_info.h"
 
 namespace py = pybind11;
@@ -60,11 +62,7 @@ PYBIND11_MODULE(_C, m) {
 #else
     d["openmp"] = false;
 #endif
-#if defined(__AVX2__) && defined(__F16C__)
-    d["cpu_simd"] = "avx2+f16c";
-#else
-    d["cpu_simd"] = "scalar";
-#endif
+    d["cpu_isas"] = sparsekern::cpu_isas_compiled();  // variants of the CPU kernels, best first
 #ifdef SPARSEKERN_WITH_CUDA
     d["cuda"] = SPARSEKERN_CUDA_VERSION;
     d["cuda_archs"] = SPARSEKERN_CUDA_ARCHS;
@@ -74,6 +72,13 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+
+  m.def("cpu_isa", &sparsekern::cpu_isa, "the variant of the CPU kernels in use (avx512, avx2, baseline or native)");
+  m.def("cpu_isas_supported", &sparsekern::cpu_isas_supported,
+        "the compiled variants of the CPU kernels that this CPU can run, best first");
+  m.def("set_cpu_isa", &sparsekern::set_cpu_isa, py::arg("name"),
+        "run the CPU kernels of variant `name` (auto: the best supported); ValueError if it cannot run here");
+  sparsekern::cpu_isa();  // chooses the CPU kernel variant now, as the module loads (cpu_dispatch.h)
 
   m.def(
       "channel_absmax_cpu",

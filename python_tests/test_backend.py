@@ -1,8 +1,12 @@
 """Backend discovery and dispatch: what `import sparsekern` does with and without sparsekern._C."""
 import json
+import os
+import platform
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +16,6 @@ from sparsekern import _backend
 
 
 def _run(code: str, env_extra=None) -> subprocess.CompletedProcess:
-    import os
-
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
                           timeout=120)
@@ -67,7 +69,9 @@ def test_backends_reports_build_and_availability():
     if _backend.extension() is not None:
         assert "cpp" in info["available"]["cpu"]
         build = info["extension"]
-        assert {"compiler", "pybind11", "openmp", "cpu_simd", "cuda"} <= set(build)
+        assert {"compiler", "pybind11", "openmp", "cpu_isas", "cpu_isa", "cpu_isas_supported", "cuda"} <= set(build)
+        assert build["cpu_isa"] in build["cpu_isas_supported"]
+        assert set(build["cpu_isas_supported"]) <= set(build["cpu_isas"])
 
 
 def test_env_default_backend_is_used_for_auto(monkeypatch):
@@ -82,3 +86,135 @@ def test_auto_prefers_cpp_on_cpu(monkeypatch):
     monkeypatch.delenv("SPARSEKERN_BACKEND", raising=False)
     expected = "cpp" if _backend.extension() is not None else "torch"
     assert _backend.resolve("auto", torch.device("cpu"), op="t") == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU kernel variants (csrc/include/sparsekern/cpu_isa.h): compiled for several instruction sets,
+# the best one the CPU supports picked at load, SPARSEKERN_CPU_ISA to force another.
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = ("avx512", "avx2", "baseline")
+needs_extension = pytest.mark.skipif(_backend.extension() is None, reason="sparsekern._C is not built")
+
+
+def _build() -> dict:
+    return _backend._extension_info(_backend.extension())
+
+
+def _without_isa_env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "SPARSEKERN_CPU_ISA"}
+
+
+def _run_clean(code: str, **env_extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env={**_without_isa_env(), **env_extra}, timeout=120, cwd=ROOT)
+
+
+def _variant_or_skip(isa: str) -> None:
+    build = _build()
+    if isa not in build["cpu_isas"]:
+        pytest.skip(f"this build has no {isa} variant (it has {build['cpu_isas']})")
+    if isa not in build["cpu_isas_supported"]:
+        pytest.skip(f"this CPU cannot run the {isa} variant")
+
+
+@needs_extension
+def test_default_build_is_portable_with_runtime_dispatch():
+    build = _build()
+    if build["cpu_isas"] == ["native"]:
+        pytest.skip("built with SPARSEKERN_NATIVE=1")
+    expected = list(VARIANTS) if platform.machine().lower() in ("x86_64", "amd64") else ["baseline"]
+    assert build["cpu_isas"] == expected
+
+
+@needs_extension
+def test_best_supported_variant_runs_by_default():
+    proc = _run_clean("""
+        import json, sparsekern
+        print(json.dumps(sparsekern.backends()["extension"]))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    build = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert build["cpu_isa"] == build["cpu_isas_supported"][0]
+    assert "baseline" in build["cpu_isas_supported"] or build["cpu_isas"] == ["native"]
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_cpu_isa_env_selects_the_variant(isa):
+    _variant_or_skip(isa)
+    proc = _run_clean("""
+        import json, torch, sparsekern
+        x = torch.randn(3, 20, 7, 9).to(memory_format=torch.channels_last)
+        x[1, 5, 2, 3] = float("nan")
+        out = sparsekern.channel_absmax(x, backend="cpp")
+        ref = x.double().abs().amax((2, 3)).float()
+        print(json.dumps({"isa": sparsekern.backends()["extension"]["cpu_isa"],
+                          "ok": bool(torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num()))}))
+    """, SPARSEKERN_CPU_ISA=isa)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"isa": isa, "ok": True}
+
+
+@needs_extension
+@pytest.mark.parametrize("isa, message", [
+    ("sse9", "unknown instruction set 'sse9'; expected auto or one of this build's: "),
+    ("native", "this build has no native kernels; expected auto or one of this build's: "),
+])
+def test_cpu_isa_env_naming_no_variant_is_a_clear_error(isa, message):
+    if _build()["cpu_isas"] == ["native"] and isa == "native":
+        pytest.skip("built with SPARSEKERN_NATIVE=1")
+    proc = _run_clean("""
+        import torch, sparsekern
+        from sparsekern._backend import CpuIsaError
+        try:
+            sparsekern.channel_absmax(torch.ones(2, 3, 4, 4))
+        except CpuIsaError as exc:
+            print("CpuIsaError:", exc)
+    """, SPARSEKERN_CPU_ISA=isa)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"CpuIsaError: SPARSEKERN_CPU_ISA={isa!r}: {message}")
+    assert ", ".join(_build()["cpu_isas"]) in line
+
+
+@needs_extension
+@pytest.mark.parametrize("isa", ["avx512", "avx2"])
+def test_cpu_isa_the_cpu_lacks_is_a_clear_error(isa):
+    build = _build()
+    if isa not in build["cpu_isas"] or isa in build["cpu_isas_supported"]:
+        pytest.skip(f"needs a build with {isa} on a CPU without it")
+    with pytest.raises(ValueError, match=f"this CPU does not support the {isa} kernels \\(it runs: "):
+        _backend.extension().set_cpu_isa(isa)
+
+
+@needs_extension
+def test_set_cpu_isa_switches_and_auto_restores_the_best():
+    ext = _backend.extension()
+    before = ext.cpu_isa()
+    try:
+        ext.set_cpu_isa(ext.cpu_isas_supported()[-1])
+        assert ext.cpu_isa() == ext.cpu_isas_supported()[-1]
+        ext.set_cpu_isa("auto")
+        assert ext.cpu_isa() == ext.cpu_isas_supported()[0]
+    finally:
+        ext.set_cpu_isa(before)
+
+
+@pytest.mark.slow
+@needs_extension
+@pytest.mark.parametrize("isa", VARIANTS)
+def test_cpu_kernel_tests_pass_on_every_variant(isa):
+    """The cpp cases of the channel_absmax and bn_relu suites (every option, dtype and layout),
+    rerun under SPARSEKERN_CPU_ISA for each variant other than the one this run already used."""
+    _variant_or_skip(isa)
+    if isa == _backend.extension().cpu_isa():
+        pytest.skip(f"{isa} is the variant this test run itself uses")
+    files = [str(ROOT / "python_tests" / name) for name in ("test_channel_absmax.py", "test_bn_relu.py")]
+    proc = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-k", "cpp"],
+                          capture_output=True, text=True, env={**os.environ, "SPARSEKERN_CPU_ISA": isa},
+                          timeout=900, cwd=ROOT)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) > 100, summary

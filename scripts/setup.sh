@@ -14,7 +14,9 @@ PYEOF
 then
   "$PY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 fi
-"$PY" -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja setuptools wheel numpy tqdm matplotlib \
+# matplotlib and tensorboard are optional extras of the package (figures, tensorboard) that
+# `make demo` and the tests use; build makes the sdist and wheel (scripts/ci_package.sh).
+"$PY" -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja "setuptools>=77" build numpy tqdm matplotlib \
   pytest pytest-benchmark tensorboard
 
 # Real Fashion-MNIST from Debian (the default dataset); skipped quietly where apt is absent.
@@ -24,5 +26,7 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && command -v apt-get >/dev/n
 fi
 
 # sparsekern itself, editable, with sparsekern._C built by CMake (CUDA kernels when nvcc is found).
-"$PY" -m pip install -q --no-build-isolation -e .
+# A failed build is an error here, so that the tests never silently run without the C++ kernels
+# (set SPARSEKERN_BUILD_EXT=auto or 0 to set up without them).
+SPARSEKERN_BUILD_EXT="${SPARSEKERN_BUILD_EXT:-1}" "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -c "import sparsekern, json; print('sparsekern backends:', json.dumps(sparsekern.backends()['available']))"

@@ -8,6 +8,12 @@ Backends, in the order ``auto`` tries them:
 
 ``SPARSEKERN_BACKEND`` (auto|cuda|triton|cpp|torch) sets the default for calls that pass
 ``backend="auto"``. Nothing here touches a CUDA driver at import time.
+
+The C++ CPU kernels are compiled for several instruction sets (baseline, avx2, avx512; or one
+``native`` variant in a SPARSEKERN_NATIVE=1 build) and run the best one this CPU supports.
+``SPARSEKERN_CPU_ISA`` (auto|baseline|avx2|avx512) asks for another: the tests use it to run
+every variant on one machine. ``backends()["extension"]`` says which variants there are and
+which one runs.
 """
 from __future__ import annotations
 
@@ -26,6 +32,10 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
 
+class CpuIsaError(ValueError):
+    """SPARSEKERN_CPU_ISA names a CPU kernel variant that this build or this CPU cannot run."""
+
+
 @lru_cache(maxsize=1)
 def _load_extension():
     """Import sparsekern._C once; return (module or None, reason it failed or None)."""
@@ -34,7 +44,8 @@ def _load_extension():
     except ImportError as exc:
         reason = (
             f"sparsekern._C could not be loaded ({exc}); running on torch {torch.__version__}. "
-            "Rebuild it with `pip install --no-build-isolation -e .` from the source tree."
+            "It is built at install time when CMake, pybind11 and a C++ compiler are present "
+            "(`pip install -v` shows why it was not); in a source tree, `pip install --no-build-isolation -e .`."
         )
         warnings.warn(
             f"{reason} Falling back to the pure-torch reference kernels (slow on CPU).",
@@ -42,7 +53,19 @@ def _load_extension():
             stacklevel=3,
         )
         return None, reason
+    _select_cpu_isa(_C)
     return _C, None
+
+
+def _select_cpu_isa(ext) -> None:
+    """Apply SPARSEKERN_CPU_ISA, if set, to the extension's CPU kernels (else they keep the best one)."""
+    isa = os.environ.get("SPARSEKERN_CPU_ISA", "")
+    if not isa:
+        return
+    try:
+        ext.set_cpu_isa(isa)
+    except ValueError as exc:
+        raise CpuIsaError(f"SPARSEKERN_CPU_ISA={isa!r}: {exc}") from None
 
 
 def extension():
@@ -116,7 +139,7 @@ def backends() -> dict:
         "torch": torch.__version__,
         "triton": None,
         "cuda_device": torch.cuda.get_device_name(0) if cuda_ok else None,
-        "extension": None if ext is None else dict(ext.build_info()),
+        "extension": None if ext is None else _extension_info(ext),
         "extension_error": _load_extension()[1],
         "available": {
             "cpu": [b for b in ("cpp", "torch") if backend_supports(b, torch.device("cpu"))[0]]
@@ -129,6 +152,14 @@ def backends() -> dict:
         import triton
 
         info["triton"] = triton.__version__
+    return info
+
+
+def _extension_info(ext) -> dict:
+    """How sparsekern._C was built, and which of its CPU kernel variants runs here."""
+    info = dict(ext.build_info())
+    info["cpu_isa"] = ext.cpu_isa()
+    info["cpu_isas_supported"] = ext.cpu_isas_supported()
     return info
 
 

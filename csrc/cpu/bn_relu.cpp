@@ -18,6 +18,8 @@
 // tracked in a separate mask and written as its max at the end.
 // The max is taken over float32 values before rounding to x's dtype; rounding is monotonic, so
 // rounding the max once gives exactly the max of the stored y.
+//
+// Compiled once per instruction-set variant, into sparsekern::<variant> (cpu_isa.h).
 #include "sparsekern/bn_relu.h"
 
 #include <algorithm>
@@ -30,14 +32,15 @@
 #include "sparsekern/cpu_parallel.h"
 #include "sparsekern/cpu_simd.h"
 
-
+SPARSEKERN_ISA_BEGIN  // no #include below this line (cpu_isa.h)
 namespace sparsekern {
+namespace SPARSEKERN_ISA {
 namespace {
 
-using cpu::bf16_t;
-using cpu::f16_t;
-using cpu::store1;
-using cpu::to_float;
+using simd::bf16_t;
+using simd::f16_t;
+using simd::store1;
+using simd::to_float;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
@@ -54,7 +57,7 @@ inline float round_trip(float v) {
 
 #ifdef SPARSEKERN_AVX2
 inline __m256 affine8(__m256 x, __m256 s, __m256 b) {
-#ifdef __FMA__
+#ifdef SPARSEKERN_FMA
   return _mm256_fmadd_ps(x, s, b);
 #else
   return _mm256_add_ps(_mm256_mul_ps(x, s), b);
@@ -76,10 +79,10 @@ inline void affine_relu_row(const T* x, T* y, int64_t len, float s, float b, Row
     const __m256 vs = _mm256_set1_ps(s), vb = _mm256_set1_ps(b), zero = _mm256_setzero_ps();
     __m256 m0 = zero, m1 = zero, bad = zero;
     for (; i + 16 <= len; i += 16) {
-      const __m256 a0 = _mm256_max_ps(zero, affine8(cpu::load8(x + i), vs, vb));
-      const __m256 a1 = _mm256_max_ps(zero, affine8(cpu::load8(x + i + 8), vs, vb));
-      cpu::store8(y + i, a0);
-      cpu::store8(y + i + 8, a1);
+      const __m256 a0 = _mm256_max_ps(zero, affine8(simd::load8(x + i), vs, vb));
+      const __m256 a1 = _mm256_max_ps(zero, affine8(simd::load8(x + i + 8), vs, vb));
+      simd::store8(y + i, a0);
+      simd::store8(y + i + 8, a1);
       if (MAX) {
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, a1, _CMP_UNORD_Q));  // either one NaN
         m0 = _mm256_max_ps(m0, a0);
@@ -87,8 +90,8 @@ inline void affine_relu_row(const T* x, T* y, int64_t len, float s, float b, Row
       }
     }
     for (; i + 8 <= len; i += 8) {
-      const __m256 a = _mm256_max_ps(zero, affine8(cpu::load8(x + i), vs, vb));
-      cpu::store8(y + i, a);
+      const __m256 a = _mm256_max_ps(zero, affine8(simd::load8(x + i), vs, vb));
+      simd::store8(y + i, a);
       if (MAX) {
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
         m0 = _mm256_max_ps(m0, a);
@@ -182,15 +185,15 @@ void inner_channel_block(const T* x, const View4& vx, const float* scale, const 
     const __m256 zero = _mm256_setzero_ps();
     for (; c + 8 <= cb; c += 8) {
       if (DEAD && lanes->group_dead[(c0 + c) / 8]) {
-        cpu::store8(yrow + c, zero);
+        simd::store8(yrow + c, zero);
         continue;
       }
-      __m256 a = affine8(cpu::load8(xrow + c), _mm256_loadu_ps(scale + c0 + c), _mm256_loadu_ps(shift + c0 + c));
+      __m256 a = affine8(simd::load8(xrow + c), _mm256_loadu_ps(scale + c0 + c), _mm256_loadu_ps(shift + c0 + c));
       a = _mm256_max_ps(zero, a);
       if (DEAD) {
         a = _mm256_and_ps(a, _mm256_loadu_ps(reinterpret_cast<const float*>(lanes->live_bits.data() + c0 + c)));
       }
-      cpu::store8(yrow + c, a);
+      simd::store8(yrow + c, a);
       if (MAX) {
         _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), a));
         _mm256_storeu_ps(bad + c, _mm256_or_ps(_mm256_loadu_ps(bad + c), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
@@ -322,4 +325,6 @@ void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale
   }
 }
 
+}  // namespace SPARSEKERN_ISA
 }  // namespace sparsekern
+SPARSEKERN_ISA_END

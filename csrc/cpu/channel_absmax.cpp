@@ -12,6 +12,8 @@
 //
 // NaN handling: max instructions drop NaN operands, so NaN is tracked in a separate mask
 // and written as the result at the end.
+//
+// Compiled once per instruction-set variant, into sparsekern::<variant> (cpu_isa.h).
 #include "sparsekern/channel_absmax.h"
 
 #include <algorithm>
@@ -21,13 +23,14 @@
 #include "sparsekern/cpu_parallel.h"
 #include "sparsekern/cpu_simd.h"
 
-
+SPARSEKERN_ISA_BEGIN  // no #include below this line (cpu_isa.h)
 namespace sparsekern {
+namespace SPARSEKERN_ISA {
 namespace {
 
-using cpu::bf16_t;
-using cpu::f16_t;
-using cpu::to_float;
+using simd::bf16_t;
+using simd::f16_t;
+using simd::to_float;
 
 struct RowAcc {
   float mx = 0.0f;
@@ -46,8 +49,8 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
     __m256i c0 = _mm256_setzero_si256(), c1 = c0;
     const __m256 zero = _mm256_setzero_ps();
     for (; i + 32 <= len; i += 32) {
-      __m256 a0 = cpu::load8(p + i), a1 = cpu::load8(p + i + 8);
-      __m256 a2 = cpu::load8(p + i + 16), a3 = cpu::load8(p + i + 24);
+      __m256 a0 = simd::load8(p + i), a1 = simd::load8(p + i + 8);
+      __m256 a2 = simd::load8(p + i + 16), a3 = simd::load8(p + i + 24);
       if (COUNT) {
         c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a0, zero, _CMP_GT_OQ)));
         c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(a1, zero, _CMP_GT_OQ)));
@@ -57,10 +60,10 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
       // unordered(a, b) is true if either is NaN: two compares cover four vectors.
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, a1, _CMP_UNORD_Q));
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(a2, a3, _CMP_UNORD_Q));
-      m0 = _mm256_max_ps(m0, cpu::abs8(a0));
-      m1 = _mm256_max_ps(m1, cpu::abs8(a1));
-      m2 = _mm256_max_ps(m2, cpu::abs8(a2));
-      m3 = _mm256_max_ps(m3, cpu::abs8(a3));
+      m0 = _mm256_max_ps(m0, simd::abs8(a0));
+      m1 = _mm256_max_ps(m1, simd::abs8(a1));
+      m2 = _mm256_max_ps(m2, simd::abs8(a2));
+      m3 = _mm256_max_ps(m3, simd::abs8(a3));
     }
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
@@ -117,8 +120,8 @@ void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int6
 #ifdef SPARSEKERN_AVX2
     const __m256 zero = _mm256_setzero_ps();
     for (; c + 8 <= cb; c += 8) {
-      __m256 a = cpu::load8(row + c);
-      _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), cpu::abs8(a)));
+      __m256 a = simd::load8(row + c);
+      _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), simd::abs8(a)));
       _mm256_storeu_ps(bad + c, _mm256_or_ps(_mm256_loadu_ps(bad + c), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
       if (COUNT) {
         __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + c));
@@ -224,9 +227,11 @@ void dispatch_count(const void* x, const View4& v, float* out, int64_t* pos) {
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos) {
   switch (dtype) {
     case DType::kFloat32: dispatch_count<float>(x, v, out_max, out_pos); break;
-    case DType::kFloat16: dispatch_count<cpu::f16_t>(x, v, out_max, out_pos); break;
-    case DType::kBFloat16: dispatch_count<cpu::bf16_t>(x, v, out_max, out_pos); break;
+    case DType::kFloat16: dispatch_count<simd::f16_t>(x, v, out_max, out_pos); break;
+    case DType::kBFloat16: dispatch_count<simd::bf16_t>(x, v, out_max, out_pos); break;
   }
 }
 
+}  // namespace SPARSEKERN_ISA
 }  // namespace sparsekern
+SPARSEKERN_ISA_END

@@ -6,21 +6,35 @@
                         live features, one box per setting (e.g. Adam versus SGD)
     figure_gamma_decay  Figure 4: mean |gamma| and % of |gamma| < 1e-3 over training steps,
                         one line per setting (e.g. L2-Adam versus WD-Adam versus L2-SGD)
+    pyplot              matplotlib.pyplot (Agg), or an ImportError naming the ``figures`` extra
 """
 from __future__ import annotations
 
 import math
+from functools import cache
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")  # noqa: E402  (before pyplot: files only, never a window)
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+@cache
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, never a window).
+
+    matplotlib is an optional dependency (the ``figures`` extra), imported only when a figure is
+    drawn, so that the tables of sparsekern.report work without it.
+    """
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("drawing figures needs matplotlib, which is not installed: "
+                          "pip install 'sparsekern[figures]'") from exc
+    matplotlib.use("Agg")  # before pyplot is imported
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _layer_axes(count: int, title: str, height: float = 2.6):
+    plt = pyplot()
     columns = min(count, 4)
     rows = math.ceil(count / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, height * rows), squeeze=False)
@@ -35,7 +49,7 @@ def _save(fig, path, top: float = 1.0) -> Path:
     path = Path(path)
     fig.tight_layout(rect=(0, 0, 1, top))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -59,6 +73,9 @@ def figure_gamma_beta(result: dict, path, title: str) -> Path:
         ax.set_xlabel("γ")
         ax.set_ylabel("β")
     # One legend for the figure: a given layer may have no dead (or no live) features to label.
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     handles = [Line2D([], [], ls="", marker="o", ms=4, color="tab:blue", label="active"),
                Line2D([], [], ls="", marker="x", ms=5, color="tab:red", label="inactive by activation"),
                Patch(color="0.85", label=f"|γ| < {threshold:g}")]
@@ -95,7 +112,7 @@ def figure_gamma_decay(metrics: dict[str, list[dict]], path, gamma_threshold: fl
     """Figure 4: mean |gamma| (log scale) and % |gamma| < threshold against the training step."""
     if not any(metrics.values()):
         raise ValueError("no metrics.jsonl lines to plot")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(10, 3.6))
     for label, lines in metrics.items():
         steps = [m["step"] for m in lines]
         left.plot(steps, [m["total"]["mean_abs_gamma"] for m in lines], marker=".", label=label)

@@ -7,6 +7,7 @@ namespace sparsekern {
 // dead (nullable, uint8 per channel): a dead channel's x is never read and y is 0 there.
 // out_max (nullable): out_max[n*C + c] = max over p of y[n, c, p] (float32, NaN-propagating),
 // from the same pass. x is laid out as vx, y as vy (same N, C, R, L; strides may differ).
+// Runs the instruction-set variant in use (cpu_dispatch.h).
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
                  const uint8_t* dead, void* y, const View4& vy, float* out_max);
 

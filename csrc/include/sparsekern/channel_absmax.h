@@ -5,6 +5,7 @@ namespace sparsekern {
 
 // out_max[n*C + c] = max over (r, l) of |x[n, c, r, l]| as float32; NaN if any element was NaN.
 // out_pos (nullable): number of elements > 0 per (n, c).
+// Runs the instruction-set variant in use (cpu_dispatch.h).
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos);
 
 #ifdef SPARSEKERN_WITH_CUDA

@@ -1,17 +1,17 @@
 // Small load/convert helpers for the CPU kernels: 8 lanes of float32 from float32, float16
-// or bfloat16 storage and back (AVX2 + F16C when compiled for them, scalar otherwise).
+// or bfloat16 storage and back (AVX2 + F16C in the variants compiled for them, scalar
+// otherwise), in sparsekern::<variant>::simd (see cpu_isa.h).
 #pragma once
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-#define SPARSEKERN_AVX2 1
-#endif
+#include "sparsekern/cpu_isa.h"
 
+SPARSEKERN_ISA_BEGIN
 namespace sparsekern {
-namespace cpu {
+namespace SPARSEKERN_ISA {
+namespace simd {
 
 struct f16_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
@@ -111,5 +111,7 @@ inline void store8(bf16_t* p, __m256 v) {  // round to nearest even, NaN kept Na
 }
 #endif
 
-}  // namespace cpu
+}  // namespace simd
+}  // namespace SPARSEKERN_ISA
 }  // namespace sparsekern
+SPARSEKERN_ISA_END

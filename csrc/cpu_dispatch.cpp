@@ -1,0 +1,145 @@
+// Runtime dispatch of the CPU kernels to the variant compiled for the best instruction set this
+// CPU has (cpu_isa.h, cpu_dispatch.h). Compiled with the baseline target like bindings.cpp.
+#include "sparsekern/cpu_dispatch.h"
+
+#include <atomic>
+#include <iterator>
+#include <stdexcept>
+
+#include "sparsekern/bn_relu.h"
+#include "sparsekern/channel_absmax.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+namespace sparsekern {
+
+using ChannelAbsmaxFn = decltype(channel_absmax_cpu);
+using BnReluFn = decltype(bn_relu_cpu);
+
+// Each compiled variant's kernels: sparsekern::<variant>::*, defined in csrc/cpu/*.cpp.
+#define SPARSEKERN_VARIANT_KERNELS(isa) \
+  namespace isa {                       \
+  ChannelAbsmaxFn channel_absmax_cpu;   \
+  BnReluFn bn_relu_cpu;                 \
+  }
+#ifdef SPARSEKERN_HAVE_ISA_NATIVE
+SPARSEKERN_VARIANT_KERNELS(native)
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_AVX512
+SPARSEKERN_VARIANT_KERNELS(avx512)
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_AVX2
+SPARSEKERN_VARIANT_KERNELS(avx2)
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_BASELINE
+SPARSEKERN_VARIANT_KERNELS(baseline)
+#endif
+#undef SPARSEKERN_VARIANT_KERNELS
+
+namespace {
+
+bool always() { return true; }
+
+#if defined(__x86_64__) || defined(__i386__)
+// __builtin_cpu_supports also checks that the OS saves the AVX / AVX-512 registers; F16C is
+// not among the names every compiler knows, so it is read from CPUID leaf 1 directly.
+bool cpu_has_avx2_fma_f16c() {
+  __builtin_cpu_init();  // needed when called before the library's constructors have run
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  const bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C);
+  return f16c && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+bool cpu_has_avx512() {
+  return cpu_has_avx2_fma_f16c() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+}
+#endif
+
+struct Variant {
+  const char* name;
+  bool (*supported)();
+  ChannelAbsmaxFn* channel_absmax;
+  BnReluFn* bn_relu;
+};
+
+// Best first. native is the build machine's own target: it is the only variant of such a build.
+const Variant kVariants[] = {
+#ifdef SPARSEKERN_HAVE_ISA_NATIVE
+    {"native", always, native::channel_absmax_cpu, native::bn_relu_cpu},
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_AVX512
+    {"avx512", cpu_has_avx512, avx512::channel_absmax_cpu, avx512::bn_relu_cpu},
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_AVX2
+    {"avx2", cpu_has_avx2_fma_f16c, avx2::channel_absmax_cpu, avx2::bn_relu_cpu},
+#endif
+#ifdef SPARSEKERN_HAVE_ISA_BASELINE
+    {"baseline", always, baseline::channel_absmax_cpu, baseline::bn_relu_cpu},
+#endif
+};
+
+const Variant* best_supported() {
+  for (const Variant& v : kVariants)
+    if (v.supported()) return &v;
+  return &kVariants[std::size(kVariants) - 1];  // not reached: the last one, baseline or native, always runs
+}
+
+std::atomic<const Variant*>& active() {
+  static std::atomic<const Variant*> variant{best_supported()};  // chosen once, at the first use
+  return variant;
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+}  // namespace
+
+std::vector<std::string> cpu_isas_compiled() {
+  std::vector<std::string> names;
+  for (const Variant& v : kVariants) names.push_back(v.name);
+  return names;
+}
+
+std::vector<std::string> cpu_isas_supported() {
+  std::vector<std::string> names;
+  for (const Variant& v : kVariants)
+    if (v.supported()) names.push_back(v.name);
+  return names;
+}
+
+std::string cpu_isa() { return active().load()->name; }
+
+void set_cpu_isa(const std::string& name) {
+  if (name == "auto") {
+    active().store(best_supported());
+    return;
+  }
+  for (const Variant& v : kVariants) {
+    if (name != v.name) continue;
+    if (!v.supported())
+      throw std::invalid_argument("this CPU does not support the " + name + " kernels (it runs: " +
+                                  join(cpu_isas_supported()) + ")");
+    active().store(&v);
+    return;
+  }
+  const bool known = name == "baseline" || name == "avx2" || name == "avx512" || name == "native";
+  throw std::invalid_argument((known ? "this build has no " + name + " kernels" : "unknown instruction set '" + name + "'") +
+                              "; expected auto or one of this build's: " + join(cpu_isas_compiled()));
+}
+
+void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos) {
+  active().load()->channel_absmax(x, dtype, v, out_max, out_pos);
+}
+
+void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
+                 const uint8_t* dead, void* y, const View4& vy, float* out_max) {
+  active().load()->bn_relu(x, dtype, vx, scale, shift, dead, y, vy, out_max);
+}
+
+}  // namespace sparsekern
