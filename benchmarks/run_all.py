@@ -26,6 +26,7 @@ BENCHMARKS = {
     "bn_relu": ("bench_bn_relu.py", []),
     "tracker_overhead": ("bench_tracker_overhead.py", ["--threads", "1"]),
     "explicit_step": ("bench_explicit_step.py", ["--threads", "1", "--rounds", "30"]),
+    "build_variants": ("bench_build_variants.py", ["--threads", "1"]),
     "prune_speed": ("bench_prune_speed.py", ["--model", "vgg16", "--width", "0.25", "--dead-pct", "60"]),
     "torch_pruning": ("compare_torch_pruning.py", ["--quick"]),
 }

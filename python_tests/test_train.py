@@ -1,6 +1,7 @@
 """sparsekern.train: config validation and TOML, L2 vs decoupled weight decay update rules
 (hand-computed in float64), one run's files, resume equals an uninterrupted run, bad checkpoints."""
 import json
+import sys
 import math
 from types import SimpleNamespace
 
@@ -381,3 +382,11 @@ def test_tensorboard_scalars_survive_resume_once_per_eval_point(tmp_path):
         got = [(e.step, e.value) for e in events.Scalars(tag)]
         assert [s for s, _ in got] == [4, 8, 12], tag
         assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6), tag
+
+
+def test_missing_tensorboard_is_one_warning_naming_the_extra(tmp_path, monkeypatch):
+    from sparsekern.train.loop import _tensorboard_writer
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import raises ImportError
+    with pytest.warns(RuntimeWarning, match=r"sparsekern\[tensorboard\]"):
+        assert _tensorboard_writer(tmp_path / "tb", 0) is None

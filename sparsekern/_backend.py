@@ -24,16 +24,10 @@ from functools import lru_cache
 
 import torch
 
+from sparsekern.errors import BackendUnavailableError, CpuIsaError
+
 BACKENDS = ("cuda", "triton", "cpp", "torch")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
-
-
-class BackendUnavailableError(RuntimeError):
-    """An explicitly requested backend cannot run this call."""
-
-
-class CpuIsaError(ValueError):
-    """SPARSEKERN_CPU_ISA names a CPU kernel variant that this build or this CPU cannot run."""
 
 
 @lru_cache(maxsize=1)

@@ -48,6 +48,10 @@ class BackendUnavailableError(SparsekernError, RuntimeError):
     """An explicitly requested backend cannot run this call."""
 
 
+class CpuIsaError(SparsekernError, ValueError):
+    """SPARSEKERN_CPU_ISA names a CPU kernel variant that this build or this CPU cannot run."""
+
+
 # ---------------------------------------------------------------------- pruning
 class UnsupportedModelError(SparsekernError, RuntimeError):
     """The model contains an op the channel analysis cannot map; the model was not changed."""

@@ -306,10 +306,9 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
 
 def figure(results: dict, path: Path) -> Path:
     """Accuracy against keep ratio (log scale, 100% on the left), one line per row, one panel per layer."""
-    import matplotlib
+    from sparsekern.report.figures import pyplot
 
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # names the 'figures' extra when matplotlib is missing
 
     config = results["config"]
     ratios = config["keep_ratios"]

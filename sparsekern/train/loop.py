@@ -42,6 +42,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -578,6 +579,9 @@ def _totals(layers: list[dict]) -> dict:
 def _tensorboard_writer(directory: Path, purge_after: int):
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError:  # tensorboard is optional: say so once per run, metrics.jsonl has the same scalars
+        warnings.warn(f"tensorboard is not installed, so no TensorBoard curves are written to {directory} "
+                      "(metrics.jsonl has the same scalars): pip install 'sparsekern[tensorboard]'",
+                      RuntimeWarning, stacklevel=2)
         return None
     return SummaryWriter(str(directory), purge_step=purge_after + 1)  # hides steps >= purge_step
