@@ -9,17 +9,7 @@ from sparsekern.prune import (
 )
 from sparsekern.prune.flops import graph_macs
 
-
-def randomize_bn(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=g) + 0.5
-            m.bias.data = torch.randn(c, generator=g) * 0.5
-            m.running_mean = torch.randn(c, generator=g) * 0.3
-            m.running_var = torch.rand(c, generator=g) + 0.5
-    return model
+from _helpers import randomize_bn
 
 
 def mixed_net():

@@ -13,26 +13,10 @@ from sparsekern.prune import (
     PrunePlan, PruneVerificationError, UnsupportedModelError, analyze_dependencies, prune_model,
 )
 
+from _helpers import make_constant, randomize_bn
+
+
 RTOL = 1e-5
-
-
-def randomize_bn(model, seed=1):
-    """Non-trivial eval-mode BN statistics, so constants after a BN are nonzero."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            c = m.num_features
-            m.weight.data = torch.rand(c, generator=g) + 0.5
-            m.bias.data = torch.randn(c, generator=g) * 0.5
-            m.running_mean = torch.randn(c, generator=g) * 0.3
-            m.running_var = torch.rand(c, generator=g) + 0.5
-    return model
-
-
-def make_constant(bn, channels, beta):
-    """gamma = 0: the BN outputs exactly beta on these channels (dead after ReLU if beta < 0)."""
-    bn.weight.data[channels] = 0.0
-    bn.bias.data[channels] = beta
 
 
 def assert_same_outputs(original, pruned, x):
