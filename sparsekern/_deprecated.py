@@ -9,6 +9,7 @@ name costs nothing until someone uses it, and then says where its replacement li
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 
@@ -25,5 +26,24 @@ def deprecated_names(module: str, aliases: dict[str, object]):
         warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release; use {place}",
                       DeprecationWarning, stacklevel=2)
         return new
+
+    return __getattr__
+
+
+def deprecated_paths(module: str, paths: dict[str, str]):
+    """The same for names that moved up the layers (out of ``prune`` into ``experiments``):
+    ``paths`` maps each old name to the dotted path of its new home (``"package.module.name"``),
+    imported on first use of the old name only, so importing ``module`` still loads nothing above
+    its own layer."""
+
+    def __getattr__(name: str):
+        try:
+            path = paths[name]
+        except KeyError:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}") from None
+        warnings.warn(f"{module}.{name} is deprecated and will be removed in the next release; use {path}",
+                      DeprecationWarning, stacklevel=2)
+        home, _, attr = path.rpartition(".")
+        return getattr(importlib.import_module(home), attr)
 
     return __getattr__
