@@ -1,6 +1,7 @@
 """Fold eval-mode BatchNorm into the Conv / Linear before it (the standard inference step).
 
-For a BN right after a layer y = W x + b (and nothing else reading that layer's output):
+For a BN (any torch BatchNorm, SyncBatchNorm included: ``_types.BATCH_NORMS``) right after a
+layer y = W x + b (and nothing else reading that layer's output):
 
     BN(y) = s * (y - mean) + beta,   s = gamma / sqrt(running_var + eps)
           = (s * W) x + s * (b - mean) + beta
@@ -21,10 +22,8 @@ import copy
 import torch
 from torch import nn
 
+from sparsekern._types import BATCH_NORMS, PRODUCERS
 from sparsekern.prune.graph import trace
-
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def foldable_pairs(model: nn.Module) -> list:
@@ -37,13 +36,13 @@ def foldable_pairs(model: nn.Module) -> list:
             calls[node.target] = calls.get(node.target, 0) + 1
     pairs = []
     for node in gm.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], _BN_TYPES):
+        if node.op != "call_module" or not isinstance(modules[node.target], BATCH_NORMS):
             continue
         bn = modules[node.target]
         src = node.args[0] if node.args else None
         if (
             isinstance(src, torch.fx.Node) and src.op == "call_module"
-            and isinstance(modules[src.target], _LAYER_TYPES)
+            and isinstance(modules[src.target], PRODUCERS)
             and len(src.users) == 1
             and calls[src.target] == 1 and calls[node.target] == 1
             and bn.track_running_stats and bn.running_mean is not None

@@ -22,84 +22,29 @@ after it that only it feeds (``conv -> bn -> relu -> maxpool``). The chain's las
 where a plan's statement "channel c is dead (or the constant k)" applies: in a
 Conv-BN-ReLU unit, after the ReLU; for ResNet's ``bn2`` (summed with the shortcut before its
 ReLU), at the BN output that enters the add.
+
+What each op does to channels (its node kind) is decided in ``kinds.py``; this module builds
+the maps, the ties and the chains from those kinds, and answers who reads a layer's channels
+(:meth:`ChannelGraph.readers`).
 """
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.node import map_arg
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from sparsekern._types import LINEARS
 from sparsekern.errors import UnsupportedModelError
-
-# Node kinds -------------------------------------------------------------------------------
-INPUT = "input"              # placeholder
-PRODUCER = "producer"        # Conv (groups == 1) / Linear: reads channels, makes new ones
-GROUPED = "grouped"          # Conv with groups > 1: output group g follows input group g
-CHANNELWISE = "channelwise"  # BatchNorm: one set of parameters per channel
-ELEMENTWISE = "elementwise"  # activation or arithmetic with a number, applied per element
-IDENTITY = "identity"        # dropout (eval), identity, contiguous, flatten(start_dim >= 2)...
-POOL = "pool"                # spatial pooling / reduction: keeps channels
-FLATTEN = "flatten"          # (N, C, *S) -> (N, C * prod(S)): channel c -> features c*S..(c+1)*S-1
-CAT = "cat"                  # concatenation along dim 1
-BINARY = "binary"            # add / sub / mul / div of two channel tensors: ties their channels
-OUTPUT = "output"
-IGNORE = "ignore"            # no tensor result (x.size(0), getattr(x, "shape")...)
-UNKNOWN = "unknown"          # anything else
-
-# Ops a private chain may pass through: each is fed by one tensor and keeps its channels.
-CHAIN_KINDS = (CHANNELWISE, ELEMENTWISE, IDENTITY, POOL)
-
-_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
-_ELEMENTWISE_MODULES = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
-    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.Softplus,
+from sparsekern.prune.kinds import (
+    BINARY, CAT, CHAIN_KINDS, CHANNELWISE, ELEMENTWISE, FLATTEN, GROUPED, IDENTITY, IGNORE, INPUT, OUTPUT, POOL,
+    PRODUCER, UNKNOWN, as_tuple, classify, constant_through, scalar_at,
 )
-# Pools whose output is the constant k wherever their input is the constant k.
-_CONSTANT_POOL_MODULES = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
-
-_ELEMENTWISE_FUNCTIONS = {
-    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.gelu,
-    F.silu, F.hardswish, F.hardsigmoid, F.mish, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid,
-    F.tanh, torch.clamp, torch.clip,
-}
-_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
-_CONSTANT_POOL_FUNCTIONS = {
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
-}
-_AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
-_REDUCE_FUNCTIONS = {torch.mean, torch.amax, torch.amin}
-_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
-_BINARY_FUNCTIONS = {
-    operator.add: operator.add, operator.iadd: operator.add, torch.add: operator.add,
-    operator.sub: operator.sub, operator.isub: operator.sub, torch.sub: operator.sub,
-    operator.mul: operator.mul, operator.imul: operator.mul, torch.mul: operator.mul,
-    operator.truediv: operator.truediv, torch.div: operator.truediv,
-}
-_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip"}
-_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
-_REDUCE_METHODS = {"mean", "amax", "amin"}
-_RESHAPE_METHODS = {"view", "reshape"}
-_BINARY_METHODS = {
-    "add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
-    "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv, "div_": operator.truediv,
-}
-_NON_TENSOR_METHODS = {"size", "dim", "numel"}
 
 
 @dataclass(frozen=True)
@@ -127,7 +72,7 @@ class NodeInfo:
     module_name: Optional[str] = None
     channels: Optional[list] = None        # atom id per channel of the output, None if no channel dim
     inputs: list = field(default_factory=list)  # the channel-tensor nodes it reads, in order
-    detail: dict = field(default_factory=dict)  # kind-specific facts (see _classify)
+    detail: dict = field(default_factory=dict)  # kind-specific facts (see kinds.classify)
 
     @property
     def label(self) -> str:
@@ -152,150 +97,9 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
         ) from exc
 
 
-def _module_types(m: nn.Module) -> tuple[str, dict]:
-    """(kind, detail) of a call_module node's module, from its type alone."""
-    if isinstance(m, _CONV_TYPES):
-        return (PRODUCER if m.groups == 1 else GROUPED), {}
-    if isinstance(m, nn.Linear):
-        return PRODUCER, {}
-    if isinstance(m, _BN_TYPES):
-        return CHANNELWISE, {}
-    if isinstance(m, _IDENTITY_MODULES):
-        return IDENTITY, {}
-    if isinstance(m, _ELEMENTWISE_MODULES):
-        return ELEMENTWISE, {"fn": m}
-    if isinstance(m, _CONSTANT_POOL_MODULES):  # (with return_indices the tuple output has no shape: unknown)
-        return POOL, {"keeps_constants": True}
-    if isinstance(m, _AVG_POOL_MODULES):
-        padded = any(p > 0 for p in _tuple(m.padding)) and m.count_include_pad
-        divisor = getattr(m, "divisor_override", None) is not None
-        return POOL, {"keeps_constants": not (padded or divisor)}
-    if isinstance(m, nn.Flatten):
-        return FLATTEN, {"start_dim": m.start_dim, "end_dim": m.end_dim}
-    return UNKNOWN, {}
-
-
-def _tuple(v) -> tuple:
-    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
-
-
-def _has_node(values) -> bool:
-    found = []
-    map_arg(values, found.append)
-    return bool(found)
-
-
-def _arg(node: torch.fx.Node, index: int, name: str, default=None):
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _classify(node: torch.fx.Node, modules: dict) -> tuple[str, dict]:
-    """(kind, detail) of a node from its op and target (shapes are checked later)."""
-    if node.op == "placeholder":
-        return INPUT, {}
-    if node.op == "output":
-        return OUTPUT, {}
-    if node.op == "get_attr":
-        return UNKNOWN, {}
-    if node.op == "call_module":
-        return _module_types(modules[node.target])
-    target = node.target
-    rest_args, kwargs = node.args[1:], dict(node.kwargs)
-    if node.op == "call_function":
-        if target in _DROPOUT_FUNCTIONS:
-            # Traced in eval mode, `training=self.training` was recorded as False: an identity.
-            return (IDENTITY, {}) if not _arg(node, 2, "training", True) else (UNKNOWN, {})
-        if target in _ELEMENTWISE_FUNCTIONS and not _has_node((rest_args, kwargs)):
-            return ELEMENTWISE, {"fn": lambda t, f=target: f(t, *rest_args, **kwargs)}
-        if target in _CONSTANT_POOL_FUNCTIONS:
-            return POOL, {"keeps_constants": True}
-        if target in _AVG_POOL_FUNCTIONS:
-            padded = any(p > 0 for p in _tuple(_arg(node, 3, "padding", 0))) and _arg(node, 5, "count_include_pad", True)
-            divisor = _arg(node, 6, "divisor_override", None) is not None
-            return POOL, {"keeps_constants": not (padded or divisor)}
-        if target in _REDUCE_FUNCTIONS:
-            return POOL, {"keeps_constants": True, "reduce_dims": _arg(node, 1, "dim", None)}
-        if target is torch.flatten:
-            return FLATTEN, {"start_dim": _arg(node, 1, "start_dim", 0), "end_dim": _arg(node, 2, "end_dim", -1)}
-        if target is torch.reshape:
-            return FLATTEN, {"reshape": _arg(node, 1, "shape", None)}
-        if target in _CAT_FUNCTIONS:
-            return CAT, {"dim": _arg(node, 1, "dim", 0)}
-        if target in _BINARY_FUNCTIONS and not kwargs:
-            return BINARY, {"op": _BINARY_FUNCTIONS[target]}
-        if target is getattr:
-            return IGNORE, {}
-        return UNKNOWN, {}
-    if node.op == "call_method":
-        if target in _ELEMENTWISE_METHODS and not _has_node((rest_args, kwargs)):
-            return ELEMENTWISE, {"fn": lambda t, name=target: getattr(t, name)(*rest_args, **kwargs)}
-        if target in _IDENTITY_METHODS:
-            return IDENTITY, {}
-        if target in _REDUCE_METHODS:
-            return POOL, {"keeps_constants": True, "reduce_dims": _arg(node, 1, "dim", None)}
-        if target == "flatten":
-            return FLATTEN, {"start_dim": _arg(node, 1, "start_dim", 0), "end_dim": _arg(node, 2, "end_dim", -1)}
-        if target in _RESHAPE_METHODS:
-            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            return FLATTEN, {"reshape": tuple(shape) if shape else node.kwargs.get("shape")}
-        if target in _BINARY_METHODS and not kwargs:
-            return BINARY, {"op": _BINARY_METHODS[target]}
-        if target in _NON_TENSOR_METHODS:
-            return IGNORE, {}
-    return UNKNOWN, {}
-
-
 def _shape(node) -> Optional[torch.Size]:
     meta = node.meta.get("tensor_meta") if isinstance(node, torch.fx.Node) else None
     return meta.shape if isinstance(meta, TensorMetadata) else None
-
-
-def _item(t: torch.Tensor, index: int) -> float:
-    return float(t.detach()[index].double())
-
-
-def constant_through(info: NodeInfo, position: int, value: Optional[float]) -> Optional[float]:
-    """The value of channel ``position`` after the one-input op ``info`` when its input there is
-    the constant ``value`` (None: not a constant). None when the result is not a constant.
-
-    BatchNorm (eval): gamma * (k - mean) / sqrt(var + eps) + beta; with gamma exactly 0 the
-    output is beta whatever the input. Average pooling with zero padding counted in the
-    average keeps only 0 constant (borders average in the padding).
-    """
-    kind = info.kind
-    if kind == CHANNELWISE:
-        bn = info.detail["module"]
-        gamma = 1.0 if bn.weight is None else _item(bn.weight, position)
-        beta = 0.0 if bn.bias is None else _item(bn.bias, position)
-        if bn.running_mean is None or not bn.track_running_stats:
-            return None  # normalises with batch statistics: no fixed affine map
-        if value is None:
-            return beta if gamma == 0.0 else None
-        mean, var = _item(bn.running_mean, position), _item(bn.running_var, position)
-        return gamma * (value - mean) / math.sqrt(var + bn.eps) + beta
-    if value is None:
-        return None
-    if kind == IDENTITY:
-        return value
-    if kind == POOL:
-        return value if (info.detail["keeps_constants"] or value == 0.0) else None
-    if kind == ELEMENTWISE:
-        with torch.no_grad():
-            out = info.detail["fn"](torch.tensor([value], dtype=torch.float64))
-        return float(out.reshape(-1)[0])
-    raise ValueError(f"constant_through: {kind} is not a one-input channel-keeping op")
-
-
-def conv_zero_padded(conv: nn.Module) -> bool:
-    """True when the conv pads its input with zeros (then a constant input channel does not
-    give a constant contribution at the borders)."""
-    if conv.padding_mode != "zeros":
-        return False  # reflect / replicate / circular padding repeats the constant
-    if isinstance(conv.padding, str):
-        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
-    return any(p > 0 for p in conv.padding)
 
 
 class ChannelGraph:
@@ -379,7 +183,7 @@ class ChannelGraph:
             if node.op == "call_module":
                 call_counts[node.target] = call_counts.get(node.target, 0) + 1
         for node in self.gm.graph.nodes:
-            kind, detail = _classify(node, self.modules)
+            kind, detail = classify(node, self.modules)
             info = NodeInfo(node, kind, detail=detail)
             if node.op == "call_module":
                 info.module_name = node.target
@@ -440,9 +244,9 @@ class ChannelGraph:
 
     def _map_producer(self, info, first, shape) -> None:
         m = info.detail["module"]
-        in_size = m.in_features if isinstance(m, nn.Linear) else m.in_channels
-        out_size = m.out_features if isinstance(m, nn.Linear) else m.out_channels
-        if isinstance(m, nn.Linear) and (shape is None or len(shape) != 2):
+        in_size = m.in_features if isinstance(m, LINEARS) else m.in_channels
+        out_size = m.out_features if isinstance(m, LINEARS) else m.out_channels
+        if isinstance(m, LINEARS) and (shape is None or len(shape) != 2):
             return self._make_unknown(info, "a Linear on a tensor of rank other than 2 mixes dims other than channels")
         if first is not None:
             if len(first.channels) != in_size:
@@ -473,7 +277,7 @@ class ChannelGraph:
         if "reduce_dims" in info.detail:  # mean / amax / amin: must keep the batch and channel dims
             dims = info.detail["reduce_dims"]
             rank = len(_shape(first.node))
-            reduced = range(rank) if dims is None else [d % rank for d in _tuple(dims)]
+            reduced = range(rank) if dims is None else [d % rank for d in as_tuple(dims)]
             if 0 in reduced or 1 in reduced:
                 return self._make_unknown(info, "reduces over the batch or channel dim")
         extra = [a for a in node.args[1:] if isinstance(a, torch.fx.Node) and _shape(a) is not None]
@@ -571,6 +375,32 @@ class ChannelGraph:
                 return layer
         return None
 
+    def readers(self, layer: str) -> list[list[tuple[NodeInfo, list[int]]]]:
+        """Per output channel of ``layer``, what consumes it: ``(node, positions)`` for every
+        Conv/Linear reading it (``positions``: where it sits in that layer's input, several after
+        a flatten), and for any grouped conv, op the analysis does not understand, or model
+        output it reaches (positions there in the input that carries it). Ops that only carry
+        channels on (BN, activations, pooling, cat, flatten) are looked through; a channel tied
+        to others (residual add) is read wherever their sum is. Needs the example inputs' shapes.
+        """
+        if not self.has_shapes:
+            raise ValueError("ChannelGraph.readers needs channel maps: build the graph with example_inputs")
+        channels_of: dict[int, list[int]] = {}  # tie class -> this layer's channels in it
+        for c, atom in enumerate(self.producers[layer]):
+            channels_of.setdefault(self.find(atom), []).append(c)
+        found: list[list] = [[] for _ in self.producers[layer]]
+        for info in self.infos:
+            if info.kind not in (PRODUCER, GROUPED, UNKNOWN, OUTPUT):
+                continue
+            for node in info.inputs:
+                positions: dict[int, list[int]] = {}
+                for p, atom in enumerate(self.info[node].channels):
+                    for c in channels_of.get(self.find(atom), ()):
+                        positions.setdefault(c, []).append(p)
+                for c, where in positions.items():
+                    found[c].append((info, where))
+        return found
+
     def chain_bn(self, layer: str) -> Optional[NodeInfo]:
         """The first BatchNorm in ``layer``'s private chain, if any."""
         for n in self.chains[layer][1:]:
@@ -585,7 +415,7 @@ class ChannelGraph:
         if bn is None:
             return None
         module = bn.detail["module"]
-        value = 0.0 if module.bias is None else _item(module.bias, channel)
+        value = 0.0 if module.bias is None else scalar_at(module.bias, channel)
         chain = self.chains[layer]
         for n in chain[chain.index(bn.node) + 1:]:
             value = constant_through(self.info[n], channel, value)

@@ -1,0 +1,219 @@
+"""What each traced op does to channels: the node kinds of the channel graph and the table of
+modules, functions and methods that have each (the layer kinds come from ``sparsekern._types``).
+
+``classify`` reads one fx node from its op and target alone (shapes are checked by the graph,
+``graph.py``); ``constant_through`` follows a constant channel through a one-input op, which
+``from_gamma`` and surgery use to know what a removed channel outputs downstream.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Optional
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import map_arg
+
+from sparsekern._types import BATCH_NORMS, CONVS, ELEMENTWISE_ACTIVATIONS, LINEARS
+
+# Node kinds -------------------------------------------------------------------------------
+INPUT = "input"              # placeholder
+PRODUCER = "producer"        # Conv (groups == 1) / Linear: reads channels, makes new ones
+GROUPED = "grouped"          # Conv with groups > 1: output group g follows input group g
+CHANNELWISE = "channelwise"  # BatchNorm: one set of parameters per channel
+ELEMENTWISE = "elementwise"  # activation or arithmetic with a number, applied per element
+IDENTITY = "identity"        # dropout (eval), identity, contiguous, flatten(start_dim >= 2)...
+POOL = "pool"                # spatial pooling / reduction: keeps channels
+FLATTEN = "flatten"          # (N, C, *S) -> (N, C * prod(S)): channel c -> features c*S..(c+1)*S-1
+CAT = "cat"                  # concatenation along dim 1
+BINARY = "binary"            # add / sub / mul / div of two channel tensors: ties their channels
+OUTPUT = "output"
+IGNORE = "ignore"            # no tensor result (x.size(0), getattr(x, "shape")...)
+UNKNOWN = "unknown"          # anything else
+
+# Ops a private chain may pass through: each is fed by one tensor and keeps its channels.
+CHAIN_KINDS = (CHANNELWISE, ELEMENTWISE, IDENTITY, POOL)
+
+# Modules that pass their input on unchanged in eval mode.
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+# Pools whose output is the constant k wherever their input is the constant k.
+_CONSTANT_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_AVG_POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)
+
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, torch.relu_, F.relu, F.relu_, F.relu6, F.hardtanh, F.leaky_relu, F.elu, F.gelu,
+    F.silu, F.hardswish, F.hardsigmoid, F.mish, F.softplus, torch.sigmoid, torch.tanh, F.sigmoid,
+    F.tanh, torch.clamp, torch.clip,
+}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout}
+_CONSTANT_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d, F.adaptive_max_pool3d,
+}
+_AVG_POOL_FUNCTIONS = {F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+_REDUCE_FUNCTIONS = {torch.mean, torch.amax, torch.amin}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+_BINARY_FUNCTIONS = {
+    operator.add: operator.add, operator.iadd: operator.add, torch.add: operator.add,
+    operator.sub: operator.sub, operator.isub: operator.sub, torch.sub: operator.sub,
+    operator.mul: operator.mul, operator.imul: operator.mul, torch.mul: operator.mul,
+    operator.truediv: operator.truediv, torch.div: operator.truediv,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip"}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+_REDUCE_METHODS = {"mean", "amax", "amin"}
+_RESHAPE_METHODS = {"view", "reshape"}
+_BINARY_METHODS = {
+    "add": operator.add, "add_": operator.add, "sub": operator.sub, "sub_": operator.sub,
+    "mul": operator.mul, "mul_": operator.mul, "div": operator.truediv, "div_": operator.truediv,
+}
+_NON_TENSOR_METHODS = {"size", "dim", "numel"}
+
+def _module_types(m: nn.Module) -> tuple[str, dict]:
+    """(kind, detail) of a call_module node's module, from its type alone."""
+    if isinstance(m, CONVS):
+        return (PRODUCER if m.groups == 1 else GROUPED), {}
+    if isinstance(m, LINEARS):
+        return PRODUCER, {}
+    if isinstance(m, BATCH_NORMS):
+        return CHANNELWISE, {}
+    if isinstance(m, _IDENTITY_MODULES):
+        return IDENTITY, {}
+    if isinstance(m, ELEMENTWISE_ACTIVATIONS):
+        return ELEMENTWISE, {"fn": m}
+    if isinstance(m, _CONSTANT_POOL_MODULES):  # (with return_indices the tuple output has no shape: unknown)
+        return POOL, {"keeps_constants": True}
+    if isinstance(m, _AVG_POOL_MODULES):
+        padded = any(p > 0 for p in as_tuple(m.padding)) and m.count_include_pad
+        divisor = getattr(m, "divisor_override", None) is not None
+        return POOL, {"keeps_constants": not (padded or divisor)}
+    if isinstance(m, nn.Flatten):
+        return FLATTEN, {"start_dim": m.start_dim, "end_dim": m.end_dim}
+    return UNKNOWN, {}
+
+
+def as_tuple(v) -> tuple:
+    """A size argument as a tuple (``padding=1`` and ``padding=(1, 1)`` alike)."""
+    return tuple(v) if isinstance(v, (tuple, list)) else (v,)
+
+
+def _has_node(values) -> bool:
+    found = []
+    map_arg(values, found.append)
+    return bool(found)
+
+
+def _arg(node: torch.fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def classify(node: torch.fx.Node, modules: dict) -> tuple[str, dict]:
+    """(kind, detail) of a node from its op and target (shapes are checked later)."""
+    if node.op == "placeholder":
+        return INPUT, {}
+    if node.op == "output":
+        return OUTPUT, {}
+    if node.op == "get_attr":
+        return UNKNOWN, {}
+    if node.op == "call_module":
+        return _module_types(modules[node.target])
+    target = node.target
+    rest_args, kwargs = node.args[1:], dict(node.kwargs)
+    if node.op == "call_function":
+        if target in _DROPOUT_FUNCTIONS:
+            # Traced in eval mode, `training=self.training` was recorded as False: an identity.
+            return (IDENTITY, {}) if not _arg(node, 2, "training", True) else (UNKNOWN, {})
+        if target in _ELEMENTWISE_FUNCTIONS and not _has_node((rest_args, kwargs)):
+            return ELEMENTWISE, {"fn": lambda t, f=target: f(t, *rest_args, **kwargs)}
+        if target in _CONSTANT_POOL_FUNCTIONS:
+            return POOL, {"keeps_constants": True}
+        if target in _AVG_POOL_FUNCTIONS:
+            padded = any(p > 0 for p in as_tuple(_arg(node, 3, "padding", 0))) and _arg(node, 5, "count_include_pad", True)
+            divisor = _arg(node, 6, "divisor_override", None) is not None
+            return POOL, {"keeps_constants": not (padded or divisor)}
+        if target in _REDUCE_FUNCTIONS:
+            return POOL, {"keeps_constants": True, "reduce_dims": _arg(node, 1, "dim", None)}
+        if target is torch.flatten:
+            return FLATTEN, {"start_dim": _arg(node, 1, "start_dim", 0), "end_dim": _arg(node, 2, "end_dim", -1)}
+        if target is torch.reshape:
+            return FLATTEN, {"reshape": _arg(node, 1, "shape", None)}
+        if target in _CAT_FUNCTIONS:
+            return CAT, {"dim": _arg(node, 1, "dim", 0)}
+        if target in _BINARY_FUNCTIONS and not kwargs:
+            return BINARY, {"op": _BINARY_FUNCTIONS[target]}
+        if target is getattr:
+            return IGNORE, {}
+        return UNKNOWN, {}
+    if node.op == "call_method":
+        if target in _ELEMENTWISE_METHODS and not _has_node((rest_args, kwargs)):
+            return ELEMENTWISE, {"fn": lambda t, name=target: getattr(t, name)(*rest_args, **kwargs)}
+        if target in _IDENTITY_METHODS:
+            return IDENTITY, {}
+        if target in _REDUCE_METHODS:
+            return POOL, {"keeps_constants": True, "reduce_dims": _arg(node, 1, "dim", None)}
+        if target == "flatten":
+            return FLATTEN, {"start_dim": _arg(node, 1, "start_dim", 0), "end_dim": _arg(node, 2, "end_dim", -1)}
+        if target in _RESHAPE_METHODS:
+            shape = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+            return FLATTEN, {"reshape": tuple(shape) if shape else node.kwargs.get("shape")}
+        if target in _BINARY_METHODS and not kwargs:
+            return BINARY, {"op": _BINARY_METHODS[target]}
+        if target in _NON_TENSOR_METHODS:
+            return IGNORE, {}
+    return UNKNOWN, {}
+
+
+def scalar_at(t: torch.Tensor, index: int) -> float:
+    """Element ``index`` of a 1-D parameter or buffer as a Python float (through float64)."""
+    return float(t.detach()[index].double())
+
+
+def constant_through(info, position: int, value: Optional[float]) -> Optional[float]:
+    """The value of channel ``position`` after the one-input op ``info`` when its input there is
+    the constant ``value`` (None: not a constant). None when the result is not a constant.
+
+    BatchNorm (eval): gamma * (k - mean) / sqrt(var + eps) + beta; with gamma exactly 0 the
+    output is beta whatever the input. Average pooling with zero padding counted in the
+    average keeps only 0 constant (borders average in the padding).
+    """
+    kind = info.kind
+    if kind == CHANNELWISE:
+        bn = info.detail["module"]
+        gamma = 1.0 if bn.weight is None else scalar_at(bn.weight, position)
+        beta = 0.0 if bn.bias is None else scalar_at(bn.bias, position)
+        if bn.running_mean is None or not bn.track_running_stats:
+            return None  # normalises with batch statistics: no fixed affine map
+        if value is None:
+            return beta if gamma == 0.0 else None
+        mean, var = scalar_at(bn.running_mean, position), scalar_at(bn.running_var, position)
+        return gamma * (value - mean) / math.sqrt(var + bn.eps) + beta
+    if value is None:
+        return None
+    if kind == IDENTITY:
+        return value
+    if kind == POOL:
+        return value if (info.detail["keeps_constants"] or value == 0.0) else None
+    if kind == ELEMENTWISE:
+        with torch.no_grad():
+            out = info.detail["fn"](torch.tensor([value], dtype=torch.float64))
+        return float(out.reshape(-1)[0])
+    raise ValueError(f"constant_through: {kind} is not a one-input channel-keeping op")
+
+
+def conv_zero_padded(conv: nn.Module) -> bool:
+    """True when the conv pads its input with zeros (then a constant input channel does not
+    give a constant contribution at the borders)."""
+    if conv.padding_mode != "zeros":
+        return False  # reflect / replicate / circular padding repeats the constant
+    if isinstance(conv.padding, str):
+        return conv.padding == "same" and any(k > 1 for k in conv.kernel_size)
+    return any(p > 0 for p in conv.padding)
