@@ -1,5 +1,6 @@
 """Explicit-pruning baselines: L1-norm filter plans, Network Slimming's global threshold and
-penalty (standalone and as ``reg="slimming"`` of the training loop), and fine-tuning."""
+penalty (sparsekern.regularize.slimming: standalone and as ``reg="slimming"`` of the training
+loop), and fine-tuning (sparsekern.train.finetune)."""
 import copy
 
 import pytest
@@ -9,10 +10,10 @@ from torch import nn
 
 from sparsekern.models import build_model
 from sparsekern.prune import prune_model
-from sparsekern.prune.baselines import (
-    SlimmingPenalty, fine_tune, l1_norm_plan, slimming_plan, slimming_threshold, unit_layers,
-)
+from sparsekern.prune.baselines import l1_norm_plan, slimming_plan, slimming_threshold, unit_layers
+from sparsekern.regularize import SlimmingPenalty
 from sparsekern.train import RunConfig
+from sparsekern.train.finetune import fine_tune
 from sparsekern.train.optim import Optimization
 
 UNITS = [f"features.c{i}.conv" for i in range(1, 8)]

@@ -4,14 +4,13 @@
   the filters of each layer by the L1 norm of their weights, keep the best of each layer,
   fine-tune. :func:`l1_norm_plan`.
 - **Network Slimming** (Liu et al. 2017, "Learning Efficient Convolutional Networks through
-  Network Slimming"): train with an L1 penalty on every BN scale gamma (its subgradient
-  ``strength * sign(gamma)`` added to gamma's gradient, strength typically 1e-5..1e-4), then
+  Network Slimming"): train with an L1 penalty on every BN scale gamma
+  (``sparsekern.regularize.slimming``; ``--reg slimming`` of ``sparsekern train``), then
   remove the channels under one *global* threshold on |gamma| chosen to reach the keep ratio,
-  then fine-tune. :class:`SlimmingPenalty` (training), :func:`slimming_threshold` /
-  :func:`slimming_plan` (pruning). In a ``sparsekern train`` run: ``--reg slimming
-  --reg-strength 1e-4`` (:class:`SlimmingRegularizer`; the penalty replaces L2, it is the only
-  regulariser of such a run).
-- :func:`fine_tune`: a few optimizer steps on a pruned model.
+  then fine-tune. :func:`slimming_threshold` / :func:`slimming_plan`.
+
+Fine-tuning the pruned models is ``sparsekern.train.finetune.fine_tune``: pruning never imports
+a training loop.
 
 Both plans cover the same layers: every Conv/Linear followed by a BN in its unit (the Conv-BN-ReLU
 units whose filters implicit sparsity kills), never the classifier, whose outputs are the logits.
@@ -20,18 +19,14 @@ original with the removed channels zeroed, not the original itself.
 """
 from __future__ import annotations
 
-import math
 from typing import Mapping, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from sparsekern._deprecated import deprecated_paths
 from sparsekern.prune.plan import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores
 from sparsekern.prune.surgery import class_path
-from sparsekern.train.optim import Regularizer
-
-_BN_TYPES = nn.modules.batchnorm._BatchNorm
 
 
 def unit_layers(model: nn.Module) -> list:
@@ -103,106 +98,9 @@ def slimming_plan(model: nn.Module, keep_ratio: float, *, input_shape=None) -> P
     return plan
 
 
-class SlimmingPenalty:
-    """The L1 penalty ``strength * sum |gamma|`` over every BN scale of ``model``, applied as its
-    subgradient ``strength * sign(gamma)`` added to each gamma's gradient (as Liu et al. do).
-
-    Two ways to use it: call :meth:`step` after ``loss.backward()`` and before
-    ``optimizer.step()``; or :meth:`attach` it once, and a gradient hook on every gamma adds the
-    term during each backward (nothing to call in the loop; :meth:`remove` undoes it). Either way
-    an adaptive optimizer sees the penalty as part of the gradient.
-    """
-
-    def __init__(self, model: nn.Module, strength: float):
-        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength > 0):
-            raise ValueError(f"SlimmingPenalty: strength must be a finite number > 0, got {strength!r}")
-        self.strength = float(strength)
-        self.gammas = [m.weight for m in model.modules() if isinstance(m, _BN_TYPES) and m.weight is not None]
-        if not self.gammas:
-            raise ValueError(f"SlimmingPenalty: {type(model).__name__} has no BatchNorm with an affine scale")
-        self._handles = []
-
-    def penalty(self) -> torch.Tensor:
-        """The loss term ``strength * sum |gamma|`` (for logging; its gradient is what is added)."""
-        return self.strength * sum(g.abs().sum() for g in self.gammas)
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """Add ``strength * sign(gamma)`` to the ``.grad`` of every gamma that has one."""
-        for gamma in self.gammas:
-            if gamma.grad is not None:
-                gamma.grad.add_(torch.sign(gamma), alpha=self.strength)
-
-    def attach(self) -> "SlimmingPenalty":
-        """Register the gradient hooks (once); returns self."""
-        if not self._handles:
-            for gamma in self.gammas:
-                self._handles.append(gamma.register_hook(
-                    lambda grad, gamma=gamma: grad + self.strength * torch.sign(gamma.detach())
-                ))
-        return self
-
-    def remove(self) -> None:
-        """Remove the gradient hooks."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-
-class SlimmingRegularizer(Regularizer):
-    """``reg="slimming"`` of the training loop: a :class:`SlimmingPenalty` of strength
-    ``reg_strength`` attached to the model's gammas; no L2 on any parameter."""
-
-    def __init__(self, config, model: nn.Module, params: list):
-        super().__init__(config, model, params)
-        self.penalty = SlimmingPenalty(model, config.reg_strength).attach()
-
-
-# --- fine-tuning ---------------------------------------------------------------------------------
-
-_FINE_TUNE_OPTIMIZERS = ("adam", "sgd")
-
-
-def fine_tune(model: nn.Module, loader, steps: int, lr: float, *, optimizer: str = "adam",
-              momentum: float = 0.9, weight_decay: float = 0.0) -> float:
-    """Train ``model`` in place for ``steps`` mini-batches of ``loader`` (cycled) with cross-entropy;
-    return the mean training loss over those steps. The model is left in eval mode.
-
-    optimizer: "adam" or "sgd" (with ``momentum``; the baselines' papers fine-tune with SGD).
-    weight_decay: L2 coefficient, 0 by default: L2 under Adam is what kills filters in the first
-    place. Batches go to the model's device. Raises TrainingDivergedError on a non-finite loss.
-    """
-    from sparsekern.train.loop import TrainingDivergedError
-
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"fine_tune: steps must be an int >= 0, got {steps!r}")
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"fine_tune: lr must be a finite number > 0, got {lr!r}")
-    if optimizer not in _FINE_TUNE_OPTIMIZERS:
-        raise ValueError(f"fine_tune: optimizer must be one of {_FINE_TUNE_OPTIMIZERS}, got {optimizer!r}")
-    if steps == 0:
-        return float("nan")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = (torch.optim.Adam(params, lr=lr, weight_decay=weight_decay) if optimizer == "adam"
-           else torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay))
-    device = next(model.parameters()).device
-    model.train()
-    losses = []
-    while len(losses) < steps:
-        epoch_start = len(losses)
-        for x, y in loader:
-            loss = F.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.detach())
-            if len(losses) == steps:
-                break
-        if len(losses) == epoch_start:
-            raise ValueError("fine_tune: the loader yielded no batches")
-    model.eval()
-    mean = torch.stack(losses).mean().item()
-    if not math.isfinite(mean):
-        raise TrainingDivergedError(f"fine_tune: the loss became {mean} (lr={lr}, optimizer={optimizer}); "
-                                    "lower the learning rate")
-    return mean
+# Moved: the slimming penalty to the regularisers, fine-tuning to training.
+__getattr__ = deprecated_paths(__name__, {
+    "SlimmingPenalty": "sparsekern.regularize.slimming.SlimmingPenalty",
+    "SlimmingRegularizer": "sparsekern.regularize.slimming.SlimmingRegularizer",
+    "fine_tune": "sparsekern.train.finetune.fine_tune",
+})

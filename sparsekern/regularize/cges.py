@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from sparsekern.regularize.groups import group_rows, write_rows_back
-from sparsekern.regularize.penalties import Regularizer
+from sparsekern.regularize.penalties import ProximalRegularizer
 from sparsekern.regularize.proximal import cges_prox
 
 
@@ -35,7 +35,7 @@ def mu_ramp(num_layers: int, mu_first: float = 0.8, mu_last: float = 0.2) -> lis
     return [mu_first + step * l for l in range(num_layers)]
 
 
-class CGES(Regularizer):
+class CGES(ProximalRegularizer):
     """CGES as a prox step usable after any torch optimizer: `reg.step(lr_or_optimizer)`.
 
     `lam`: overall strength lambda >= 0. `mu_schedule`: a (mu_first, mu_last) pair for the linear

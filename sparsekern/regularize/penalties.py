@@ -1,5 +1,5 @@
-"""Lasso / group-lasso / ridge regularisers (the L-P, GL-P and R-P rows of the Split LBI
-tables) behind one interface shared with CGES (cges.py):
+"""The proximal regularisers: their common base and lasso / group-lasso / ridge (the L-P, GL-P
+and R-P rows of the Split LBI tables); CGES (cges.py) shares the base:
 
     reg = Lasso(model, strength)          # or GroupLasso, Ridge, CGES, NoRegularizer
     for x, y in loader:
@@ -7,11 +7,11 @@ tables) behind one interface shared with CGES (cges.py):
         reg.step(optimizer)               # proximal step with each weight's current lr
     reg.sparsity()                        # per layer: fraction of zero weights / groups / filters
 
-`step(lr)` is a proximal step applied after any torch optimizer's step (SGD, Adam, ...): it
-touches only Linear / Conv weights (never biases or BatchNorm), treats all groups of a layer
-in one vectorised op, and reads no value back to the host (no `.item()`), so it does not
-synchronise a GPU stream. `penalty()` is the same penalty as a differentiable scalar, for
-logging or for adding to the loss instead of taking prox steps.
+They implement the regulariser interface of base.py. `step(lr)` is a proximal step applied after
+any torch optimizer's step (SGD, Adam, ...): it touches only Linear / Conv weights (never biases
+or BatchNorm), treats all groups of a layer in one vectorised op, and reads no value back to the
+host (no `.item()`), so it does not synchronise a GPU stream. `penalty()` is the same penalty as a
+differentiable scalar, for logging or for adding to the loss instead of taking prox steps.
 """
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from sparsekern._deprecated import deprecated_names
+from sparsekern.regularize import base
+from sparsekern.regularize.base import LearningRate, check_strength
 from sparsekern.regularize.groups import group_rows, sparse_weights, write_rows_back
 from sparsekern.regularize.proximal import group_lasso_prox, ridge_prox, soft_threshold
 
-LearningRate = float | torch.Tensor | torch.optim.Optimizer
 
-
-class Regularizer:
+class ProximalRegularizer(base.Regularizer):
     """Base of the prox regularisers: which weights, which lr, and the sparsity report.
 
     `model_or_params`: an nn.Module (its Linear / Conv weights) or an iterable of tensors (those
@@ -44,9 +45,7 @@ class Regularizer:
         layers: Iterable[str] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
     ):
-        if not (isinstance(strength, (int, float)) and math.isfinite(strength) and strength >= 0):
-            raise ValueError(f"regularisation strength must be a finite number >= 0, got {strength!r}")
-        self.strength = float(strength)
+        self.strength = check_strength(strength)
         self.group_kind = group_kind
         self.weights = sparse_weights(model_or_params, layers)
         for name, weight in self.weights:
@@ -119,7 +118,7 @@ class Regularizer:
         return f"{type(self).__name__}(strength={self.strength}, layers={self.names})"
 
 
-class NoRegularizer(Regularizer):
+class NoRegularizer(ProximalRegularizer):
     """`--reg none`: the same interface (and sparsity report), a step that changes nothing."""
 
     def __init__(self, model_or_params, strength=0.0, group_kind="input", layers=None, optimizer=None):
@@ -132,7 +131,7 @@ class NoRegularizer(Regularizer):
         return weight.new_zeros(())
 
 
-class Lasso(Regularizer):
+class Lasso(ProximalRegularizer):
     """L1 penalty `strength * sum |w|`; prox = soft threshold at `lr * strength` (L-P)."""
 
     def _prox(self, index, weight, lr):
@@ -142,7 +141,7 @@ class Lasso(Regularizer):
         return self.strength * weight.abs().sum()
 
 
-class GroupLasso(Regularizer):
+class GroupLasso(ProximalRegularizer):
     """Group lasso `strength * sum_g ||w_g||_2` (GL-P); prox = group shrink at `lr * strength`.
 
     `group_kind` defaults to "filter": whole output filters (conv) / output units (Linear) are
@@ -161,7 +160,7 @@ class GroupLasso(Regularizer):
         return self.strength * torch.linalg.vector_norm(group_rows(weight, self.group_kind), dim=1).sum()
 
 
-class Ridge(Regularizer):
+class Ridge(ProximalRegularizer):
     """Ridge `strength/2 * ||w||_2^2` (R-P); prox = exact shrink `w / (1 + lr * strength)`.
 
     As a prox step after the optimizer this is decoupled weight decay; for the coupled L2 form
@@ -174,3 +173,7 @@ class Ridge(Regularizer):
 
     def _penalty(self, index, weight):
         return 0.5 * self.strength * weight.pow(2).sum()
+
+
+# The prox base was called Regularizer before that name became the interface of every regulariser.
+__getattr__ = deprecated_names(__name__, {"Regularizer": ProximalRegularizer})

@@ -1,30 +1,17 @@
-"""Optimizers, L2 versus decoupled weight decay, and the learning-rate schedule.
+"""The optimizer, regulariser and learning-rate schedule of a run, built from its config.
 
-The two regularisers the paper compares, for a parameter theta, lr_t = lr_0 * schedule(t):
-
-  L2 ("l2"):  the penalty enters the gradient. Implemented as torch's ``weight_decay=lambda``
-              on the optimizer, so g_t = grad + lambda * theta and an adaptive optimizer
-              rescales the penalty together with the gradient (Adam divides it by sqrt(v_t)).
-              For SGD: theta <- theta - lr_t * (grad + lambda * theta).
-
-  WD ("wd"):  decoupled. The optimizer steps on the plain gradient, then
-                  theta <- theta * (1 - lambda * lr_t / lr_0)
-              so the per-step decay is lambda at the initial learning rate and follows the
-              learning-rate schedule, as in the paper ("adjusted with the same scaling
-              schedule as the learning rate"). With Adam this is AdamW with
-              ``weight_decay = lambda / lr_0`` except for the order: AdamW decays *before* its
-              update, we decay *after* it, so one step differs by exactly lambda_t * lr_t * u_t
-              (u_t the Adam direction m_hat / (sqrt(v_hat) + eps)), a second-order term.
+Regularisers come from ``sparsekern.regularize`` and share its one interface (``weight_decay``
+for the optimizer, ``step(lr)`` after every optimizer step, a state_dict): ``reg=`` none, ``l2``
+(the penalty in the gradient: torch's ``weight_decay``), ``wd`` (decoupled decay following the
+lr schedule; both described in ``sparsekern.regularize.decay``), ``slimming`` (Network Slimming's
+L1 on BN gammas, no L2) and the proximal ones (cges, lasso, group-lasso, ridge: a prox step after
+every optimizer step). More plug in by name through ``register_regularizer``, optimizers through
+``register_optimizer``.
 
 Which parameters are regularised: all of them by default (conv and linear weights and biases,
-BatchNorm gamma and beta), as in the paper; ``reg_bn=False`` exempts normalisation layers.
-
-More regularisers plug in by name through ``register_regularizer``, optimizers through
-``register_optimizer``. The proximal regularisers of ``sparsekern.regularize`` (its
-``REGULARIZERS``: cges, lasso, group-lasso, ridge) are registered automatically the first time
-the names are listed: ``--reg cges`` runs their prox step after every optimizer step.
-``--reg slimming`` is Network Slimming's L1 penalty on BN gammas (a gradient hook adding
-``reg_strength * sign(gamma)``, see ``sparsekern.prune.baselines``) and no L2.
+BatchNorm gamma and beta), as in the paper; ``reg_bn=False`` exempts normalisation layers. The
+proximal regularisers act on the conv / linear weights they select themselves (``reg_bn`` does
+not apply), Slimming on the BN gammas.
 
 Split LBI (``--optimizer slbi``, ``sparsekern.regularize.SplitLBI``) steps every conv / Linear
 weight as W <- W - kappa*lr*(grad + (W - Gamma)/nu) with its sparse Gamma (conv: per filter;
@@ -33,9 +20,6 @@ gradient only (as in the authors' DessiLBI code, whose default is 0.9; 0 gives S
 update exactly) and an L2 ``reg`` enters that gradient too. ``Optimization.end_epoch`` records
 which units are in Gamma's support after each epoch (the pruning ranking), and all of it is in the
 optimizer's state_dict, so it is checkpointed and resumed like any other optimizer.
-
-Nothing here synchronises with the device: the decay factor is a Python float computed from
-the host-side learning rate.
 """
 from __future__ import annotations
 
@@ -45,70 +29,53 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
+from sparsekern.regularize import (
+    REGULARIZERS as PROXIMAL,
+    DecoupledWeightDecay,
+    L2Regularizer,
+    Regularizer,
+    SlimmingRegularizer,
+    SplitLBI,
+    make_regularizer,
+)
+
 if TYPE_CHECKING:
     from sparsekern.train.config import RunConfig
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
-
-class Regularizer:
-    """No regularisation; the base class of every regulariser.
-
-    ``weight_decay`` is the L2 coefficient handed to the torch optimizer for the regularised
-    parameters; ``after_step`` runs after every ``optimizer.step()`` (decoupled decay,
-    proximal steps). Subclasses keep any state they need in ``state_dict``.
-    """
-
-    weight_decay = 0.0
-
-    def __init__(self, config: "RunConfig", model: nn.Module, params: list[nn.Parameter]):
-        self.strength = config.reg_strength
-        self.params = params
-
-    def after_step(self, lr: float, lr0: float) -> None:
-        """Called after each optimizer step with that step's learning rate and lr_0."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-class L2Regularizer(Regularizer):
-    """Penalty lambda/2 * ||theta||^2 in the loss, i.e. lambda * theta in the gradient."""
-
-    @property
-    def weight_decay(self) -> float:  # type: ignore[override]
-        return self.strength
-
-
-class DecoupledWeightDecay(Regularizer):
-    """theta <- theta * (1 - lambda * lr_t / lr_0) after each step (decay follows the lr schedule)."""
-
-    @torch.no_grad()
-    def after_step(self, lr: float, lr0: float) -> None:
-        if self.params:
-            torch._foreach_mul_(self.params, 1.0 - self.strength * lr / lr0)
-
-
 RegularizerFactory = Callable[["RunConfig", nn.Module, "list[nn.Parameter]"], Regularizer]
 OptimizerFactory = Callable[[list, "RunConfig"], torch.optim.Optimizer]
 
 
-def _slimming(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
-    """Network Slimming's L1 penalty on BN gammas (``sparsekern.prune.baselines``), no L2."""
-    from sparsekern.prune.baselines import SlimmingRegularizer
+def _no_regularizer(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+    return Regularizer()
 
-    return SlimmingRegularizer(config, model, params)
+
+def _l2(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+    return L2Regularizer(config.reg_strength)
+
+
+def _decoupled(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+    return DecoupledWeightDecay(params, config.reg_strength, lr0=config.lr)
+
+
+def _slimming(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+    return SlimmingRegularizer(model, config.reg_strength)
+
+
+def _proximal(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+    return make_regularizer(config.reg, model, config.reg_strength)
 
 
 _REGULARIZERS: dict[str, RegularizerFactory] = {
-    "none": Regularizer,
-    "l2": L2Regularizer,
-    "wd": DecoupledWeightDecay,
+    "none": _no_regularizer,
+    "l2": _l2,
+    "wd": _decoupled,
     "slimming": _slimming,
 }
+for _name in PROXIMAL:
+    _REGULARIZERS.setdefault(_name, _proximal)  # the built-in none keeps its meaning
 
 _OPTIMIZERS: dict[str, OptimizerFactory] = {
     "sgd": lambda groups, c: torch.optim.SGD(groups, lr=c.lr),
@@ -123,8 +90,6 @@ _OPTIMIZERS: dict[str, OptimizerFactory] = {
 
 def _split_lbi(fc_mode: str) -> OptimizerFactory:
     def build(groups, c):
-        from sparsekern.regularize.slbi import SplitLBI
-
         return SplitLBI(groups, lr=c.lr, kappa=c.slbi_kappa, nu=c.slbi_nu, momentum=c.momentum, fc_mode=fc_mode,
                         conv_mode="filter")
 
@@ -133,34 +98,6 @@ def _split_lbi(fc_mode: str) -> OptimizerFactory:
 
 _OPTIMIZERS["slbi"] = _split_lbi("elementwise")  # S-P: conv filters, single Linear weights
 _OPTIMIZERS["slbi-group"] = _split_lbi("group")  # GS-P: conv filters, Linear rows
-
-_plugins_loaded = False
-
-
-class ProximalRegularizer(Regularizer):
-    """A proximal regulariser of ``sparsekern.regularize`` (cges, lasso, group-lasso, ridge...):
-    its prox step runs after every optimizer step, with that step's learning rate. It acts on
-    the conv / linear weights it selects itself (``reg_bn`` does not apply)."""
-
-    def __init__(self, config: "RunConfig", model: nn.Module, params: list[nn.Parameter]):
-        super().__init__(config, model, params)
-        from sparsekern.regularize import make_regularizer
-
-        self.prox = make_regularizer(config.reg, model, config.reg_strength)
-
-    def after_step(self, lr: float, lr0: float) -> None:
-        self.prox.step(lr)
-
-
-def _load_plugins() -> None:
-    """Register the proximal regularisers of ``sparsekern.regularize`` under their names (once)."""
-    global _plugins_loaded
-    if not _plugins_loaded:
-        _plugins_loaded = True
-        import sparsekern.regularize as regularize
-
-        for name in getattr(regularize, "REGULARIZERS", {}):
-            _REGULARIZERS.setdefault(name, ProximalRegularizer)  # built-in none / l2 / wd keep their meaning
 
 
 def register_regularizer(name: str, factory: RegularizerFactory) -> None:
@@ -174,12 +111,10 @@ def register_optimizer(name: str, factory: OptimizerFactory) -> None:
 
 
 def regularizer_names() -> list[str]:
-    _load_plugins()
     return list(_REGULARIZERS)
 
 
 def optimizer_names() -> list[str]:
-    _load_plugins()
     return list(_OPTIMIZERS)
 
 
@@ -226,7 +161,6 @@ class Optimization:
         groups = [{"params": regularised, "weight_decay": self.regularizer.weight_decay},
                   {"params": exempt, "weight_decay": 0.0}]
         self.optimizer = _OPTIMIZERS[config.optimizer]([g for g in groups if g["params"]], config)
-        self.lr0 = config.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             ScheduleFactor(config.lr_schedule, total_steps, config.lr_milestones, config.lr_decay),
@@ -244,7 +178,7 @@ class Optimization:
         """optimizer.step(), then the regulariser's post-step with this step's lr, then advance the schedule."""
         lr = self.lr
         self.optimizer.step()
-        self.regularizer.after_step(lr, self.lr0)
+        self.regularizer.step(lr)
         self.scheduler.step()
 
     def end_epoch(self, epoch: int) -> None:
