@@ -65,21 +65,25 @@ struct Variant {
   BnReluFn* bn_relu;
 };
 
+// One row of kVariants: a variant's name, its CPU check and its kernels (one line per new op here).
+#define SPARSEKERN_VARIANT(isa, supported) {#isa, supported, isa::channel_absmax_cpu, isa::bn_relu_cpu}
+
 // Best first. native is the build machine's own target: it is the only variant of such a build.
 const Variant kVariants[] = {
 #ifdef SPARSEKERN_HAVE_ISA_NATIVE
-    {"native", always, native::channel_absmax_cpu, native::bn_relu_cpu},
+    SPARSEKERN_VARIANT(native, always),
 #endif
 #ifdef SPARSEKERN_HAVE_ISA_AVX512
-    {"avx512", cpu_has_avx512, avx512::channel_absmax_cpu, avx512::bn_relu_cpu},
+    SPARSEKERN_VARIANT(avx512, cpu_has_avx512),
 #endif
 #ifdef SPARSEKERN_HAVE_ISA_AVX2
-    {"avx2", cpu_has_avx2_fma_f16c, avx2::channel_absmax_cpu, avx2::bn_relu_cpu},
+    SPARSEKERN_VARIANT(avx2, cpu_has_avx2_fma_f16c),
 #endif
 #ifdef SPARSEKERN_HAVE_ISA_BASELINE
-    {"baseline", always, baseline::channel_absmax_cpu, baseline::bn_relu_cpu},
+    SPARSEKERN_VARIANT(baseline, always),
 #endif
 };
+#undef SPARSEKERN_VARIANT
 
 const Variant* best_supported() {
   for (const Variant& v : kVariants)

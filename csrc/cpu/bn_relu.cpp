@@ -148,7 +148,7 @@ void rows_kernel(const T* x, const View4& vx, const float* scale, const float* s
   }
 }
 
-constexpr int64_t kChannelBlock = 256;
+constexpr int64_t kChannelBlock = cpu::ChannelBlockTasks::kBlock;
 
 // Per-call channel facts for the inner-channel layout: which lanes are live (as float bit
 // masks, for an AND), and which 8-channel groups are entirely dead (skipped without a load).
@@ -218,44 +218,31 @@ void inner_channel_block(const T* x, const View4& vx, const float* scale, const 
 template <typename T, bool MAX, bool DEAD>
 void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
                           T* y, const View4& vy, float* out_max) {
-  const int64_t positions = vx.r * vx.l;
-  const int64_t cblocks = (vx.c + kChannelBlock - 1) / kChannelBlock;
-  const int64_t threads = cpu::threads_for(vx.n * vx.c * positions);
-  // Split positions only when (n, channel block) pairs alone cannot fill the cores.
-  int64_t splits = 1;
-  if (vx.n * cblocks < 2 * threads && positions >= 64) {
-    splits = std::min<int64_t>((2 * threads + vx.n * cblocks - 1) / (vx.n * cblocks), positions / 32);
-    splits = std::max<int64_t>(splits, 1);
-  }
-  const int64_t tasks = vx.n * cblocks * splits;
+  const cpu::ChannelBlockTasks tasks(vx.n, vx.c, vx.r * vx.l);
   std::optional<DeadLanes> lanes_storage;
   if (DEAD) lanes_storage.emplace(dead, vx.c);
   const DeadLanes* lanes = DEAD ? &*lanes_storage : nullptr;
   // Partial maxima per task, merged below (cheap: tasks * kChannelBlock values).
-  std::vector<float> pmx(MAX ? tasks * kChannelBlock : 0), pbad(MAX ? tasks * kChannelBlock : 0);
-#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(vx.n * vx.c * positions))
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t s = t % splits, nb = t / splits;
-    const int64_t n = nb / cblocks, b = nb % cblocks;
-    const int64_t c0 = b * kChannelBlock, cb = std::min(kChannelBlock, vx.c - c0);
-    const int64_t p0 = positions * s / splits, p1 = positions * (s + 1) / splits;
-    inner_channel_block<T, MAX, DEAD>(x, vx, scale, shift, dead, lanes, y, vy, n, c0, cb, p0, p1,
-                                      MAX ? &pmx[t * kChannelBlock] : nullptr,
+  std::vector<float> pmx(MAX ? tasks.count * kChannelBlock : 0), pbad(MAX ? tasks.count * kChannelBlock : 0);
+#pragma omp parallel for schedule(static) num_threads(tasks.threads)
+  for (int64_t t = 0; t < tasks.count; ++t) {
+    const cpu::ChannelBlockTasks::Task task = tasks[t];
+    inner_channel_block<T, MAX, DEAD>(x, vx, scale, shift, dead, lanes, y, vy, task.n, task.c0, task.cb, task.p0,
+                                      task.p1, MAX ? &pmx[t * kChannelBlock] : nullptr,
                                       MAX ? &pbad[t * kChannelBlock] : nullptr);
   }
   if (!MAX) return;
-  for (int64_t nb = 0; nb < vx.n * cblocks; ++nb) {
-    const int64_t n = nb / cblocks, c0 = (nb % cblocks) * kChannelBlock;
-    const int64_t cb = std::min(kChannelBlock, vx.c - c0);
-    for (int64_t c = 0; c < cb; ++c) {
+  for (int64_t nb = 0; nb < vx.n * tasks.cblocks; ++nb) {
+    const cpu::ChannelBlockTasks::Task block = tasks[nb * tasks.splits];
+    for (int64_t c = 0; c < block.cb; ++c) {
       float m = 0.0f;
       bool nan = false;
-      for (int64_t s = 0; s < splits; ++s) {
-        const int64_t i = (nb * splits + s) * kChannelBlock + c;
+      for (int64_t s = 0; s < tasks.splits; ++s) {
+        const int64_t i = tasks.slot(nb, s, c);
         m = std::max(m, pmx[i]);
         nan = nan || pbad[i] != 0.0f;
       }
-      out_max[n * vx.c + c0 + c] = nan ? kNaN : round_trip<T>(m);
+      out_max[block.n * vx.c + block.c0 + c] = nan ? kNaN : round_trip<T>(m);
     }
   }
 }

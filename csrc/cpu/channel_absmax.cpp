@@ -102,7 +102,7 @@ void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
   }
 }
 
-constexpr int64_t kChannelBlock = 256;
+constexpr int64_t kChannelBlock = cpu::ChannelBlockTasks::kBlock;
 
 // Reduce positions [p0, p1) of sample n, channels [c0, c0 + cb), into mx / bad / cnt.
 template <typename T, bool COUNT>
@@ -141,43 +141,30 @@ void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int6
 
 template <typename T, bool COUNT>
 void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos) {
-  const int64_t positions = v.r * v.l;
-  const int64_t cblocks = (v.c + kChannelBlock - 1) / kChannelBlock;
-  const int64_t threads = cpu::threads_for(v.n * v.c * positions);
-  // Split positions only when (n, channel block) pairs alone cannot fill the cores.
-  int64_t splits = 1;
-  if (v.n * cblocks < 2 * threads && positions >= 64) {
-    splits = std::min<int64_t>((2 * threads + v.n * cblocks - 1) / (v.n * cblocks), positions / 32);
-    splits = std::max<int64_t>(splits, 1);
-  }
-  const int64_t tasks = v.n * cblocks * splits;
+  const cpu::ChannelBlockTasks tasks(v.n, v.c, v.r * v.l);
   // Partial results per task; merged below (cheap: tasks * kChannelBlock values).
-  std::vector<float> pmx(tasks * kChannelBlock), pbad(tasks * kChannelBlock);
-  std::vector<int32_t> pcnt(COUNT ? tasks * kChannelBlock : 0);
-#pragma omp parallel for schedule(static) num_threads(cpu::threads_for(v.n * v.c * positions))
-  for (int64_t t = 0; t < tasks; ++t) {
-    const int64_t s = t % splits, nb = t / splits;
-    const int64_t n = nb / cblocks, b = nb % cblocks;
-    const int64_t c0 = b * kChannelBlock, cb = std::min(kChannelBlock, v.c - c0);
-    const int64_t p0 = positions * s / splits, p1 = positions * (s + 1) / splits;
-    inner_channel_block<T, COUNT>(x, v, n, c0, cb, p0, p1, &pmx[t * kChannelBlock], &pbad[t * kChannelBlock],
-                                  COUNT ? &pcnt[t * kChannelBlock] : nullptr);
+  std::vector<float> pmx(tasks.count * kChannelBlock), pbad(tasks.count * kChannelBlock);
+  std::vector<int32_t> pcnt(COUNT ? tasks.count * kChannelBlock : 0);
+#pragma omp parallel for schedule(static) num_threads(tasks.threads)
+  for (int64_t t = 0; t < tasks.count; ++t) {
+    const cpu::ChannelBlockTasks::Task task = tasks[t];
+    inner_channel_block<T, COUNT>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, &pmx[t * kChannelBlock],
+                                  &pbad[t * kChannelBlock], COUNT ? &pcnt[t * kChannelBlock] : nullptr);
   }
-  for (int64_t nb = 0; nb < v.n * cblocks; ++nb) {
-    const int64_t n = nb / cblocks, c0 = (nb % cblocks) * kChannelBlock;
-    const int64_t cb = std::min(kChannelBlock, v.c - c0);
-    for (int64_t c = 0; c < cb; ++c) {
+  for (int64_t nb = 0; nb < v.n * tasks.cblocks; ++nb) {
+    const cpu::ChannelBlockTasks::Task block = tasks[nb * tasks.splits];
+    for (int64_t c = 0; c < block.cb; ++c) {
       float m = 0.0f;
       bool nan = false;
       int64_t k = 0;
-      for (int64_t s = 0; s < splits; ++s) {
-        const int64_t i = (nb * splits + s) * kChannelBlock + c;
+      for (int64_t s = 0; s < tasks.splits; ++s) {
+        const int64_t i = tasks.slot(nb, s, c);
         m = std::max(m, pmx[i]);
         nan = nan || pbad[i] != 0.0f;
         if (COUNT) k += pcnt[i];
       }
-      out[n * v.c + c0 + c] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
-      if (COUNT) pos[n * v.c + c0 + c] = k;
+      out[block.n * v.c + block.c0 + c] = nan ? std::numeric_limits<float>::quiet_NaN() : m;
+      if (COUNT) pos[block.n * v.c + block.c0 + c] = k;
     }
   }
 }
