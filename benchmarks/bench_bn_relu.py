@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 import sparsekern  # noqa: E402
-from sparsekern.ops.bn_relu import bn_relu, fold_bn  # noqa: E402
+from sparsekern.ops.bn_relu import bn_affine, bn_relu  # noqa: E402
 
 CHANNELS, SIDE = 128, 64  # 2 MiB per float32 sample: 64 MiB is a batch of 32
 
@@ -67,7 +67,7 @@ def make_case(mib: int, layout: str, dead_pct: int, device: str, seed: int = 0):
             bn.weight[dead] = 0.0  # gamma = 0, beta = 0: what a dead filter looks like
             bn.bias[dead] = 0.0
     bn = bn.eval().to(device)
-    scale, shift = fold_bn(bn)
+    scale, shift = bn_affine(bn)
     return x, bn, scale, shift, (dead.to(device) if dead is not None else None)
 
 

@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
-from sparsekern.ops._layout import DTYPE_CODE, as_view4  # noqa: E402
+from sparsekern._layout import DTYPE_CODE, as_view4  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE_64MIB = (128, 128, 32, 32)

@@ -2,8 +2,12 @@
 folder on sys.path). One copy of each, so the tests of one behaviour set it up the same way."""
 from __future__ import annotations
 
+import numpy
+import pytest
 import torch
 from torch import nn
+
+from sparsekern import _backend
 
 
 def randomize_bn(model: nn.Module, seed: int = 1) -> nn.Module:
@@ -23,3 +27,61 @@ def make_constant(bn: nn.Module, channels, beta: float) -> None:
     """gamma = 0: the BN outputs exactly beta on these channels (dead after ReLU if beta < 0)."""
     bn.weight.data[channels] = 0.0
     bn.bias.data[channels] = beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel backends: one table for the op tests (test_channel_absmax.py, test_bn_relu.py), each
+# kind a backend argument forced explicitly on a device.
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))
+KERNEL_KINDS = {
+    # kind: (backend argument, device, marks)
+    "torch": ("torch", "cpu", ()),
+    "cpp": ("cpp", "cpu", ()),
+    "triton-interpret": ("triton", "cpu", (pytest.mark.triton_interpret,)),
+    "cuda": ("cuda", "cuda", CUDA_MARKS),
+    "triton-cuda": ("triton", "cuda", CUDA_MARKS),
+}
+# Where the Triton-interpreter cases run on a machine with a GPU (see conftest.py).
+INTERPRETER_SUBPROCESS_TEST = "test_backend.py::test_triton_interpreter_cases_run_without_the_gpu"
+
+
+def kind_params(kinds=tuple(KERNEL_KINDS)) -> list:
+    """pytest params, one per kind, carrying the kind's marks and named by it."""
+    return [pytest.param(kind, marks=KERNEL_KINDS[kind][2], id=kind) for kind in kinds]
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
+
+
+def triton_interpreter_broken() -> str | None:
+    """Why the installed triton's interpreter cannot run here at all, or None."""
+    triton = pytest.importorskip("triton")
+    # triton 3.6's interpreter turns 1-element arrays into ints with int(), which numpy >= 2.4
+    # refuses; triton 3.8 fixed it. Not a sparsekern problem.
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return f"triton {triton.__version__}'s interpreter does not run with numpy {numpy.__version__}"
+    return None
+
+
+def prepare_kind(kind: str) -> tuple[str, torch.device]:
+    """Skip what this machine (or this process) cannot run; return (backend argument, device)."""
+    backend, device, _ = KERNEL_KINDS[kind]
+    if backend in ("cpp", "cuda") and _backend.extension() is None:
+        pytest.skip("sparsekern._C is not built")
+    if kind == "cuda" and not getattr(_backend.extension(), "with_cuda", False):
+        pytest.skip("sparsekern._C was built without CUDA kernels")
+    if backend == "triton":
+        pytest.importorskip("triton")
+    if kind == "triton-interpret":
+        from sparsekern.triton._utils import triton_interprets  # imports triton: only for Triton cases
+
+        if not triton_interprets():
+            pytest.skip("the Triton interpreter is off in this process (conftest.py turns it on only without a GPU, "
+                        f"before triton is imported); on a GPU machine {INTERPRETER_SUBPROCESS_TEST} runs these cases")
+        broken = triton_interpreter_broken()
+        if broken:
+            pytest.skip(broken)
+    return backend, torch.device(device)

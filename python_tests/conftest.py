@@ -1,11 +1,20 @@
-"""Shared pytest setup.
+"""Shared pytest setup: whether this test process runs Triton compiled or interpreted.
 
-Triton decides when it is first imported whether ``@triton.jit`` functions (its standard
-library included) compile or run under the interpreter, from TRITON_INTERPRET. On a machine
-without a CUDA GPU Triton can only run interpreted, so the interpreter is switched on here,
-before any test imports triton; the Triton tests then run on CPU tensors (marked
-``triton_interpret``). With a GPU it stays off, so the Triton tests exercise compiled kernels.
-An explicit TRITON_INTERPRET in the environment is left as it is.
+Triton fixes the mode when it is imported: every ``@triton.jit`` function, its own library
+(``tl.max``, ``tl.cdiv``) and sparsekern's kernels alike, compiles or interprets according to
+TRITON_INTERPRET at decoration time. A process therefore runs Triton one way only, and the
+variable must be set before anything imports triton; switching it later (in a fixture) leaves
+triton's library compiled under interpreted kernels, which cannot run.
+
+So, once per session and before any test imports triton:
+- without a CUDA GPU, TRITON_INTERPRET=1: the Triton cases run interpreted on CPU tensors
+  (the ``triton-interpret`` kind, marked ``triton_interpret``); there is no compiled Triton.
+- with a GPU it stays off: the ``triton-cuda`` cases run the kernels compiled on the GPU,
+  and the ``triton-interpret`` cases skip in this process, saying so. They are not lost:
+  test_backend.py::test_triton_interpreter_cases_run_without_the_gpu reruns them in a
+  subprocess with TRITON_INTERPRET=1 and no visible GPU, i.e. as on a machine without one.
+An explicit TRITON_INTERPRET in the environment is left as it is (TRITON_INTERPRET=1 on a GPU
+machine runs the interpreter in this process, for CUDA tensors too, slowly).
 """
 import os
 

@@ -1,4 +1,7 @@
-"""Backend discovery and dispatch: what `import sparsekern` does with and without sparsekern._C."""
+"""Backend discovery and dispatch: what `import sparsekern` does with and without sparsekern._C,
+where a kernel call selects its GPU, and where the Triton-interpreter cases run."""
+import ast
+import importlib.util
 import json
 import os
 import platform
@@ -10,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _helpers import triton_interpreter_broken
 
 import sparsekern
 from sparsekern import _backend
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def _run(code: str, env_extra=None) -> subprocess.CompletedProcess:
@@ -54,8 +60,10 @@ def test_import_without_extension_falls_back_with_one_warning():
 
 def test_import_touches_no_cuda_driver():
     # Nothing at import time may initialise CUDA (DESIGN.md): a GPU-less machine must import cleanly.
-    proc = _run("""
-        import torch, sparsekern, sparsekern.stats.channel_stats, sparsekern.ops.bn_relu
+    # The Triton kernels too, decorated compiled or interpreted (whichever this environment says).
+    triton_modules = ", sparsekern.triton.channel_absmax, sparsekern.triton.bn_relu" if HAS_TRITON else ""
+    proc = _run(f"""
+        import torch, sparsekern, sparsekern.stats.channel_stats, sparsekern.ops.bn_relu{triton_modules}
         print(torch.cuda.is_initialized())
     """)
     assert proc.returncode == 0, proc.stderr
@@ -218,3 +226,106 @@ def test_cpu_kernel_tests_pass_on_every_variant(isa):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     passed = re.search(r"(\d+) passed", summary)
     assert passed and int(passed.group(1)) > 100, summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Device selection: one place, sparsekern._backend.cuda_device, around every kernel call.
+
+ROOT_PACKAGE = ROOT / "sparsekern"
+
+
+def _selects_a_device(path: Path) -> list[str]:
+    """Lines of ``path`` that make a GPU current themselves."""
+    needles = ("torch.cuda.device(", "torch.cuda.set_device(", "cudaSetDevice(")
+    return [f"{path.relative_to(ROOT)}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
+            if any(n in line for n in needles)]
+
+
+def test_cuda_device_is_selected_in_one_place():
+    """No kernel module, Python or C++, selects a device: only _backend.cuda_device does."""
+    kernel_files = [*(ROOT_PACKAGE / "ops").glob("*.py"), *(ROOT_PACKAGE / "triton").glob("*.py"),
+                    *(ROOT / "csrc").rglob("*.c*"), *(ROOT / "csrc").rglob("*.h")]
+    offenders = [hit for path in kernel_files for hit in _selects_a_device(path)]
+    assert not offenders, "device selection outside sparsekern._backend.cuda_device:\n" + "\n".join(offenders)
+    assert _selects_a_device(ROOT_PACKAGE / "_backend.py"), "cuda_device should be where the device is selected"
+
+
+def _is_cuda_device_call(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "cuda_device"
+
+
+@pytest.mark.parametrize("op", ["channel_absmax", "bn_relu"])
+def test_every_kernel_call_of_an_op_runs_in_cuda_device(op):
+    """Each op's calls of a CUDA / C++ kernel (``*_cuda``, ``*_cpu``) or Triton launcher
+    (``*_triton``) sit inside ``with _backend.cuda_device(x):``."""
+    tree = ast.parse((ROOT_PACKAGE / "ops" / f"{op}.py").read_text())
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(_is_cuda_device_call(item.context_expr) for item in node.items):
+            guarded.update(id(inner) for inner in ast.walk(node))
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)
+             and (getattr(node.func, "attr", None) or getattr(node.func, "id", "")).endswith(("_cuda", "_cpu", "_triton"))]
+    assert len(calls) == 3, [ast.unparse(c.func) for c in calls]  # cpp, cuda and triton
+    assert all(id(call) in guarded for call in calls), [ast.unparse(c.func) for c in calls if id(c) not in guarded]
+
+
+def test_cuda_device_does_nothing_for_cpu_tensors():
+    proc = _run("""
+        import torch
+        from sparsekern._backend import cuda_device
+        with cuda_device(torch.ones(2, 3)):
+            pass
+        print(torch.cuda.is_initialized())
+    """)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_a_tensor_on_another_gpu_runs_there(backend):
+    """x on cuda:1 while cuda:0 is current: right results from both ops, and cuda:0 still current."""
+    if backend == "cuda" and not getattr(_backend.extension(), "with_cuda", False):
+        pytest.skip("sparsekern._C was built without CUDA kernels")
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    torch.cuda.set_device(0)
+    x = torch.randn(3, 5, 7, 9, generator=torch.Generator().manual_seed(0)).to("cuda:1")
+    scale, shift = torch.rand(5, device="cuda:1") + 0.5, torch.randn(5, device="cuda:1")
+    m = sparsekern.channel_absmax(x, backend=backend)
+    y, ym = sparsekern.bn_relu(x, scale, shift, return_max=True, backend=backend)
+    torch.cuda.synchronize("cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert m.device == y.device == torch.device("cuda:1")
+    assert torch.equal(m.cpu(), x.cpu().abs().amax((2, 3)))
+    expected = torch.relu(x.cpu() * scale.cpu().reshape(1, 5, 1, 1) + shift.cpu().reshape(1, 5, 1, 1))
+    assert torch.allclose(y.cpu(), expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(ym.cpu(), y.cpu().amax((2, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Triton-interpreter cases on a machine with a GPU (see conftest.py)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_triton_interpreter_cases_run_without_the_gpu():
+    """Where this process compiles Triton (a GPU machine), the triton-interpret cases of the op
+    suites skip here; run them as a GPU-less machine would: in a fresh process with
+    TRITON_INTERPRET=1 set before triton is imported and no GPU visible."""
+    from sparsekern.triton._utils import triton_interprets
+
+    if triton_interprets():
+        pytest.skip("this process interprets Triton: the triton-interpret cases ran in it")
+    broken = triton_interpreter_broken()
+    if broken:
+        pytest.skip(broken)
+    files = [str(ROOT / "python_tests" / name) for name in ("test_channel_absmax.py", "test_bn_relu.py")]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-m", "pytest", *files, "-q", "-p", "no:cacheprovider", "-m",
+                           "triton_interpret"], capture_output=True, text=True, env=env, timeout=1800, cwd=ROOT)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", summary)
+    assert passed and int(passed.group(1)) > 200 and "skipped" not in summary, summary

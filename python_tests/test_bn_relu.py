@@ -1,9 +1,10 @@
 """sparsekern.bn_relu, FusedBNReLU and fuse_bn_relu against an independent float64 reference.
 
-Every backend is forced explicitly: cpp and torch on CPU tensors, triton under the Triton
-interpreter on CPU tensors (small shapes), cuda and triton on CUDA tensors (skipped without a
-GPU). The reference is eval-mode BatchNorm + ReLU written out in float64 from the BN's own
-parameters, so it also checks fold_bn.
+Every backend is forced explicitly (the kinds of _helpers.KERNEL_KINDS): cpp and torch on CPU
+tensors, triton under the Triton interpreter on CPU tensors (small shapes; where they run is
+conftest.py's), cuda and triton on CUDA tensors (skipped without a GPU). The reference is
+eval-mode BatchNorm + ReLU written out in float64 from the BN's own parameters, so it also
+checks bn_affine.
 """
 from __future__ import annotations
 
@@ -12,32 +13,25 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import kind_params, prepare_kind, randomize_bn
 from torch import nn
 
 import sparsekern
 from sparsekern import BackendUnavailableError
-from sparsekern.ops.bn_relu import FusedBNReLU, bn_relu, bn_relu_reference, fold_bn, fuse_bn_relu
+from sparsekern.ops.bn_relu import FusedBNReLU, bn_affine, bn_relu, bn_relu_reference, fuse_bn_relu
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-CPP = pytest.param(("cpp", "cpu"), id="cpp")
-TORCH = pytest.param(("torch", "cpu"), id="torch")
-TRITON_INTERPRET = pytest.param(("triton", "cpu"), id="triton-interpret", marks=pytest.mark.triton_interpret)
-CUDA = pytest.param(("cuda", "cuda"), id="cuda", marks=[pytest.mark.cuda, needs_cuda])
-TRITON_CUDA = pytest.param(("triton", "cuda"), id="triton-cuda", marks=[pytest.mark.cuda, needs_cuda])
-ALL_BACKENDS = [CPP, TORCH, TRITON_INTERPRET, CUDA, TRITON_CUDA]
+ALL_BACKENDS = kind_params()
+COMPILED_BACKENDS = kind_params(["cpp", "torch", "cuda", "triton-cuda"])  # the full matrix
+TRITON_INTERPRET = kind_params(["triton-interpret"])  # a smaller matrix (see INTERPRET_MATRIX)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DTYPE_IDS = ["fp32", "fp16", "bf16"]
 
 
 @pytest.fixture
-def backend_on(request, monkeypatch):
-    """(backend, device) from the test's `target` param; the interpreter is switched on for triton on CPU."""
-    backend, device = request.param
-    if backend == "triton" and device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    return backend, torch.device(device)
+def backend_on(request):
+    """(backend, device) for the test's kind (an indirect param), skipping what cannot run here."""
+    return prepare_kind(request.param)
 
 
 def _bn_params(c: int, seed: int):
@@ -167,7 +161,7 @@ INTERPRET_MATRIX = (
 
 def _run_matrix_case(backend, device, c, sp, dtype, layout):
     bn = _make_bn(c, seed=c + len(sp))
-    scale, shift = fold_bn(bn)
+    scale, shift = bn_affine(bn)
     x = make_input((2, c) + sp, dtype, layout, device, seed=c)
     y, m = bn_relu(x, scale.to(device), shift.to(device), return_max=True, backend=backend)
     check_layout(x, y)
@@ -180,13 +174,13 @@ def _run_matrix_case(backend, device, c, sp, dtype, layout):
     check_against_truth(x, y, m, truth, scale, shift, dtype, own)
 
 
-@pytest.mark.parametrize("backend_on", [CPP, TORCH, CUDA, TRITON_CUDA], indirect=True)
+@pytest.mark.parametrize("backend_on", COMPILED_BACKENDS, indirect=True)
 @pytest.mark.parametrize("c, sp, dtype, layout", FULL_MATRIX)
 def test_matches_float64_reference(backend_on, c, sp, dtype, layout):
     _run_matrix_case(*backend_on, c, sp, dtype, layout)
 
 
-@pytest.mark.parametrize("backend_on", [TRITON_INTERPRET], indirect=True)
+@pytest.mark.parametrize("backend_on", TRITON_INTERPRET, indirect=True)
 @pytest.mark.parametrize("c, sp, dtype, layout", INTERPRET_MATRIX)
 def test_triton_interpreter_matches_float64_reference(backend_on, c, sp, dtype, layout):
     _run_matrix_case(*backend_on, c, sp, dtype, layout)
@@ -203,7 +197,7 @@ def test_dead_channels_are_zero_and_never_read(backend_on, layout, dtype):
     x = make_input((3, c, 5, 6), dtype, layout, device, seed=1)
     # If a dead channel were read, its NaN would reach y or the max.
     x[:, dead.to(device)] = float("nan")
-    scale, shift = fold_bn(_make_bn(c, seed=2))
+    scale, shift = bn_affine(_make_bn(c, seed=2))
     shift = shift.abs() + 0.5  # dead channels would otherwise come out positive
     y, m = bn_relu(x, scale.to(device), shift.to(device), dead.to(device), return_max=True, backend=backend)
     y_dead = y[:, dead.to(device)]
@@ -271,7 +265,7 @@ def test_low_precision_rounding_is_torchs_bit_for_bit(backend_on, layout, dtype)
 def test_rank5_and_empty_inputs(backend_on):
     backend, device = backend_on
     c = 6
-    scale, shift = fold_bn(_make_bn(c, seed=4))
+    scale, shift = bn_affine(_make_bn(c, seed=4))
     # A permuted 5-D tensor cannot fold into (N, C, R, L): it is read once through a copy.
     x = torch.randn(2, 3, 4, c, 5).to(device).permute(0, 3, 1, 2, 4)
     y, m = bn_relu(x, scale.to(device), shift.to(device), return_max=True, backend=backend)
@@ -353,12 +347,12 @@ def test_scale_in_any_float_dtype_is_used_as_float32():
     assert torch.allclose(y.double(), affine64(x, s16.float(), b16.float()), rtol=1e-6, atol=1e-7)
 
 
-# ---------------------------------------------------------------- fold_bn
+# ---------------------------------------------------------------- bn_affine
 
-def test_fold_bn_matches_hand_computation():
+def test_bn_affine_matches_hand_computation():
     bn = _make_bn(5, seed=5)
     bn.eps = 1e-3
-    scale, shift = fold_bn(bn)
+    scale, shift = bn_affine(bn)
     assert scale.dtype == shift.dtype == torch.float32
     for c in range(5):
         g, bt = bn.weight[c].item(), bn.bias[c].item()
@@ -367,19 +361,73 @@ def test_fold_bn_matches_hand_computation():
         assert scale[c].item() == pytest.approx(expected_scale, rel=1e-7)
         assert shift[c].item() == pytest.approx(bt - mu * expected_scale, rel=1e-6, abs=1e-7)
     plain = nn.BatchNorm1d(3, affine=False).eval()
-    s, b = fold_bn(plain)  # gamma = 1, beta = 0; fresh stats mean 0, var 1
+    s, b = bn_affine(plain)  # gamma = 1, beta = 0; fresh stats mean 0, var 1
     assert torch.allclose(s, torch.full((3,), (1 + 1e-5) ** -0.5)) and torch.equal(b, torch.zeros(3))
 
 
-def test_fold_bn_refuses_what_it_cannot_fold():
+def test_bn_affine_refuses_what_it_cannot_fold():
     with pytest.raises(ValueError, match="track_running_stats=False"):
-        fold_bn(nn.BatchNorm2d(3, track_running_stats=False))
-    with pytest.raises(TypeError, match="expected nn.BatchNorm1d or nn.BatchNorm2d"):
-        fold_bn(nn.LayerNorm(3))
+        bn_affine(nn.BatchNorm2d(3, track_running_stats=False))
+    with pytest.raises(TypeError, match=r"bn_affine: expected a BatchNorm \(BatchNorm1d/2d/3d or SyncBatchNorm\), "
+                                        "got LayerNorm"):
+        bn_affine(nn.LayerNorm(3))
+    with pytest.raises(ValueError, match="bn_affine: this LazyBatchNorm2d is not initialised yet"):
+        bn_affine(nn.LazyBatchNorm2d())
     bn = _make_bn(3, seed=6)
     bn.running_var[1] = float("nan")
     with pytest.raises(ValueError, match="NaN or Inf"):
-        fold_bn(bn)
+        bn_affine(bn)
+
+
+def test_fold_bn_is_the_deprecated_name_of_bn_affine():
+    import sparsekern.ops.bn_relu as ops_bn_relu
+
+    with pytest.warns(DeprecationWarning, match=r"sparsekern\.ops\.bn_relu\.fold_bn is deprecated.*"
+                                                r"use sparsekern\.ops\.bn_relu\.bn_affine"):
+        old = ops_bn_relu.fold_bn
+    assert old is bn_affine
+    with pytest.warns(DeprecationWarning, match="bn_affine"):
+        from sparsekern.ops.bn_relu import fold_bn  # noqa: F401  (the import form warns too)
+    assert sparsekern.bn_affine is bn_affine  # the new name is public at the top level, as bn_relu
+
+
+def _copy_bn_state(src: nn.Module, dst: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(dst, name).copy_(getattr(src, name))
+    dst.eps = src.eps
+    return dst.eval()
+
+
+def test_sync_batch_norm_is_a_batch_norm_like_batchnorm2d():
+    """A SyncBatchNorm (eval mode: its forward needs no process group) gives what the same
+    BatchNorm2d gives: the same affine, the same fused output, and it is fused by fuse_bn_relu."""
+    bn2d = _make_bn(6, seed=14)
+    sync = _copy_bn_state(bn2d, nn.SyncBatchNorm(6))
+    scale2d, shift2d = bn_affine(bn2d)
+    scale, shift = bn_affine(sync)
+    assert torch.equal(scale, scale2d) and torch.equal(shift, shift2d)
+    x = torch.randn(3, 6, 5, 5, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        expected = F.relu(bn2d(x))
+        assert torch.allclose(F.relu(sync(x)), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(bn_relu(x, scale, shift), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(FusedBNReLU.from_bn(sync)(x), expected, rtol=1e-5, atol=1e-6)
+        fused = fuse_bn_relu(nn.Sequential(sync, nn.ReLU()).eval())
+    assert isinstance(fused[0], FusedBNReLU) and isinstance(fused[1], nn.Identity)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm3d_is_fused_on_5d_activations():
+    bn3d = _copy_bn_state(_make_bn(4, seed=16), nn.BatchNorm3d(4))
+    x = torch.randn(2, 4, 3, 5, 6, generator=torch.Generator().manual_seed(17))
+    with torch.no_grad():
+        expected = F.relu(bn3d(x))
+        fused = fuse_bn_relu(nn.Sequential(nn.Conv3d(4, 4, 1), bn3d, nn.ReLU()).eval())
+        assert isinstance(fused[1], FusedBNReLU)
+        assert torch.allclose(fused[1](x), expected, rtol=1e-5, atol=1e-6)
+        assert torch.allclose(truth64(x, bn3d).float(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- module form
@@ -404,22 +452,10 @@ class SmallConvNet(nn.Module):
         return self.head(torch.relu(self.side_bn(h)) + h)  # ... also feeds this sum
 
 
-def _randomise_bn_stats(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            c = mod.num_features
-            with torch.no_grad():
-                mod.running_mean.copy_(torch.randn(c, generator=g) * 0.3)
-                mod.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-                mod.weight.copy_(torch.randn(c, generator=g))
-                mod.bias.copy_(torch.randn(c, generator=g) * 0.3)
-
-
 def test_fuse_bn_relu_keeps_outputs_and_fuses_only_sequential_pairs():
     torch.manual_seed(0)
     model = SmallConvNet()
-    _randomise_bn_stats(model, seed=7)
+    randomize_bn(model, seed=7)
     model.eval()
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
@@ -439,7 +475,7 @@ def test_fused_module_equals_bn_relu_in_a_conv_net_and_records_max():
     torch.manual_seed(1)
     conv1, bn1, conv2, bn2 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5)
     ref = nn.Sequential(conv1, bn1, nn.ReLU(), conv2, bn2, nn.ReLU()).eval()
-    _randomise_bn_stats(ref, seed=8)
+    randomize_bn(ref, seed=8)
     seen = []
     fused_bn2 = FusedBNReLU.from_bn(bn2, record_max=True, on_max=seen.append)
     net = nn.Sequential(conv1, FusedBNReLU.from_bn(bn1), conv2, fused_bn2).eval()

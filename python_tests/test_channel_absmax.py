@@ -6,11 +6,8 @@ Backends under test ("kinds"):
   triton-interpret  the Triton kernels on CPU tensors under TRITON_INTERPRET=1 (small shapes)
   cuda, triton-cuda the CUDA C++ and Triton kernels on a GPU (skipped without one)
 
-Running Triton under the interpreter inside this process: triton reads TRITON_INTERPRET once,
-when it is first imported (its own ``tl.max``, ``tl.cdiv`` are ``@triton.jit`` functions too),
-so setting it inside a test is too late. python_tests/conftest.py sets TRITON_INTERPRET=1 at
-session start on machines without a CUDA GPU; there the triton-interpret cases run, and on a
-GPU machine they skip while the triton-cuda cases run the compiled kernels.
+The kinds are _helpers.KERNEL_KINDS (shared with test_bn_relu.py); where the triton-interpret
+cases run (in this process without a GPU, in a GPU-less subprocess with one) is conftest.py's.
 
 The max of |x| is exact in any precision once upcast, so results are compared exactly (no
 tolerance): NaN exactly where the reference has NaN, every other value bit-equal to the
@@ -24,56 +21,17 @@ import re
 import subprocess
 import sys
 
-import numpy
 import pytest
 import torch
+from _helpers import KERNEL_KINDS, kind_params, prepare_kind
 
 import sparsekern
 from sparsekern import BackendUnavailableError, channel_absmax
-from sparsekern import _backend
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_CUDA = torch.cuda.is_available()
-CUDA_MARKS = (pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"))
-
-KINDS = {
-    # kind: (backend argument, device, marks)
-    "torch": ("torch", "cpu", ()),
-    "cpp": ("cpp", "cpu", ()),
-    "triton-interpret": ("triton", "cpu", (pytest.mark.triton_interpret,)),
-    "cuda": ("cuda", "cuda", CUDA_MARKS),
-    "triton-cuda": ("triton", "cuda", CUDA_MARKS),
-}
 # The interpreter simulates programs one by one: keep its inputs small.
 INTERPRETER_MAX_ELEMENTS = 20_000
-
-
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:2])
-
-
-def prepare(kind: str) -> tuple[str, str]:
-    """Skip what this machine cannot run; return (backend argument, device) for ``kind``."""
-    backend, device, _ = KINDS[kind]
-    if backend in ("cpp", "cuda") and _backend.extension() is None:
-        pytest.skip("sparsekern._C is not built")
-    if kind == "cuda" and not getattr(_backend.extension(), "with_cuda", False):
-        pytest.skip("sparsekern._C was built without CUDA kernels")
-    if backend == "triton":
-        triton = pytest.importorskip("triton")
-        if kind == "triton-interpret":
-            if os.environ.get("TRITON_INTERPRET") != "1":
-                pytest.skip("the Triton interpreter is off (conftest.py turns it on only without a GPU)")
-            # triton 3.6's interpreter turns 1-element arrays into ints with int(), which
-            # numpy >= 2.4 refuses; triton 3.8 fixed it. Not a sparsekern problem.
-            if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
-                pytest.skip(f"triton {triton.__version__}'s interpreter does not run with numpy {numpy.__version__}")
-    return backend, device
-
-
-def kind_params(kinds=tuple(KINDS)):
-    return [pytest.param(kind, marks=KINDS[kind][2], id=kind) for kind in kinds]
-
 
 # ---------------------------------------------------------------------------------------------
 # Reference and comparison
@@ -138,7 +96,7 @@ SPATIAL = ((1, 1), (7, 7), (14, 14))
 
 def matrix_params():
     params = []
-    for kind in KINDS:
+    for kind in KERNEL_KINDS:
         for c in CHANNELS:
             for h, w in SPATIAL:
                 n = 2
@@ -150,7 +108,7 @@ def matrix_params():
                     for layout in ("contiguous", "channels_last"):
                         params.append(
                             pytest.param(
-                                kind, (n, c, h, w), dtype, layout, marks=KINDS[kind][2],
+                                kind, (n, c, h, w), dtype, layout, marks=KERNEL_KINDS[kind][2],
                                 id=f"{kind}-{n}x{c}x{h}x{w}-{str(dtype)[6:]}-{layout}",
                             )
                         )
@@ -159,7 +117,7 @@ def matrix_params():
 
 @pytest.mark.parametrize("kind, shape, dtype, layout", matrix_params())
 def test_matches_reference(kind, shape, dtype, layout):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     x = sample(shape, dtype, device)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -199,7 +157,7 @@ VIEWS = {
 @pytest.mark.parametrize("view", list(VIEWS))
 @pytest.mark.parametrize("kind", kind_params())
 def test_views_and_ranks(kind, view, dtype):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     x = VIEWS[view](device, dtype)
     assert x.numel() <= INTERPRETER_MAX_ELEMENTS  # every view here is also interpreter-sized
     check(x, backend)
@@ -208,7 +166,7 @@ def test_views_and_ranks(kind, view, dtype):
 @pytest.mark.parametrize("shape", [(0, 5, 3, 3), (2, 0, 3, 3), (2, 3, 0, 4), (2, 3, 4, 0), (0, 4), (3, 2, 0)])
 @pytest.mark.parametrize("kind", kind_params())
 def test_empty(kind, shape):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     x = torch.empty(shape, device=device)
     m, pos = channel_absmax(x, count_positive=True, backend=backend)
     assert m.shape == shape[:2] and m.dtype == torch.float32
@@ -236,7 +194,7 @@ NAN_CASES = {
 @pytest.mark.parametrize("case", list(NAN_CASES))
 @pytest.mark.parametrize("kind", kind_params())
 def test_nan_marks_exactly_its_channel(kind, case, dtype):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     shape, channels_last, where = NAN_CASES[case]
     x = sample(shape, dtype)
     for idx in where:
@@ -257,7 +215,7 @@ def test_nan_marks_exactly_its_channel(kind, case, dtype):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kind", kind_params())
 def test_inf(kind, layout, dtype):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     x = sample((2, 4, 6, 6), dtype)
     x[0, 1, 2, 3] = float("inf")
     x[1, 2, 5, 0] = float("-inf")
@@ -283,7 +241,7 @@ TINY_SCALE = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("kind", kind_params())
 def test_subnormal_values_are_exact(kind, layout, dtype):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     x = (sample((2, 8, 5, 5), torch.float32) * TINY_SCALE[dtype]).to(dtype)
     assert (x != 0).any() and (x.abs().float().amax() < torch.finfo(dtype).tiny)
     x = x.to(device)
@@ -295,7 +253,7 @@ def test_subnormal_values_are_exact(kind, layout, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("kind", kind_params())
 def test_extreme_finite_values(kind, dtype):
-    backend, device = prepare(kind)
+    backend, device = prepare_kind(kind)
     big = torch.finfo(dtype).max
     x = sample((2, 3, 4, 4), dtype)
     x[0, 0, 1, 1] = big
@@ -359,15 +317,20 @@ def test_auto_on_cpu_matches_reference():
     assert_exact(sparsekern.channel_absmax_reference(x), reference(x)[0])
 
 
-def test_triton_imported_before_interpreter_switch_is_a_clear_error():
+@pytest.mark.parametrize("call", [
+    "sparsekern.channel_absmax(torch.ones(2, 3, 4), backend='triton')",
+    "sparsekern.bn_relu(torch.ones(2, 3, 4), torch.ones(3), torch.zeros(3), backend='triton')",
+], ids=["channel_absmax", "bn_relu"])
+def test_triton_imported_before_interpreter_switch_is_a_clear_error(call):
     """TRITON_INTERPRET set after triton was imported: a BackendUnavailableError, not a crash
-    deep inside the interpreter. Needs a fresh process (the import state is per process)."""
+    deep inside the interpreter, for either op (one check, sparsekern/triton/_utils.py). Needs a
+    fresh process (the import state is per process)."""
     pytest.importorskip("triton")
     script = (
         "import os, torch, triton, sparsekern\n"
         "os.environ['TRITON_INTERPRET'] = '1'\n"
         "try:\n"
-        "    sparsekern.channel_absmax(torch.ones(2, 3, 4), backend='triton')\n"
+        f"    {call}\n"
         "except sparsekern.BackendUnavailableError as exc:\n"
         "    print('unavailable:', exc)\n"
     )

@@ -9,8 +9,9 @@ Nothing here touches a CUDA driver at import time; without the compiled extensio
 falls back to its pure-torch reference (with one warning). ``sparsekern.backends()`` says
 what is available.
 """
-from sparsekern._backend import BackendUnavailableError, backends
+from sparsekern._backend import backends
 from sparsekern._denormals import configure_from_environment as _configure_denormals
+from sparsekern.errors import BackendUnavailableError, NonFiniteActivationError
 from sparsekern.ops.channel_absmax import channel_absmax, channel_absmax_reference
 
 __version__ = "0.1.0"
@@ -22,11 +23,11 @@ def __getattr__(name):
     # Heavier pieces load on first use so `import sparsekern` stays cheap in a training loop.
     lazy = {
         "ChannelStats": ("sparsekern.stats.channel_stats", "ChannelStats"),
-        "NonFiniteActivationError": ("sparsekern.stats.channel_stats", "NonFiniteActivationError"),
         "SparsityTracker": ("sparsekern.stats.tracker", "SparsityTracker"),
         "analyze": ("sparsekern.stats.analyze", "analyze"),
         "bn_relu": ("sparsekern.ops.bn_relu", "bn_relu"),
         "bn_relu_reference": ("sparsekern.ops.bn_relu", "bn_relu_reference"),
+        "bn_affine": ("sparsekern.ops.bn_relu", "bn_affine"),
         "FusedBNReLU": ("sparsekern.ops.bn_relu", "FusedBNReLU"),
     }
     if name in lazy:
@@ -50,5 +51,6 @@ __all__ = [
     "analyze",
     "bn_relu",
     "bn_relu_reference",
+    "bn_affine",
     "FusedBNReLU",
 ]

@@ -14,12 +14,19 @@ The C++ CPU kernels are compiled for several instruction sets (baseline, avx2, a
 ``SPARSEKERN_CPU_ISA`` (auto|baseline|avx2|avx512) asks for another: the tests use it to run
 every variant on one machine. ``backends()["extension"]`` says which variants there are and
 which one runs.
+
+Device selection has one place, :func:`cuda_device`: every op wraps its kernel call in it
+(CUDA extension and Triton alike), which makes the input's GPU the current device for the
+call and gives the caller's back after. The kernels themselves (csrc/cuda/*.cu, the Triton
+launchers) launch on the current device and the stream :func:`cuda_stream_ptr` names.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 
 import torch
@@ -34,7 +41,8 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 def _load_extension():
     """Import sparsekern._C once; return (module or None, reason it failed or None)."""
     try:
-        from sparsekern import _C  # type: ignore[attr-defined]
+        # By its full name: the compiled module itself, not a name from the package's __init__.
+        _C = importlib.import_module("sparsekern._C")
     except ImportError as exc:
         reason = (
             f"sparsekern._C could not be loaded ({exc}); running on torch {torch.__version__}. "
@@ -155,6 +163,13 @@ def _extension_info(ext) -> dict:
     info["cpu_isa"] = ext.cpu_isa()
     info["cpu_isas_supported"] = ext.cpu_isas_supported()
     return info
+
+
+def cuda_device(t: torch.Tensor) -> AbstractContextManager:
+    """The context a kernel call on ``t`` runs in: t's GPU as the current device (the caller's
+    restored on exit), so a tensor on cuda:1 is read on cuda:1 whatever device is current.
+    Nothing for a tensor that is not on a GPU (CPU kernels, the Triton interpreter)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
 
 def cuda_stream_ptr(t: torch.Tensor) -> int:

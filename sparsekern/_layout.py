@@ -1,4 +1,8 @@
-"""Shared input checks and the (N, C, R, L) strided view that every kernel consumes.
+"""The activation contract every kernel shares: dtype / rank checks and the (N, C, R, L) view.
+
+A leaf (imports torch only): the ops (``sparsekern.ops``), their Triton launchers and the
+statistics (``sparsekern.stats``) all validate activations and address them through it, so
+none of them imports another for it.
 
 Kernels see a tensor as four dims: N (samples), C (channels), then the positions after
 the channel dim folded into at most two dims R x L with element strides. Folding trailing

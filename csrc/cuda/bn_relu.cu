@@ -1,5 +1,6 @@
 // bn_relu on CUDA: y = max(0, x * scale[c] + shift[c]) in x's dtype (math in float32), with an
-// optional per-(n, c) max of y from the same pass; launched on the caller's stream.
+// optional per-(n, c) max of y from the same pass; launched on the current device, which the caller
+// has made x's, and on the caller's stream.
 //
 // Two kernels:
 //  * rows     (stride_l == 1 in x and y, e.g. NCHW): a warp owns a chunk of one contiguous run

@@ -22,6 +22,8 @@
 // When N*C alone cannot fill the GPU, positions are split across groups / blocks; the partial
 // results meet through atomicMax on the float bits (same ordering argument: non-negative
 // floats and NaN) and atomicAdd on the counts, into outputs zeroed first.
+//
+// Launched on the current device, which the caller has made x's, and on the caller's stream.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -332,38 +334,6 @@ const char* launch_count(const void* x, const View4& v, float* out, int64_t* pos
   return pos ? launch<D, true>(x, v, out, pos, stream, sms) : launch<D, false>(x, v, out, pos, stream, sms);
 }
 
-// Makes the device that owns `ptr` current (the caller's current device may be another one)
-// and gives the caller its device back when it goes out of scope.
-class DeviceGuard {
- public:
-  explicit DeviceGuard(const void* ptr) {
-    cudaPointerAttributes attr;
-    err_ = cudaPointerGetAttributes(&attr, ptr);
-    if (err_ != cudaSuccess) return;
-    if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
-      message_ = "channel_absmax_cuda: the input is not CUDA device memory";
-      return;
-    }
-    device_ = attr.device;
-    err_ = cudaGetDevice(&caller_);
-    if (err_ == cudaSuccess && caller_ != device_) {
-      err_ = cudaSetDevice(device_);
-      switched_ = err_ == cudaSuccess;
-    }
-  }
-  ~DeviceGuard() {
-    if (switched_) cudaSetDevice(caller_);
-  }
-  const char* error() const { return message_ ? message_ : (err_ == cudaSuccess ? nullptr : cudaGetErrorString(err_)); }
-  int device() const { return device_; }
-
- private:
-  cudaError_t err_ = cudaSuccess;
-  const char* message_ = nullptr;
-  int device_ = 0, caller_ = 0;
-  bool switched_ = false;
-};
-
 }  // namespace
 
 const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos,
@@ -371,16 +341,16 @@ const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, floa
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t rows = v.n * v.c;
   if (rows == 0) return nullptr;
-  DeviceGuard guard(x);
-  if (guard.error()) return guard.error();
   if (v.r * v.l == 0) {  // max over no positions is 0, as in the reference
     cudaMemsetAsync(out_max, 0, rows * sizeof(float), stream);
     if (out_pos) cudaMemsetAsync(out_pos, 0, rows * sizeof(int64_t), stream);
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
-  int sms = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, guard.device());
+  // The current device is x's: the caller selects it (sparsekern/_backend.py, cuda_device).
+  int device = 0, sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   switch (dtype) {
     case DType::kFloat32: return launch_count<F32>(x, v, out_max, out_pos, stream, sms);

@@ -3,13 +3,17 @@
     y[n, c, p] = max(0, x[n, c, p] * scale[c] + shift[c])      (math in float32, y in x's dtype)
     m[n, c]    = max_p y[n, c, p]                              (float32, with return_max=True)
 
-``scale``/``shift`` are the eval-mode BatchNorm affine (``fold_bn``). A channel marked in
+``scale``/``shift`` are the eval-mode BatchNorm affine (``bn_affine``). A channel marked in
 ``dead_mask`` is never read: y is 0 there and so is its max. NaN in x stays NaN in y (as
 ``torch.relu``) and makes m[n, c] NaN, so a broken activation is never mistaken for a dead one.
 
 The module form, ``FusedBNReLU``, replaces an eval-mode ``BatchNorm + ReLU`` pair and can hand
 each batch's m to a callback (e.g. a ChannelStats); ``fuse_bn_relu`` swaps such pairs in the
-``nn.Sequential`` containers of a model.
+``nn.Sequential`` containers of a model. A BatchNorm is any of ``sparsekern._types.BATCH_NORMS``
+(BatchNorm1d/2d/3d, SyncBatchNorm): in eval mode each is the same per-channel affine.
+
+``fold_bn`` is the old name of ``bn_affine`` (deprecated; ``sparsekern.prune.fold_bn`` is
+something else: a copy of a model with its BatchNorms folded into the layers before them).
 """
 from __future__ import annotations
 
@@ -20,7 +24,9 @@ import torch
 from torch import nn
 
 from sparsekern import _backend
-from sparsekern.ops._layout import DTYPE_CODE, View4, as_view4, check_activation
+from sparsekern._deprecated import deprecated_names
+from sparsekern._layout import DTYPE_CODE, View4, as_view4, check_activation
+from sparsekern._types import is_batch_norm
 
 OP = "bn_relu"
 
@@ -115,7 +121,7 @@ def bn_relu(
 
     x: (N, C), (N, C, L), (N, C, H, W) or higher rank; float32, float16 or bfloat16;
     contiguous, channels_last or any strided view. scale, shift: (C,) floating tensors on x's
-    device (see ``fold_bn``). dead_mask: optional bool (C,); those channels are not read and
+    device (see ``bn_affine``). dead_mask: optional bool (C,); those channels are not read and
     come out as 0. backend: auto|cuda|triton|cpp|torch.
 
     Returns y (x's dtype; x's memory format when x is dense, contiguous otherwise) or, with
@@ -140,42 +146,48 @@ def bn_relu(
     dead_ptr = dead.data_ptr() if dead is not None else 0
     max_ptr = out_max.data_ptr() if out_max is not None else 0
     y_strides = (vy.sn, vy.sc, vy.sr, vy.sl)
-    if chosen == "cpp":
-        _backend.extension().bn_relu_cpu(
-            x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
-            y.data_ptr(), *y_strides, max_ptr,
-        )
-    elif chosen == "cuda":
-        with torch.cuda.device(x.device):  # kernels launch on the current device: make it x's
+    with _backend.cuda_device(x):  # every kernel launches on the current device: make it x's
+        if chosen == "cpp":
+            _backend.extension().bn_relu_cpu(
+                x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
+                y.data_ptr(), *y_strides, max_ptr,
+            )
+        elif chosen == "cuda":
             _backend.extension().bn_relu_cuda(
                 x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
                 y.data_ptr(), *y_strides, max_ptr, _backend.cuda_stream_ptr(x),
             )
-    else:  # triton
-        from sparsekern.triton.bn_relu import bn_relu_triton
+        else:  # triton, imported on first use (an optional dependency)
+            from sparsekern.triton.bn_relu import bn_relu_triton
 
-        bn_relu_triton(x, vx, scale32, shift32, dead, y, vy, out_max)
+            bn_relu_triton(x, vx, scale32, shift32, dead, y, vy, out_max)
     return (y, out_max) if return_max else y
 
 
-def fold_bn(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode affine of a BatchNorm1d/2d as float32 (scale, shift), computed in float64.
+def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode affine of one BatchNorm as float32 (scale, shift), computed in float64.
 
-    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale.
+    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale. ``bn`` is any
+    BatchNorm (``sparsekern._types.BATCH_NORMS``: BatchNorm1d/2d/3d, SyncBatchNorm); its mode
+    does not matter here, the affine is what it computes in eval mode.
     """
-    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        raise TypeError(f"fold_bn: expected nn.BatchNorm1d or nn.BatchNorm2d, got {type(bn).__name__}")
+    if not is_batch_norm(bn):
+        raise TypeError(
+            f"bn_affine: expected a BatchNorm (BatchNorm1d/2d/3d or SyncBatchNorm), got {type(bn).__name__}"
+        )
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError(
-            "fold_bn: this BatchNorm has no running statistics (track_running_stats=False), so its eval-mode "
+            "bn_affine: this BatchNorm has no running statistics (track_running_stats=False), so its eval-mode "
             "output depends on the batch and cannot be folded into a per-channel affine"
         )
+    if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
+        raise ValueError(f"bn_affine: this {type(bn).__name__} is not initialised yet (run one batch through it)")
     mean = bn.running_mean.detach().to(torch.float64)
     var = bn.running_var.detach().to(torch.float64)
     if not bool(torch.isfinite(mean).all()) or not bool(torch.isfinite(var).all()):
-        raise ValueError("fold_bn: the BatchNorm's running_mean / running_var contain NaN or Inf")
+        raise ValueError("bn_affine: the BatchNorm's running_mean / running_var contain NaN or Inf")
     if bool((var + bn.eps <= 0).any()):
-        raise ValueError("fold_bn: running_var + eps must be positive in every channel")
+        raise ValueError("bn_affine: running_var + eps must be positive in every channel")
     gamma = bn.weight.detach().to(torch.float64) if bn.weight is not None else torch.ones_like(mean)
     beta = bn.bias.detach().to(torch.float64) if bn.bias is not None else torch.zeros_like(mean)
     scale = gamma / torch.sqrt(var + bn.eps)
@@ -184,7 +196,7 @@ def fold_bn(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class FusedBNReLU(nn.Module):
-    """Eval-mode ``BatchNorm1d/2d`` followed by ``ReLU``, in one pass (``bn_relu``).
+    """An eval-mode BatchNorm (any of ``BATCH_NORMS``) followed by ``ReLU``, in one pass (``bn_relu``).
 
     Buffers: ``scale``, ``shift`` (float32, (C,)) and ``dead_mask`` (bool (C,) or None).
     With ``record_max=True`` each forward also computes m = per-(n, c) max of the output
@@ -227,13 +239,13 @@ class FusedBNReLU(nn.Module):
 
     @classmethod
     def from_bn(cls, bn: nn.Module, dead_mask: Optional[torch.Tensor] = None, **kwargs) -> "FusedBNReLU":
-        """Build from an eval-mode BatchNorm1d/2d (the ReLU after it is implied)."""
+        """Build from an eval-mode BatchNorm (``bn_affine``'s kinds; the ReLU after it is implied)."""
         if isinstance(bn, nn.Module) and bn.training:
             raise ValueError(
                 "FusedBNReLU.from_bn: the BatchNorm is in training mode; fusing uses its running statistics, "
                 "so call model.eval() first"
             )
-        scale, shift = fold_bn(bn)
+        scale, shift = bn_affine(bn)
         if dead_mask is not None:
             dead_mask = dead_mask.to(scale.device)
         return cls(scale, shift, dead_mask, **kwargs)
@@ -264,8 +276,13 @@ class FusedBNReLU(nn.Module):
         return f"{self.num_features}, dead={dead}, record_max={self.record_max}, backend={self.backend!r}"
 
 
+def _fusable(module: nn.Module) -> bool:
+    """A BatchNorm whose eval-mode output is a per-channel affine (it has running statistics)."""
+    return is_batch_norm(module) and module.running_var is not None
+
+
 def fuse_bn_relu(model: nn.Module, **kwargs) -> nn.Module:
-    """Replace each BatchNorm1d/2d immediately followed by an nn.ReLU inside an nn.Sequential.
+    """Replace each BatchNorm immediately followed by an nn.ReLU inside an nn.Sequential.
 
     The BN becomes a ``FusedBNReLU`` (``kwargs`` go to it) and the ReLU an ``nn.Identity``, so
     indices and the container's length are unchanged. Only consecutive pairs in a Sequential
@@ -279,8 +296,11 @@ def fuse_bn_relu(model: nn.Module, **kwargs) -> nn.Module:
         names = list(container._modules.keys())
         for first, second in zip(names, names[1:]):
             bn, relu = container._modules[first], container._modules[second]
-            fusable = isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None
-            if fusable and type(relu) is nn.ReLU:
+            if _fusable(bn) and type(relu) is nn.ReLU:
                 container._modules[first] = FusedBNReLU.from_bn(bn, **kwargs)
                 container._modules[second] = nn.Identity()
     return model
+
+
+# The old name of bn_affine (a release of warning first): fold_bn now means sparsekern.prune.fold_bn.
+__getattr__ = deprecated_names(__name__, {"fold_bn": bn_affine})

@@ -14,7 +14,7 @@ import math
 import torch
 
 from sparsekern import _backend
-from sparsekern.ops._layout import DTYPE_CODE, as_view4, check_activation
+from sparsekern._layout import DTYPE_CODE, as_view4, check_activation
 
 OP = "channel_absmax"
 
@@ -50,17 +50,18 @@ def channel_absmax(x: torch.Tensor, *, count_positive: bool = False, backend: st
     out = torch.empty(n, c, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.int64, device=x.device) if count_positive else None
     counts_ptr = counts.data_ptr() if counts is not None else 0
-    if chosen == "cpp":
-        _backend.extension().channel_absmax_cpu(
-            x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), out.data_ptr(), counts_ptr
-        )
-    elif chosen == "cuda":
-        _backend.extension().channel_absmax_cuda(
-            x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), out.data_ptr(), counts_ptr,
-            _backend.cuda_stream_ptr(x),
-        )
-    else:  # triton
-        from sparsekern.triton.channel_absmax import channel_absmax_triton
+    with _backend.cuda_device(x):  # every kernel launches on the current device: make it x's
+        if chosen == "cpp":
+            _backend.extension().channel_absmax_cpu(
+                x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), out.data_ptr(), counts_ptr
+            )
+        elif chosen == "cuda":
+            _backend.extension().channel_absmax_cuda(
+                x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), out.data_ptr(), counts_ptr,
+                _backend.cuda_stream_ptr(x),
+            )
+        else:  # triton, imported on first use (an optional dependency)
+            from sparsekern.triton.channel_absmax import channel_absmax_triton
 
-        channel_absmax_triton(x, view, out, counts)
+            channel_absmax_triton(x, view, out, counts)
     return (out, counts) if count_positive else out

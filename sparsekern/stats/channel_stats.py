@@ -86,7 +86,7 @@ import torch
 
 from sparsekern._backend import BACKENDS
 from sparsekern.errors import NonFiniteActivationError, StateDictError
-from sparsekern.ops._layout import SUPPORTED_DTYPES, check_activation
+from sparsekern._layout import SUPPORTED_DTYPES, check_activation
 from sparsekern.ops.channel_absmax import channel_absmax
 
 MODES = ("exact", "memmap", "histogram", "none")

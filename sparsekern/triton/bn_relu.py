@@ -10,31 +10,26 @@ split over a second grid axis; each split writes a partial max and torch combine
 NaN: ``v < 0`` is false for NaN, so relu(NaN) = NaN as in torch; the max carries NaN through
 an explicit flag because hardware max drops NaN operands.
 
-Interpreter mode (CPU tensors, ``TRITON_INTERPRET=1``): ``@triton.jit`` reads TRITON_INTERPRET
-when it decorates, so, as in sparsekern/triton/channel_absmax.py, the kernel is a plain
-function wrapped lazily once per mode and the mode follows the tensor's device, not the
-import order. The interpreter converts float32 to bfloat16 by truncation rather than
-round-to-nearest-even, so there the kernel writes bfloat16 output as float32 and torch rounds
-it (bfloat16 loads are exact). Nothing here touches a driver at import.
+Compiled or interpreted (CPU tensors, TRITON_INTERPRET=1 before triton is imported): see
+sparsekern/triton/_utils.py, which also plans the grid and its split. The interpreter converts
+float32 to bfloat16 by truncation rather than round-to-nearest-even, so there the kernel writes
+bfloat16 output as float32 and torch rounds it (bfloat16 loads are exact).
 """
 from __future__ import annotations
-
-from contextlib import nullcontext
-from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
-from sparsekern.ops._layout import View4
+from sparsekern._layout import View4
+from sparsekern.triton._utils import check_device, interpreting, partial_buffer, plan_splits, pow2, target_programs
 
+OP = "bn_relu"
 # Elements per tile: enough bytes in flight per program, few enough registers.
 TILE = 1024
-# The interpreter runs programs one after another; a small "machine" keeps the grid tiny and
-# still exercises the split path on test-sized inputs.
-INTERPRETER_PROGRAMS = 4
 
 
+@triton.jit
 def _bn_relu_kernel(
     x_ptr, y_ptr, scale_ptr, shift_ptr, dead_ptr, max_ptr,
     N, C, P, L, tiles_per_split,
@@ -85,31 +80,15 @@ def _bn_relu_kernel(
         tl.store(max_ptr + split * N * C + n * C + c, running, mask=c_ok)
 
 
-@lru_cache(maxsize=None)
-def _kernel(interpret: bool):
-    """The kernel wrapped for the interpreter or for compilation (see module doc)."""
-    if interpret:
-        from triton.runtime.interpreter import InterpretedFunction
-
-        return InterpretedFunction(_bn_relu_kernel)
-    return triton.runtime.jit.JITFunction(_bn_relu_kernel)
-
-
-@lru_cache(maxsize=None)
-def _target_programs(device_index: int) -> int:
-    """About how many programs fill the GPU: a few per SM (queried at launch, never at import)."""
-    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _tile_shape(vx: View4, vy: View4) -> tuple[int, int]:
     """(BLOCK_C, BLOCK_P): long along whichever dim is contiguous in memory."""
     positions = vx.r * vx.l
     if vx.sc == 1 and vy.sc == 1 and not (vx.sl == 1 and vx.l >= 16):
-        block_c = min(triton.next_power_of_2(vx.c), 128)
-        block_p = min(max(TILE // block_c, 1), triton.next_power_of_2(positions))
+        block_c = min(pow2(vx.c), 128)
+        block_p = min(max(TILE // block_c, 1), pow2(positions))
     else:
-        block_p = min(triton.next_power_of_2(positions), TILE)
-        block_c = min(max(TILE // block_p, 1), triton.next_power_of_2(vx.c))
+        block_p = min(pow2(positions), TILE)
+        block_c = min(max(TILE // block_p, 1), pow2(vx.c))
     return block_c, block_p
 
 
@@ -125,38 +104,29 @@ def bn_relu_triton(
 ) -> None:
     """Fill y (and out_max, (N, C) float32, if given). Inputs are validated by sparsekern.ops.bn_relu.
 
-    x / y are addressed through their (N, C, R, L) views; scale / shift are contiguous float32,
-    dead a contiguous uint8 (C,) or None. CUDA tensors run the compiled kernel; CPU tensors
-    run under the Triton interpreter.
+    x / y are addressed through their (N, C, R, L) views, on the current device (the op selects
+    it); scale / shift are contiguous float32, dead a contiguous uint8 (C,) or None. CUDA tensors
+    run the compiled kernel; CPU tensors need the Triton interpreter.
     """
-    interpret = x.device.type != "cuda"
+    interpret = interpreting(OP, _bn_relu_kernel)
+    check_device(OP, x, interpret)
     round_in_torch = interpret and y.dtype == torch.bfloat16
     target = torch.empty_strided(y.shape, y.stride(), dtype=torch.float32, device=y.device) if round_in_torch else y
     block_c, block_p = _tile_shape(vx, vy)
     programs = vx.n * triton.cdiv(vx.c, block_c)
-    tiles = triton.cdiv(vx.r * vx.l, block_p)
-    wanted = INTERPRETER_PROGRAMS if interpret else _target_programs(x.device.index or 0)
-    splits = 1
-    if programs < wanted and tiles > 1:
-        splits = min(triton.cdiv(wanted, programs), tiles, 65535)  # grid axis 1 is limited to 65535
-    tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
-    partial = None
-    if out_max is not None:
-        partial = out_max if splits == 1 else torch.empty(splits, vx.n, vx.c, dtype=torch.float32, device=x.device)
+    splits, tiles_per_split = plan_splits(programs, triton.cdiv(vx.r * vx.l, block_p), target_programs(x, interpret))
+    partial = partial_buffer(out_max, splits)
     flat = vx.r == 1 or (vx.sr == vx.l * vx.sl and vy.sr == vy.l * vy.sl)
-    with torch.cuda.device(x.device) if not interpret else nullcontext():
-        # Triton launches on the current device; make it x's (x may live on cuda:1).
-        _kernel(interpret)[(programs, splits)](
-            x, target, scale, shift,
-            dead if dead is not None else scale,  # placeholder pointers, never read without the flag
-            partial if partial is not None else scale,
-            vx.n, vx.c, vx.r * vx.l, vx.l, tiles_per_split,
-            vx.sn, vx.sc, vx.sr, vx.sl,
-            vy.sn, vy.sc, vy.sr, vy.sl,
-            HAS_DEAD=dead is not None, HAS_MAX=out_max is not None, FLAT=flat,
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
-        )
+    _bn_relu_kernel[(programs, splits)](
+        x, target, scale, shift,
+        dead if dead is not None else scale,  # placeholder pointers, never read without the flag
+        partial if partial is not None else scale,
+        vx.n, vx.c, vx.r * vx.l, vx.l, tiles_per_split,
+        vx.sn, vx.sc, vx.sr, vx.sl,
+        vy.sn, vy.sc, vy.sr, vy.sl,
+        HAS_DEAD=dead is not None, HAS_MAX=out_max is not None, FLAT=flat,
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=4,
+    )
     if out_max is not None and splits > 1:
         torch.amax(partial, dim=0, out=out_max)  # amax propagates a split's NaN
     if round_in_torch:

@@ -12,6 +12,8 @@ void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale
                  const uint8_t* dead, void* y, const View4& vy, float* out_max);
 
 #ifdef SPARSEKERN_WITH_CUDA
+// Same contract on device pointers, launched on the current device (the caller makes it the
+// one holding x) and `stream` (a cudaStream_t there). Returns a non-empty error string on failure.
 const char* bn_relu_cuda(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
                          const uint8_t* dead, void* y, const View4& vy, float* out_max, void* stream);
 #endif

@@ -9,8 +9,9 @@ namespace sparsekern {
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos);
 
 #ifdef SPARSEKERN_WITH_CUDA
-// Same contract on device pointers, launched on `stream` (a cudaStream_t). Returns a
-// non-empty error string on failure.
+// Same contract on device pointers, launched on the current device (the caller makes it the
+// one holding x: sparsekern/_backend.py, cuda_device) and `stream` (a cudaStream_t there).
+// Returns a non-empty error string on failure.
 const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max,
                                 int64_t* out_pos, void* stream);
 #endif
