@@ -2,6 +2,7 @@
 (determinism, sharding), the get_dataset / dataset_info entry point, ImageFolder."""
 import gzip
 import struct
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,11 +18,14 @@ from sparsekern.data import (
     SyntheticDataset,
     TensorBatchLoader,
     dataset_info,
+    first_samples,
     get_dataset,
     load_fashion_mnist,
     load_image_folder,
     make_loader,
     read_idx,
+    run_dataset,
+    sample_range,
     set_loader_epoch,
 )
 
@@ -448,3 +452,47 @@ def test_image_folder(tmp_path):
     assert augmented[0][0].shape == (3, 12, 12)
     with pytest.raises(FileNotFoundError, match="one sub-folder"):
         load_image_folder(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------------- a run's splits
+def run_config(**fields):
+    """The fields of a RunConfig that run_dataset reads."""
+    return SimpleNamespace(**{"dataset": "synthetic", "data_root": None, "num_train_samples": None,
+                              "num_test_samples": None, **fields})
+
+
+def test_run_dataset_limits_each_split_as_the_config_says():
+    full_train = get_dataset("synthetic", train=True)  # 512 samples by default
+    full_test = get_dataset("synthetic", train=False)
+    config = run_config(num_train_samples=40, num_test_samples=24)
+    train, test = run_dataset(config, "train"), run_dataset(config, "test")
+    assert (len(train), len(test)) == (40, 24)
+    assert torch.equal(train.images, full_train.images[:40]) and torch.equal(test.labels, full_test.labels[:24])
+    # Same normalisation as the whole corpus: the first samples' batches are the whole corpus' first batches.
+    torch.testing.assert_close(train.get_batch(torch.arange(5))[0], full_train.get_batch(torch.arange(5))[0],
+                               rtol=0, atol=0)
+    assert len(run_dataset(config, "train", samples=10)) == 10
+    assert len(run_dataset(config, "train", samples=1000)) == 40  # samples only ever narrows the config's limit
+    assert len(run_dataset(run_config(), "test")) == len(full_test)
+    assert not train.augment and run_dataset(config, "train", augment=True).augment
+    with pytest.raises(ValueError, match="split must be one of"):
+        run_dataset(config, "validation")
+
+
+def test_run_dataset_moves_in_memory_data_to_the_device():
+    dataset = run_dataset(run_config(num_test_samples=8), "test", torch.device("meta"))
+    assert dataset.images.device.type == "meta" and dataset.labels.device.type == "meta"
+    assert run_dataset(run_config(num_test_samples=8), "test").images.device.type == "cpu"
+
+
+def test_sample_range_and_first_samples_of_any_dataset():
+    tensors = TensorDataset(torch.arange(10.0), torch.arange(10))
+    tensors.info = DatasetInfo(1, 10, 1)
+    middle = sample_range(tensors, 3, 7)
+    assert [int(middle[i][1]) for i in range(len(middle))] == [3, 4, 5, 6] and middle.info == tensors.info
+    assert first_samples(tensors, None) is tensors and first_samples(tensors, 99) is tensors
+    assert [int(y) for _, y in first_samples(tensors, 2)] == [0, 1]
+    images = SyntheticDataset(12, shape=(1, 4, 4), num_classes=3, seed=1, augment=True, crop_padding=1)
+    tail = sample_range(images, 8, 12)
+    assert torch.equal(tail.images, images.images[8:]) and tail.augment and tail.crop_padding == 1
+    assert torch.equal(tail.mean, images.mean) and tail.info == images.info

@@ -4,6 +4,7 @@
     train = get_dataset("fashion_mnist", train=True, augment=True)
     loader = make_loader(train, batch_size=40, shuffle=True, seed=0)
     info = dataset_info("fashion_mnist")   # DatasetInfo(in_channels=1, num_classes=10, image_size=28)
+    train, test = run_dataset(config, "train", device), run_dataset(config, "test", device)   # a run's
 
 Names: ``fashion_mnist`` (default of the project), ``cifar10``, ``cifar100``, ``imagenet``
 (an ImageFolder tree with 1000 classes), ``imagefolder`` (any ImageFolder tree; ``root``
@@ -16,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
+
 from sparsekern.data.datasets import (
     DATA_ENV,
     DatasetInfo,
@@ -23,9 +26,11 @@ from sparsekern.data.datasets import (
     SyntheticDataset,
     TensorBatchLoader,
     dataset_not_found,
+    first_samples,
     load_cifar,
     load_image_folder,
     make_loader,
+    sample_range,
     set_loader_epoch,
 )
 from sparsekern.data.fashion_mnist import FashionMNIST, load_fashion_mnist, read_idx
@@ -96,6 +101,30 @@ def get_dataset(
     return load_image_folder(root, train=train, augment=augment, **options)
 
 
+SPLITS = ("train", "test")
+
+
+def run_dataset(config, split: str, device: Optional[torch.device] = None, *, augment: bool = False,
+                samples: Optional[int] = None):
+    """Split ``split`` ("train" or "test") of a run's dataset, as its config says.
+
+    ``config`` (a RunConfig, or anything with its fields): ``dataset`` from ``data_root``, limited
+    to the first ``num_train_samples`` / ``num_test_samples``, and further to the first
+    ``samples`` when given. ``augment``: random crops and flips (the training loop passes the
+    run's ``augment`` for its training split; everything measured on a run uses none). An
+    in-memory dataset is moved to ``device`` (when given), so batches are built there.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    train = split == "train"
+    dataset = get_dataset(config.dataset, train=train, root=config.data_root, augment=augment)
+    limits = [n for n in (config.num_train_samples if train else config.num_test_samples, samples) if n is not None]
+    dataset = first_samples(dataset, min(limits) if limits else None)
+    if device is not None and isinstance(dataset, InMemoryImageDataset):
+        dataset.to(device)
+    return dataset
+
+
 __all__ = [
     "DATA_ENV",
     "DATASETS",
@@ -105,11 +134,14 @@ __all__ = [
     "SyntheticDataset",
     "TensorBatchLoader",
     "dataset_info",
+    "first_samples",
     "get_dataset",
     "load_cifar",
     "load_fashion_mnist",
     "load_image_folder",
     "make_loader",
     "read_idx",
+    "run_dataset",
+    "sample_range",
     "set_loader_epoch",
 ]

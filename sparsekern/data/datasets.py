@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 DATA_ENV = "SPARSEKERN_DATA"
 
@@ -155,6 +155,28 @@ class InMemoryImageDataset(Dataset):
         self.images, self.labels = self.images.to(device), self.labels.to(device)
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
+
+
+def sample_range(dataset, start: int, stop: int):
+    """Samples ``start`` to ``stop`` of ``dataset``, in order, as a dataset with the same ``info``:
+    an InMemoryImageDataset over views of the stored corpus (same normalisation and
+    augmentation), or a Subset of any other dataset."""
+    if isinstance(dataset, InMemoryImageDataset):
+        return InMemoryImageDataset(
+            dataset.images[start:stop], dataset.labels[start:stop], mean=dataset.mean, std=dataset.std,
+            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
+            classes=dataset.classes,
+        )
+    subset = Subset(dataset, range(start, stop))
+    subset.info = dataset.info
+    return subset
+
+
+def first_samples(dataset, n: Optional[int]):
+    """The first ``n`` samples of ``dataset`` (the whole of it when n is None or larger)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    return sample_range(dataset, 0, n)
 
 
 class SyntheticDataset(InMemoryImageDataset):

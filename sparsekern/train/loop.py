@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern._denormals import flush_denormal_enabled, subnormal_count
+from sparsekern.data import first_samples, run_dataset
 from sparsekern.errors import TrainingDivergedError
 from sparsekern.train.checkpoint import (
     CheckpointError,
@@ -477,36 +478,13 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def first_samples(dataset, n: int | None):
-    """The first ``n`` samples of ``dataset`` (the whole of it when n is None or larger)."""
-    from sparsekern.data import InMemoryImageDataset
-
-    if n is None or n >= len(dataset):
-        return dataset
-    if isinstance(dataset, InMemoryImageDataset):
-        subset = InMemoryImageDataset(
-            dataset.images[:n], dataset.labels[:n], mean=dataset.mean, std=dataset.std,
-            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
-        )
-        return subset
-    subset = torch.utils.data.Subset(dataset, range(n))
-    subset.info = dataset.info
-    return subset
-
-
 def _load_datasets(config: RunConfig, device: torch.device):
     """(train, test, analysis) datasets; in-memory ones are moved to ``device`` so batches are built there."""
-    from sparsekern.data import InMemoryImageDataset, get_dataset
-
-    def load(train: bool, augment: bool, limit: int | None):
-        dataset = first_samples(get_dataset(config.dataset, train=train, root=config.data_root, augment=augment), limit)
-        return dataset.to(device) if isinstance(dataset, InMemoryImageDataset) else dataset
-
-    train_set = load(True, config.augment, config.num_train_samples)
-    test_set = load(False, False, config.num_test_samples)
+    train_set = run_dataset(config, "train", device, augment=config.augment)
+    test_set = run_dataset(config, "test", device)
     # The analysis corpus is the training set as the paper measures it: no augmentation.
-    analysis_limit = min(config.num_train_samples or len(train_set), config.analyze_samples or len(train_set))
-    analysis_set = first_samples(train_set, analysis_limit) if not config.augment else load(True, False, analysis_limit)
+    analysis_set = (first_samples(train_set, config.analyze_samples) if not config.augment
+                    else run_dataset(config, "train", device, samples=config.analyze_samples))
     return train_set, test_set, analysis_set
 
 
