@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from sparsekern.report import write_report
 from sparsekern.train import ConfigError, RunConfig
 from sparsekern.train.loop import _totals
+from sparsekern.train.report import write_report
 from sparsekern.train.sweep import expand_grid, group_label, load_sweep, run_sweep, summarize, write_summary
 
 TINY_BASE = dict(dataset="synthetic", width=0.125, batch_size=8, num_train_samples=32, num_test_samples=16,
@@ -192,3 +192,25 @@ def test_sweep_runs_in_workers_aggregates_and_skips_finished_runs(tmp_path):
     assert stamps == [(tmp_path / r["run_dir"] / "result.json").stat().st_mtime_ns for r in again["runs"]]
     assert again["groups"] == summary["groups"]
     assert not math.isnan(again["groups"][0]["metrics"]["test_error_pct"]["mean"])
+
+
+# ---------------------------------------------------------------------- where the report lives
+def test_the_report_of_runs_is_written_by_the_training_layer_and_the_old_names_still_work():
+    """report/ makes tables and figures from data; reading run and sweep directories (train's files)
+    is sparsekern.train.report's. The old names warn, naming the new place, and are the same objects."""
+    import sparsekern.report
+    import sparsekern.train.report as train_report
+
+    for name in ("write_report", "load_source"):
+        with pytest.warns(DeprecationWarning, match=f"use sparsekern.train.report.{name}"):
+            assert getattr(sparsekern.report, name) is getattr(train_report, name)
+
+
+def test_one_mean_std_for_sweep_summaries_and_experiment_tables(tmp_path):
+    import sparsekern.experiments
+    from sparsekern.report.tables import mean_std
+
+    summary = summarize([fake_result(tmp_path, seed=s, test_error=e)[1] for s, e in ((0, 0.1), (1, 0.2))])
+    assert summary["groups"][0]["metrics"]["test_error_pct"] == mean_std([100.0 * 0.1, 100.0 * 0.2])
+    with pytest.warns(DeprecationWarning, match="use sparsekern.report.tables.mean_std"):
+        assert sparsekern.experiments.mean_std is mean_std

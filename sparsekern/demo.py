@@ -35,6 +35,8 @@ import torch
 
 from sparsekern._denormals import on_for_worker_processes
 from sparsekern.train.config import RunConfig
+from sparsekern.train.report import write_report
+from sparsekern.train.sweep import run_many, write_summary
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,6 @@ def run_demo(out=None, *, full: bool = False, workers: int | None = None, restar
 
     ``workers`` defaults to 2 on a CPU (one thread each) and 1 on a GPU.
     """
-    from sparsekern.report import write_report
-    from sparsekern.train.sweep import run_many, write_summary
-
     settings = settings or (FULL if full else QUICK)
     out = Path(out or ("runs/demo-full" if full else "runs/demo"))
     labelled = demo_configs(settings, out)

@@ -1,67 +1,39 @@
-"""Reports of runs and sweeps: the paper's tables (markdown + CSV) and figures (PNG), in report.md.
+"""Reports: the paper's tables (markdown + CSV, ``tables.py``) and figures (PNG, ``figures.py``),
+and the report.md that shows them, from data already read (a sweep summary, results, metrics).
 
-    from sparsekern.report import write_report
-    write_report("sweeps/table1")      # a sweep directory (sweep_summary.json) or one run's directory
-
-Figures use one run per setting (the lowest seed); tables average over every seed.
+Reading a sweep's or a run's directory is the training layer's: ``sparsekern.train.report``'s
+``write_report("sweeps/table1")`` reads it and calls ``write_markdown_report`` here.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
+from sparsekern._deprecated import deprecated_paths
 from sparsekern.report.figures import figure_gamma_beta, figure_gamma_decay, figure_selectivity
-from sparsekern.report.tables import Table, all_tables, sorted_groups
+from sparsekern.report.tables import Table, all_tables
 
 MAX_FIGURE2_SETTINGS = 6  # one Figure 2 PNG per setting; beyond this the report gets unreadable
-
-
-def load_source(source) -> tuple[dict, dict[str, Path]]:
-    """(summary, run_id -> run directory) of a sweep directory or a single run's directory."""
-    from sparsekern.train.loop import read_result
-    from sparsekern.train.sweep import SUMMARY_FILE, summarize
-
-    source = Path(source)
-    if (source / SUMMARY_FILE).is_file():
-        summary = json.loads((source / SUMMARY_FILE).read_text())
-        run_dirs = {r["run_id"]: source / r["run_dir"] for r in summary["runs"] if r["status"] in ("done", "skipped")}
-        return summary, run_dirs
-    result = read_result(source)
-    if result is not None:
-        return summarize([result]), {result["run_id"]: source}
-    raise FileNotFoundError(
-        f"{source}: neither {SUMMARY_FILE} (a sweep) nor result.json (a finished run) is there; "
-        "run `sparsekern sweep` or `sparsekern train` first (or point at their output directory)"
-    )
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
 
 
-def write_report(source, out_dir=None, log=print) -> Path:
-    """Write tables (``<name>.md``, ``<name>.csv``), figures (PNG) and ``report.md``; returns report.md's path."""
-    from sparsekern.train.loop import read_metrics, read_result
+def write_markdown_report(out: Path, source, summary: dict, results: dict[str, dict],
+                          metrics: dict[str, list[dict]]) -> Path:
+    """Write the tables (``<name>.md``, ``<name>.csv``), the figures (PNG) and ``report.md`` of a
+    sweep summary into ``out``; returns report.md's path.
 
-    summary, run_dirs = load_source(source)
-    out = Path(out_dir) if out_dir is not None else Path(source)
+    ``results`` / ``metrics``: per setting label, the result.json and the metrics.jsonl lines of
+    the run that stands for it in the figures; ``source`` is named in the text.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    groups = sorted_groups(summary)
-    if not groups:
-        raise ValueError(f"{source}: no finished run to report on")
-
     tables = all_tables(summary)
     for table in tables:
         (out / f"{table.name}.md").write_text(f"### {table.title}\n\n{table.to_markdown()}\n")
         (out / f"{table.name}.csv").write_text(table.to_csv())
 
-    # One representative run per setting for the figures: the one with the lowest seed.
-    representative = {}
-    for g in groups:
-        seed, run_id = min(zip(g["seeds"], g["runs"]))
-        representative[g["label"]] = run_dirs[run_id]
-    results = {label: read_result(d) for label, d in representative.items()}
     figures = []
     for label, result in list(results.items())[:MAX_FIGURE2_SETTINGS]:
         if any(l.get("gamma") is not None for l in result["layers"]):
@@ -70,7 +42,6 @@ def write_report(source, out_dir=None, log=print) -> Path:
     if any(l.get("selectivity") for r in results.values() for l in r["layers"]):
         figures.append(("Figure 3: selectivity of live features per layer",
                         figure_selectivity(results, out / "fig3_selectivity.png")))
-    metrics = {label: read_metrics(d) for label, d in representative.items()}
     if any(any(m["total"]["mean_abs_gamma"] is not None for m in lines) for lines in metrics.values()):
         figures.append(("Figure 4: decay of |γ| during training",
                         figure_gamma_decay(metrics, out / "fig4_gamma_decay.png",
@@ -78,7 +49,6 @@ def write_report(source, out_dir=None, log=print) -> Path:
 
     report = out / "report.md"
     report.write_text(_markdown(source, summary, results, tables, figures, out))
-    log(f"report: {report}")
     return report
 
 
@@ -113,4 +83,8 @@ def _markdown(source, summary: dict, results: dict, tables: list[Table], figures
     return "\n".join(lines)
 
 
-__all__ = ["load_source", "write_report"]
+# Moved up to the training layer, which owns the run and sweep files they read.
+__getattr__ = deprecated_paths(__name__, {"load_source": "sparsekern.train.report.load_source",
+                                          "write_report": "sparsekern.train.report.write_report"})
+
+__all__ = ["write_markdown_report"]

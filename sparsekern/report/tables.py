@@ -6,14 +6,16 @@
     table_batch     % inactive and test error per mini-batch size (only if batch sizes vary)
     table_width     the same per width multiplier (only if widths vary)
 
-A cell is text, a number, None ("-") or a {"mean", "std", "n"} record; markdown shows a
-record as ``mean ± std`` (std left out for a single seed), CSV as two columns.
+A cell is text, a number, None ("-") or a {"mean", "std", "n"} record (``mean_std``); markdown
+(``markdown_table``) shows a record as ``mean ± std`` (std left out for a single seed), CSV as
+two columns.
 """
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 from dataclasses import dataclass
 
 COLUMNS_TOTAL = (
@@ -35,10 +37,8 @@ class Table:
     rows: list[list]
 
     def to_markdown(self) -> str:
-        row = lambda cells: "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"  # noqa: E731
-        lines = [row(self.columns), "|" + "|".join("---" for _ in self.columns) + "|"]
-        lines += [row([format_cell(c) for c in cells]) for cells in self.rows]
-        return "\n".join(lines)
+        """The table in markdown, one decimal per number (the paper's tables)."""
+        return markdown_table(self.columns, self.rows, digits=1)
 
     def to_csv(self) -> str:
         """One column per text/number cell; a mean +- std cell becomes '<col> mean' and '<col> std'."""
@@ -58,6 +58,25 @@ class Table:
                     cells.append("" if c is None else (_csv_number(c) if isinstance(c, float) else c))
             writer.writerow(cells)
         return out.getvalue()
+
+
+def mean_std(values) -> dict:
+    """The {"mean", "std" (sample std, None for one value), "n", "values"} cell of ``values``."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_std of no values")
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "n": n, "values": values}
+
+
+def markdown_table(columns: list, rows: list[list], digits: int = 2) -> str:
+    """A markdown table of cells (see the module docstring); numbers with ``digits`` decimals."""
+    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
+    out = [line(columns), "|" + "|".join("---" for _ in columns) + "|"]
+    out += [line([format_cell(c, digits) for c in row]) for row in rows]
+    return "\n".join(out)
 
 
 def _csv_number(v) -> str:

@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from sparsekern.report.tables import mean_std
 from sparsekern.train.checkpoint import RunLockedError, atomic_write_text, ensure_unlocked
 from sparsekern.train.config import NOT_IDENTITY, ConfigError, RunConfig, config_fields, dumps_toml, load_toml
 from sparsekern.train.loop import read_result, run_files, train
@@ -109,7 +109,7 @@ def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = Fals
     for config in configs:
         status = {"run_id": config.run_id(), "run_dir": str(config.run_dir()), "status": "pending", "error": None}
         statuses.append(status)
-        if not restart and _finished(config):
+        if not restart and is_finished(config):
             status["status"] = "skipped"
         else:
             pending.append((config, status))
@@ -128,7 +128,8 @@ def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = Fals
     return statuses
 
 
-def _finished(config: RunConfig) -> bool:
+def is_finished(config: RunConfig) -> bool:
+    """Whether ``config``'s run is done: its directory has a result.json of this very configuration."""
     result = read_result(config.run_dir())
     return result is not None and result.get("config_hash") == config.config_hash()
 
@@ -205,13 +206,6 @@ def _finish_worker(returncode: int, status: dict, say) -> None:
 
 
 # ---------------------------------------------------------------------- summary
-def _mean_std(values: list[float]) -> dict:
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "values": values}
-
-
 def varying_fields(configs: list[dict]) -> list[str]:
     """Identity fields (seed excluded) that take more than one value across ``configs``."""
     if not configs:
@@ -265,10 +259,10 @@ def summarize(results: list[dict], labels: dict | None = None) -> dict:
     summary_groups = []
     for group in groups.values():
         members = group.pop("_results")
-        group["metrics"] = {"test_error_pct": _mean_std([100.0 * r["test_error"] for r in members])}
+        group["metrics"] = {"test_error_pct": mean_std([100.0 * r["test_error"] for r in members])}
         for key in TOTAL_METRICS:
             values = [r["total"][key] for r in members]
-            group["metrics"][key] = None if any(v is None for v in values) else _mean_std(values)
+            group["metrics"][key] = None if any(v is None for v in values) else mean_std(values)
         group["layers"] = _layer_summary(members)
         summary_groups.append(group)
     return {"varying": fields, "groups": summary_groups}
@@ -282,7 +276,7 @@ def _layer_summary(members: list[dict]) -> list[dict]:
         for key in LAYER_METRICS:
             values = [r["layers"][index][key] for r in members]
             row[f"{key}_pct"] = (None if any(v is None for v in values) or not layer["channels"]
-                                 else _mean_std([100.0 * v / layer["channels"] for v in values]))
+                                 else mean_std([100.0 * v / layer["channels"] for v in values]))
         layers.append(row)
     return layers
 
