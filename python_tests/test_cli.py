@@ -1,6 +1,8 @@
 """The command line: --help of every subcommand, train / analyze / info through main([...]),
 flag and TOML precedence, clear errors for bad input, and a smoke run of the demo."""
+import argparse
 import json
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -113,3 +115,38 @@ def test_demo_smoke_run_on_real_fashion_mnist(tmp_path):
         result = json.loads((tmp_path / run["run_dir"] / "result.json").read_text())
         assert result["analysis_samples"] == 100 and result["train_samples"] == 200
         assert f"{100 * (1 - result['test_error']):.2f}%" in table
+
+
+# ---------------------------------------------------------------------- config flags
+@dataclass(frozen=True)
+class _Example:
+    seeds: tuple[int, ...] = field(default=(0, 1), metadata={"help": "seeds"})
+    ratio: float | None = field(default=None, metadata={"help": "a ratio, 50% by default"})
+    quick: bool = field(default=False, metadata={"help": "quick"})
+    milestones: tuple = field(default=(0.5,), metadata={"help": "a bare tuple holds floats"})
+
+
+def test_one_flag_helper_turns_any_config_dataclass_into_flags_and_back():
+    from sparsekern._flags import add_config_flags, config_overrides
+
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser, _Example, "example")
+    args = parser.parse_args(["--seeds", "3, 4", "--ratio", "none", "--no-quick", "--milestones", "0.25,0.75"])
+    assert config_overrides(_Example, args) == {"seeds": (3, 4), "ratio": None, "quick": False,
+                                                "milestones": (0.25, 0.75)}
+    assert config_overrides(_Example, parser.parse_args([])) == {}  # only what is given overrides a file
+    assert config_overrides(_Example, parser.parse_args(["--ratio", "0.5"])) == {"ratio": 0.5}
+    assert "(default: 0,1)" in parser.format_help() and "50% by default" in parser.format_help()
+
+
+@pytest.mark.parametrize("argv, field_name, value", [
+    (["train", "--lr-milestones", "0.3,0.6"], "lr_milestones", (0.3, 0.6)),  # RunConfig
+    (["train", "--steps", "none"], "steps", None),
+    (["keep-ratio", "--seeds", "4,5"], "seeds", (4, 5)),  # an experiment config
+    (["cges-vs-l2", "--models", "lenet5"], "models", ("lenet5",)),
+    (["compare-methods", "--fractions", "0.1,0.2"], "fractions", (0.1, 0.2)),
+])
+def test_run_and_experiment_configs_parse_their_flags_alike(argv, field_name, value):
+    from sparsekern.cli import build_parser
+
+    assert getattr(build_parser().parse_args(argv), field_name) == value

@@ -48,10 +48,11 @@ def calls(monkeypatch):
     import sparsekern.train.sweep as sweep
 
     made = []
-    for module, name in ((loop, "train"), (sweep, "run_sweep"), (keep_ratio, "run_keep_ratio"),
-                         (cges_vs_l2, "run_cges_vs_l2"), (method_table, "run_method_table"),
-                         (harvest, "harvest_run")):
+    for module, name in ((loop, "train"), (sweep, "run_sweep"), (harvest, "harvest_run")):
         monkeypatch.setattr(module, name, lambda *a, _name=name, **k: made.append(_name))
+    for experiment in (keep_ratio, cges_vs_l2, method_table):  # what each experiment subcommand runs
+        name = experiment.COMMAND.run.__name__
+        monkeypatch.setattr(experiment.COMMAND, "run", lambda *a, _name=name, **k: made.append(_name))
     return made
 
 
@@ -243,3 +244,14 @@ def test_absent_device_of_a_measurement_is_an_argparse_error(tmp_path, capsys, c
         f"sparsekern {command}: error: argument --device: device={ABSENT_GPU!r} is not available on this machine")
     code, err = run_cli([command, str(tmp_path), "--device", "gpu"], capsys)
     assert code == 2 and "device='gpu' is not a device name; expected auto, cpu, cuda or cuda:N" in err
+
+
+@pytest.mark.parametrize("command, run", [("keep-ratio", "run_keep_ratio"), ("cges-vs-l2", "run_cges_vs_l2"),
+                                          ("compare-methods", "run_method_table")])
+def test_an_experiment_runs_once_its_checks_pass(tmp_path, capsys, calls, command, run):
+    """The counterpart of the refusals above: with a data folder and device that exist, the
+    subcommand runs its experiment (recorded here) and prints where its table goes."""
+    assert main([command, "--quick", "--out", str(tmp_path), "--data-root", str(tmp_path), "--device", "cpu"]) == 0
+    assert calls == [run]
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["out_dir"] == str(tmp_path) and printed["table"].startswith(str(tmp_path))

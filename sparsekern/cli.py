@@ -34,11 +34,19 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from sparsekern._backend import backends
+from sparsekern._flags import add_config_flags, comma_list, config_overrides, field_kind
+from sparsekern.data import get_dataset, make_loader
 from sparsekern.errors import ConfigError, SparsekernError
-from sparsekern.train.config import RunConfig, check_data_root, config_fields, field_type
+from sparsekern.experiments import check_here, log_to_stderr
+from sparsekern.stats.analyze import analyze
+from sparsekern.train.config import RunConfig
+from sparsekern.train.loop import first_samples, load_trained, resolve_device
+from sparsekern.train.report import write_report
 
 DEBUG_ENV = "SPARSEKERN_DEBUG"
 
+RUN_FLAGS_TITLE = "run configuration (override --config)"
 GRID_FLAGS = {  # sweep flag -> RunConfig field it lists values of
     "optimizers": "optimizer",
     "regs": "reg",
@@ -77,8 +85,6 @@ def existing_directory(text: str) -> str:
 
 def device_name(text: str) -> str:
     """An argparse type: auto, or a device this machine has (see ``resolve_device``); kept as the name."""
-    from sparsekern.train.loop import resolve_device
-
     try:
         resolve_device(text)
     except ConfigError as exc:
@@ -86,52 +92,10 @@ def device_name(text: str) -> str:
     return text
 
 
-def check_here(data_root, device: str, source: str) -> None:
-    """ConfigError before anything is written when a config's data folder or device is not on this machine."""
-    from sparsekern.train.loop import resolve_device
-
-    check_data_root(data_root, source)
-    resolve_device(device)
-
-
 # ---------------------------------------------------------------------- config flags
-def _none_or(kind):
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error messages
-    return parse
-
-
-def _float_list(text: str) -> tuple:
-    return tuple(float(v) for v in text.split(",") if v.strip())
-
-
-def add_config_flags(parser: argparse.ArgumentParser, exclude=()) -> None:
-    """One flag per RunConfig field (``--reg-strength``...); only flags given on the command line are set."""
-    group = parser.add_argument_group("run configuration (override --config)")
-    for f in config_fields():
-        if f.name in exclude:
-            continue
-        base, optional = field_type(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {f.default})"
-        if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
-            continue
-        kind = _float_list if base is tuple else base
-        group.add_argument(flag, dest=f.name, type=_none_or(kind) if optional else kind, default=argparse.SUPPRESS,
-                           metavar=f.name.upper(), help=help_text)
-
-
-def config_overrides(args: argparse.Namespace) -> dict:
-    return {f.name: getattr(args, f.name) for f in config_fields() if hasattr(args, f.name)}
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     """Defaults, then the --config TOML file, then the flags given; its data_root and device checked here."""
-    overrides = config_overrides(args)
+    overrides = config_overrides(RunConfig, args)
     source = args.config or "command line"
     if args.config is not None:
         config = RunConfig.from_toml(args.config, overrides)
@@ -139,10 +103,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         config = RunConfig.from_dict(overrides, source=source)
     check_here(config.data_root, config.device, source)
     return config
-
-
-def _quiet_log(message: str) -> None:
-    print(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- subcommands
@@ -154,16 +114,16 @@ def _add_train(subparsers) -> None:
     p.add_argument("--stop-after", type=positive_int, metavar="STEP",
                    help="stop (checkpointed) at the first eval point at or after STEP; rerun to continue")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(p)
+    add_config_flags(p, RunConfig, RUN_FLAGS_TITLE)
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
-    from sparsekern.train.loop import train
+    from sparsekern.train.loop import train  # looked up when the command runs (tests replace it)
 
-    config = config_from_args(args)
+    config = run_config_from_args(args)
     result = train(config, restart=args.restart, stop_after=args.stop_after, progress=not args.no_progress,
-                   log=_quiet_log)
+                   log=log_to_stderr)
     if result is not None:
         total = result["total"]
         print(json.dumps({"run_dir": str(config.run_dir()), "test_error": result["test_error"],
@@ -185,7 +145,7 @@ def _add_sweep(subparsers) -> None:
     for flag, field in GRID_FLAGS.items():
         grid.add_argument("--" + flag.replace("_", "-"), dest=f"grid_{field}", default=argparse.SUPPRESS,
                           metavar="V1,V2", help=f"values of {field}")
-    add_config_flags(p, exclude=("out_dir", "name"))
+    add_config_flags(p, RunConfig, RUN_FLAGS_TITLE, exclude=("out_dir", "name"))
     p.set_defaults(func=_cmd_sweep)
 
 
@@ -195,29 +155,26 @@ def _grid_from_args(args) -> dict:
         text = getattr(args, f"grid_{field}", None)
         if text is None:
             continue
-        base, _ = field_type(field)
         try:
-            grid[field] = [base(v.strip()) for v in text.split(",") if v.strip()]
+            grid[field] = list(comma_list(field_kind(RunConfig, field).base)(text))
         except ValueError as exc:
             raise ConfigError(f"grid {field}={text!r}: {exc}") from None
     return grid
 
 
 def _cmd_sweep(args) -> int:
-    from sparsekern.train.sweep import expand_grid, load_sweep, run_sweep
+    from sparsekern.train.sweep import expand_grid, load_sweep, run_sweep  # likewise
 
     if args.config is not None:
-        base, grid = load_sweep(args.config, config_overrides(args), _grid_from_args(args))
+        base, grid = load_sweep(args.config, config_overrides(RunConfig, args), _grid_from_args(args))
     else:
-        base, grid = config_overrides(args), _grid_from_args(args)
+        base, grid = config_overrides(RunConfig, args), _grid_from_args(args)
     for config in expand_grid(base, grid, args.out):  # every run's config, before anything is written
         check_here(config.data_root, config.device, args.config or "command line")
     summary = run_sweep(args.out, base, grid, workers=args.workers, restart=args.restart,
-                        progress=not args.no_progress, log=_quiet_log)
+                        progress=not args.no_progress, log=log_to_stderr)
     if args.report:
-        from sparsekern.report import write_report
-
-        write_report(args.out, log=_quiet_log)
+        write_report(args.out, log=log_to_stderr)
     return 1 if summary["failed"] else 0
 
 
@@ -230,8 +187,6 @@ def _add_report(subparsers) -> None:
 
 
 def _cmd_report(args) -> int:
-    from sparsekern.report import write_report
-
     write_report(args.source, args.out, log=print)
     return 0
 
@@ -253,10 +208,6 @@ def _add_analyze(subparsers) -> None:
 
 
 def _cmd_analyze(args) -> int:
-    from sparsekern.data import get_dataset, make_loader
-    from sparsekern.stats.analyze import analyze
-    from sparsekern.train.loop import first_samples, load_trained
-
     model, config = load_trained(args.checkpoint, args.device)
     dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
                           root=args.data_root or config.data_root)
@@ -298,9 +249,7 @@ def _add_info(subparsers) -> None:
 
 
 def _cmd_info(args) -> int:
-    import sparsekern
-
-    print(json.dumps(sparsekern.backends(), indent=2, default=str))
+    print(json.dumps(backends(), indent=2, default=str))
     return 0
 
 

@@ -11,18 +11,32 @@ writes its tables:
 Every training goes through ``sparsekern.train`` (one run directory per row and seed under
 ``<out>/runs``), so rerunning a command reuses finished runs and resumes interrupted ones.
 This module holds what the experiments share: their configs as dataclasses whose fields are
-also the command-line flags, the training of a list of runs, and loading a trained run back.
+also the command-line flags, their subcommand (``ExperimentCommand``), the training of a list of
+runs, and loading a trained run back.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
-import typing
+import sys
 from pathlib import Path
+from typing import Callable
+
+from sparsekern._deprecated import deprecated_names
+from sparsekern._flags import add_config_flags, config_overrides
+from sparsekern.data import InMemoryImageDataset, dataset_info, get_dataset
+from sparsekern.errors import ConfigError
+from sparsekern.report import tables
+from sparsekern.train.checkpoint import atomic_write_text, load_checkpoint
+from sparsekern.train.config import check_data_root
+from sparsekern.train.loop import build_run_model, first_samples, read_result, resolve_device, run_files
+from sparsekern.train.optim import Optimization
+from sparsekern.train.sweep import run_many
 
 
-# ---------------------------------------------------------------------- configs and flags
+# ---------------------------------------------------------------------- configs
 def option(default, help: str):
     """A config field with its help text (shown by --help)."""
     if isinstance(default, (list, tuple)):
@@ -30,70 +44,71 @@ def option(default, help: str):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
-def _parse_list(kind):
-    def parse(text: str) -> tuple:
-        return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
-
-    parse.__name__ = f"comma-separated {kind.__name__} list"  # argparse names the type in errors
-    return parse
-
-
-def _parse_optional(kind):
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__
-    return parse
-
-
-def _field_kind(cls, name: str):
-    """(parser for one flag value, the base type) of a dataclass field."""
-    hint = typing.get_type_hints(cls)[name]
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is tuple:
-        return _parse_list(args[0]), tuple
-    if len(args) == 1 and type(None) in typing.get_args(hint):  # X | None
-        return _parse_optional(args[0]), args[0]
-    return hint, hint
-
-
-def add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
-    """One ``--flag`` per field of the dataclass ``cls``; only flags given are set on the namespace."""
-    group = parser.add_argument_group(f"{cls.__name__} (defaults in parentheses)")
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        parse, base = _field_kind(cls, f.name)
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        help_text = f"{f.metadata['help']} ({default})".replace("%", "%%")  # argparse %-formats help
-        if base is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
-        else:
-            group.add_argument(flag, dest=f.name, type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                               help=help_text)
+def check_here(data_root, device: str, source: str) -> None:
+    """ConfigError before anything is written when a config's data folder or device is not on this
+    machine (``source`` names where the config came from)."""
+    check_data_root(data_root, source)
+    resolve_device(device)
 
 
 def config_from_args(cls, args: argparse.Namespace, base=None):
     """``base`` (default: ``cls()``) with the fields given as flags replaced; its ``data_root`` and
     ``device`` checked on this machine, before anything is trained."""
-    from sparsekern.train.config import check_data_root
-    from sparsekern.train.loop import resolve_device
-
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    config = dataclasses.replace(base if base is not None else cls(), **given)
-    check_data_root(config.data_root, "command line")
-    resolve_device(config.device)
+    config = dataclasses.replace(base if base is not None else cls(), **config_overrides(cls, args))
+    check_here(config.data_root, config.device, "command line")
     return config
 
 
 def check_positive(config, names) -> None:
     """Raise ConfigError naming the first of ``names`` that is not a finite number > 0 (None allowed)."""
-    from sparsekern.train.config import ConfigError
-
     for name in names:
         value = getattr(config, name)
         if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name}={value!r}: must be a finite number > 0")
+
+
+# ---------------------------------------------------------------------- subcommands
+def log_to_stderr(message: str) -> None:
+    """Progress messages of a command go to stderr; stdout keeps its one JSON line."""
+    print(message, file=sys.stderr)
+
+
+@dataclasses.dataclass
+class ExperimentCommand:
+    """The ``sparsekern <name>`` subcommand of one experiment.
+
+    Flags: ``--out`` (= ``--out-dir``), ``--quick`` (``config().quick()`` as the base), ``--restart``,
+    ``--no-progress`` and one per field of ``config``. It builds the config, checks its data folder
+    and device, calls ``run(config, restart=, progress=, log=)`` and prints one JSON line with the
+    output directory and the table ``<out_dir>/<output_stem>.md``. (Not frozen: a test may replace
+    ``run`` with a recorder.)
+    """
+
+    name: str
+    config: type
+    run: Callable[..., dict]
+    output_stem: str
+    help: str
+    doc: str  # the experiment module's docstring: its first paragraph is the --help description
+    restart_help: str = "retrain every run from scratch"
+
+    def add_parser(self, subparsers, func: Callable[[argparse.Namespace], int] | None = None):
+        """Add the subcommand; ``func`` (default: :meth:`main`) runs it. Returns the parser, for extra flags."""
+        p = subparsers.add_parser(self.name, help=self.help, description=self.doc.split("\n\n")[0])
+        p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="same as --out-dir")
+        p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
+        p.add_argument("--restart", action="store_true", help=self.restart_help)
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        add_config_flags(p, self.config, f"experiment configuration ({self.config.__name__})")
+        p.set_defaults(func=func or self.main)
+        return p
+
+    def main(self, args: argparse.Namespace) -> int:
+        base = self.config().quick() if args.quick else self.config()
+        config = config_from_args(self.config, args, base)
+        self.run(config, restart=args.restart, progress=not args.no_progress, log=log_to_stderr)
+        print(json.dumps({"out_dir": config.out_dir, "table": str(Path(config.out_dir) / f"{self.output_stem}.md")}))
+        return 0
 
 
 # ---------------------------------------------------------------------- runs
@@ -102,8 +117,6 @@ def train_runs(configs, *, workers: int = 1, restart: bool = False, progress: bo
 
     Raises RuntimeError naming the runs that failed, after the others have finished.
     """
-    from sparsekern.train.sweep import run_many
-
     statuses = run_many(list(configs), workers=workers, restart=restart, progress=progress, log=log)
     failed = [f"{s['run_id']} ({s['error']})" for s in statuses if s["status"] == "failed"]
     if failed:
@@ -113,11 +126,6 @@ def train_runs(configs, *, workers: int = 1, restart: bool = False, progress: bo
 def load_run(config, device: str = "cpu"):
     """(model with the run's final weights in eval mode, its Optimization with the final optimizer
     state) of a finished run of ``config``."""
-    from sparsekern.data import dataset_info
-    from sparsekern.train.checkpoint import load_checkpoint
-    from sparsekern.train.loop import build_run_model, read_result, resolve_device, run_files
-    from sparsekern.train.optim import Optimization
-
     result = read_result(config.run_dir())
     if result is None:
         raise FileNotFoundError(f"{config.run_dir()}: the run has not finished (no result.json)")
@@ -136,51 +144,30 @@ def load_run(config, device: str = "cpu"):
 
 def load_test_set(config, device: str = "cpu"):
     """The test split the runs of ``config`` were evaluated on (first ``num_test_samples``)."""
-    from sparsekern.data import InMemoryImageDataset, get_dataset
-    from sparsekern.train.loop import first_samples, resolve_device
-
     dataset = first_samples(get_dataset(config.dataset, train=False, root=config.data_root),
                             config.num_test_samples)
     return dataset.to(resolve_device(device)) if isinstance(dataset, InMemoryImageDataset) else dataset
 
 
-# ---------------------------------------------------------------------- numbers and files
-def mean_std(values) -> dict:
-    """{"mean", "std" (sample std, None for one value), "n", "values"}: a table cell."""
-    values = [float(v) for v in values]
-    n = len(values)
-    if n == 0:
-        raise ValueError("mean_std of no values")
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
-    return {"mean": mean, "std": std, "n": n, "values": values}
-
-
-def markdown_table(columns: list[str], rows: list[list], digits: int = 2) -> str:
-    """A markdown table; {"mean", "std"} cells print as ``mean ± std`` with ``digits`` decimals."""
-    from sparsekern.report.tables import format_cell
-
-    line = lambda cells: "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"  # noqa: E731
-    out = [line(columns), "|" + "|".join("---" for _ in columns) + "|"]
-    out += [line([format_cell(c, digits) for c in row]) for row in rows]
-    return "\n".join(out)
-
-
+# ---------------------------------------------------------------------- files
 def write_text(path: Path, text: str) -> Path:
-    from sparsekern.train.checkpoint import atomic_write_text
-
+    """Write ``text`` to ``path`` atomically (a reader never sees half a table); returns ``path``."""
     atomic_write_text(path, text)
     return path
 
 
+# Moved to sparsekern.report.tables, next to the cell format they make and print.
+__getattr__ = deprecated_names(__name__, {"mean_std": tables.mean_std, "markdown_table": tables.markdown_table})
+
 __all__ = [
+    "ExperimentCommand",
     "add_config_flags",
+    "check_here",
     "check_positive",
     "config_from_args",
     "load_run",
     "load_test_set",
-    "markdown_table",
-    "mean_std",
+    "log_to_stderr",
     "option",
     "train_runs",
     "write_text",

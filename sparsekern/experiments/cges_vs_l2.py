@@ -35,26 +35,20 @@ L2, 2e-2 ~65% at a few points of accuracy.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from sparsekern.experiments import (
-    add_config_flags,
-    check_positive,
-    config_from_args,
-    load_run,
-    markdown_table,
-    mean_std,
-    option,
-    train_runs,
-    write_text,
-)
+from sparsekern.data import dataset_info
+from sparsekern.errors import ConfigError
+from sparsekern.experiments import ExperimentCommand, check_positive, load_run, option, train_runs, write_text
+from sparsekern.prune.flops import macs_by_layer
+from sparsekern.report.tables import Table, markdown_table, mean_std
+from sparsekern.train.config import RunConfig
+from sparsekern.train.loop import read_result
 
 OUTPUT_STEM = "cges_vs_l2"
 MODELS = ("lenet5", "basicnet")
@@ -96,8 +90,6 @@ class CgesVsL2Config:
     workers: int = option(1, "runs trained in parallel (subprocesses)")
 
     def __post_init__(self):
-        from sparsekern.train.config import ConfigError
-
         unknown = [m for m in self.models if m not in MODELS]
         if unknown or not self.models:
             raise ConfigError(f"models={self.models!r}: expected some of {', '.join(MODELS)} "
@@ -114,8 +106,6 @@ class CgesVsL2Config:
 
     def run_config(self, model: str, method: str, seed: int):
         """The sparsekern.train RunConfig of one (model, method, seed)."""
-        from sparsekern.train.config import RunConfig
-
         reg = {"L2": ("l2", self.l2_strength), "CGES": ("cges", self.cges_strength)}[method]
         return RunConfig(
             model=model, width=self.basicnet_width if model == "basicnet" else 1.0, dataset=self.dataset,
@@ -150,8 +140,6 @@ def weight_sparsity(model: nn.Module) -> dict:
 @torch.no_grad()
 def macs_after_removal(model: nn.Module, input_shape) -> dict:
     """Dense MACs per sample and the MACs left after removing all-zero units (see the module doc)."""
-    from sparsekern.prune.flops import macs_by_layer
-
     weight = next(model.parameters())
     sample = torch.zeros((1,) + tuple(input_shape[1:]), device=weight.device, dtype=weight.dtype)
     dense = macs_by_layer(model, (sample,))
@@ -179,9 +167,6 @@ def macs_after_removal(model: nn.Module, input_shape) -> dict:
 # ---------------------------------------------------------------------- the experiment
 def run_cges_vs_l2(config: CgesVsL2Config, *, restart: bool = False, progress: bool = True, log=print) -> dict:
     """Train (or reuse) every model x method x seed, measure, write the files; returns cges_vs_l2.json's content."""
-    from sparsekern.data import dataset_info
-    from sparsekern.train.loop import read_result
-
     runs = {(model, method, seed): config.run_config(model, method, seed)
             for model in config.models for method in METHODS for seed in config.seeds}
     train_runs(runs.values(), workers=config.workers, restart=restart, progress=progress, log=log)
@@ -225,8 +210,6 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
 
 def write_outputs(results: dict, out: Path) -> dict[str, Path]:
     """cges_vs_l2.json / .md / .csv in ``out``."""
-    from sparsekern.report.tables import Table
-
     out.mkdir(parents=True, exist_ok=True)
     config = results["config"]
     columns, lines = table_rows(results)
@@ -253,22 +236,6 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------- command line
-def add_parser(subparsers) -> None:
-    """The ``sparsekern cges-vs-l2`` subcommand."""
-    p = subparsers.add_parser("cges-vs-l2", help="CGES versus L2 on LeNet-5 and BasicNet: sparsity, accuracy, MACs",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="same as --out-dir")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
-    p.add_argument("--restart", action="store_true", help="retrain every run from scratch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(p, CgesVsL2Config)
-    p.set_defaults(func=_cmd_cges_vs_l2)
-
-
-def _cmd_cges_vs_l2(args) -> int:
-    base = CgesVsL2Config().quick() if args.quick else CgesVsL2Config()
-    config = config_from_args(CgesVsL2Config, args, base)
-    run_cges_vs_l2(config, restart=args.restart, progress=not args.no_progress,
-                   log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps({"out_dir": config.out_dir, "table": str(Path(config.out_dir) / f"{OUTPUT_STEM}.md")}))
-    return 0
+COMMAND = ExperimentCommand("cges-vs-l2", CgesVsL2Config, run_cges_vs_l2, OUTPUT_STEM, doc=__doc__,
+                            help="CGES versus L2 on LeNet-5 and BasicNet: sparsity, accuracy, MACs")
+add_parser = COMMAND.add_parser  # the ``sparsekern cges-vs-l2`` subcommand (registered by sparsekern.cli)

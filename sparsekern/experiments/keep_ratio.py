@@ -32,28 +32,35 @@ epochs where the authors ran 60 on MNIST, and the penalty strengths; see ``KeepR
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from sparsekern.errors import ConfigError
 from sparsekern.experiments import (
-    add_config_flags,
+    ExperimentCommand,
     check_positive,
-    config_from_args,
     load_run,
     load_test_set,
-    markdown_table,
-    mean_std,
     option,
     train_runs,
     write_text,
 )
-from sparsekern.regularize.masks import TABLE_KEEP_RATIOS, apply_masks, keep_count, magnitude_masks, random_masks
+from sparsekern.regularize.masks import (
+    TABLE_KEEP_RATIOS,
+    apply_masks,
+    keep_count,
+    magnitude_masks,
+    random_masks,
+    slbi_masks,
+)
+from sparsekern.report.figures import pyplot
+from sparsekern.report.tables import Table, markdown_table, mean_std
+from sparsekern.train.config import RunConfig
+from sparsekern.train.loop import evaluate, resolve_device
 
 OUTPUT_STEM = "keep_ratio"
 
@@ -115,8 +122,6 @@ class KeepRatioConfig:
     workers: int = option(1, "runs trained in parallel (subprocesses)")
 
     def __post_init__(self):
-        from sparsekern.train.config import ConfigError
-
         unknown = [r for r in self.rows if r not in ROWS]
         if unknown or not self.rows:
             raise ConfigError(f"rows={self.rows!r}: unknown row(s) {unknown}; expected some of {', '.join(ROWS)}")
@@ -142,8 +147,6 @@ class KeepRatioConfig:
 
     def run_config(self, row: Row, seed: int):
         """The sparsekern.train RunConfig that trains ``row``'s network for ``seed``."""
-        from sparsekern.train.config import RunConfig
-
         strengths = {"none": 0.0, "ridge": self.ridge_strength, "lasso": self.lasso_strength,
                      "group-lasso": self.group_lasso_strength}
         return RunConfig(
@@ -165,8 +168,6 @@ def unit_kind(row: Row, layer: str) -> str:
 
 def layer_mask(row: Row, layer: str, model, optimization, keep_ratio: float, seed: int) -> torch.Tensor:
     """Weight-shaped bool mask (True = kept) of ``layer``'s weight for ``row`` at ``keep_ratio``."""
-    from sparsekern.regularize.masks import slbi_masks
-
     weight = getattr(model, layer).weight
     if row.ranking == "slbi":
         optimizer = optimization.optimizer
@@ -196,8 +197,6 @@ def kept_units(mask: torch.Tensor, kind: str) -> int:
 # ---------------------------------------------------------------------- the experiment
 def run_keep_ratio(config: KeepRatioConfig, *, restart: bool = False, progress: bool = True, log=print) -> dict:
     """Train (or reuse) every row x seed, prune, evaluate, write the files; returns keep_ratio.json's content."""
-    from sparsekern.train.loop import evaluate, resolve_device
-
     rows = [ROWS[label] for label in config.rows]
     runs = {(row.label, seed): config.run_config(row, seed) for row in rows for seed in config.seeds}
     unique = {c.run_id(): c for c in runs.values()}  # Rand reuses the Plain trainings
@@ -265,8 +264,6 @@ def table_rows(results: dict) -> tuple[list[str], list[list]]:
 
 def write_outputs(results: dict, out: Path) -> dict[str, Path]:
     """keep_ratio.json / .md / .csv / .png in ``out``."""
-    from sparsekern.report.tables import Table
-
     out.mkdir(parents=True, exist_ok=True)
     columns, lines = table_rows(results)
     config = results["config"]
@@ -306,8 +303,6 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
 
 def figure(results: dict, path: Path) -> Path:
     """Accuracy against keep ratio (log scale, 100% on the left), one line per row, one panel per layer."""
-    from sparsekern.report.figures import pyplot
-
     plt = pyplot()  # names the 'figures' extra when matplotlib is missing
 
     config = results["config"]
@@ -335,22 +330,6 @@ def figure(results: dict, path: Path) -> Path:
 
 
 # ---------------------------------------------------------------------- command line
-def add_parser(subparsers) -> None:
-    """The ``sparsekern keep-ratio`` subcommand."""
-    p = subparsers.add_parser("keep-ratio", help="LeNet-5 keep-ratio table: Plain / Rand / R-P / L-P / S-P pruning",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="same as --out-dir")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
-    p.add_argument("--restart", action="store_true", help="retrain every run from scratch")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_flags(p, KeepRatioConfig)
-    p.set_defaults(func=_cmd_keep_ratio)
-
-
-def _cmd_keep_ratio(args) -> int:
-    base = KeepRatioConfig().quick() if args.quick else KeepRatioConfig()
-    config = config_from_args(KeepRatioConfig, args, base)
-    run_keep_ratio(config, restart=args.restart, progress=not args.no_progress,
-                   log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps({"out_dir": config.out_dir, "table": str(Path(config.out_dir) / f"{OUTPUT_STEM}.md")}))
-    return 0
+COMMAND = ExperimentCommand("keep-ratio", KeepRatioConfig, run_keep_ratio, OUTPUT_STEM, doc=__doc__,
+                            help="LeNet-5 keep-ratio table: Plain / Rand / R-P / L-P / S-P pruning")
+add_parser = COMMAND.add_parser  # the ``sparsekern keep-ratio`` subcommand (registered by sparsekern.cli)

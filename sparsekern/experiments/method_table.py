@@ -62,10 +62,8 @@ and ``method_table.csv``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -73,17 +71,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsekern.experiments import (
-    add_config_flags,
-    check_positive,
-    config_from_args,
-    load_run,
-    markdown_table,
-    mean_std,
-    option,
-    train_runs,
-    write_text,
-)
+from sparsekern.experiments import ExperimentCommand, check_positive, load_run, option, train_runs, write_text
+from sparsekern.report.tables import markdown_table, mean_std
 
 OUTPUT_STEM = "method_table"
 PLANS_DIR = "plans"
@@ -658,36 +647,29 @@ def aggregate_markdown(result: dict, where=None) -> str:
 
 
 # ---------------------------------------------------------------------- command line
+COMMAND = ExperimentCommand("compare-methods", MethodTableConfig, run_method_table, OUTPUT_STEM, doc=__doc__,
+                            help="BasicNet: implicit sparsity vs L1-norm, Network Slimming, CGES and Split LBI "
+                                 "filter pruning, one table",
+                            restart_help="retrain every run from scratch (ignores --reuse-runs)")
+
+
 def add_parser(subparsers) -> None:
-    """The ``sparsekern compare-methods`` subcommand."""
-    p = subparsers.add_parser("compare-methods", help="BasicNet: implicit sparsity vs L1-norm, Network Slimming, "
-                                                      "CGES and Split LBI filter pruning, one table",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", dest="out_dir", default=argparse.SUPPRESS, help="same as --out-dir")
-    p.add_argument("--quick", action="store_true", help="tiny budget (tests, smoke runs); other flags still apply")
-    p.add_argument("--restart", action="store_true", help="retrain every run from scratch (ignores --reuse-runs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    """The ``sparsekern compare-methods`` subcommand: the experiment, or --aggregate of its seeds' tables."""
+    p = COMMAND.add_parser(subparsers, func=_cmd_method_table)
     p.add_argument("--aggregate", metavar="DIR,DIR,...",
                    help="run nothing: combine the tables in these output directories (one per --seed, same "
                         "settings otherwise) into mean ± std, written to --out as method_table_seeds.md/.json")
-    add_config_flags(p, MethodTableConfig)
-    p.set_defaults(func=_cmd_method_table)
 
 
 def _cmd_method_table(args) -> int:
-    if args.aggregate:
-        if "out_dir" not in vars(args):
-            raise ValueError("--aggregate needs --out: the directory for the combined table")
-        result = aggregate_tables([d for d in args.aggregate.split(",") if d.strip()])
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / f"{SEEDS_STEM}.json", json.dumps(result, indent=1) + "\n")
-        write_text(out / f"{SEEDS_STEM}.md", aggregate_markdown(result, where=out))
-        print(json.dumps({"table": str(out / f"{SEEDS_STEM}.md")}))
-        return 0
-    base = MethodTableConfig().quick() if args.quick else MethodTableConfig()
-    config = config_from_args(MethodTableConfig, args, base)
-    run_method_table(config, restart=args.restart, progress=not args.no_progress,
-                     log=lambda message: print(message, file=sys.stderr))
-    print(json.dumps({"out_dir": config.out_dir, "table": str(Path(config.out_dir) / f"{OUTPUT_STEM}.md")}))
+    if not args.aggregate:
+        return COMMAND.main(args)
+    if "out_dir" not in vars(args):
+        raise ValueError("--aggregate needs --out: the directory for the combined table")
+    result = aggregate_tables([d for d in args.aggregate.split(",") if d.strip()])
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / f"{SEEDS_STEM}.json", json.dumps(result, indent=1) + "\n")
+    write_text(out / f"{SEEDS_STEM}.md", aggregate_markdown(result, where=out))
+    print(json.dumps({"table": str(out / f"{SEEDS_STEM}.md")}))
     return 0

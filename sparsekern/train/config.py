@@ -12,11 +12,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sparsekern._flags import field_kind
 from sparsekern.errors import ConfigError
+from sparsekern.stats.analyze import SELECTIVITY_MODES
+from sparsekern.train.optim import optimizer_names, regularizer_names  # plug-ins may add names
 
 LR_SCHEDULES = ("constant", "step", "cosine")
 # Options of the Split LBI optimizers, with their defaults. They are None (and left out of the
@@ -57,7 +59,7 @@ class RunConfig:
     epochs: int = _opt(40, "training epochs (ignored when --steps is set)")
     steps: int | None = _opt(None, "step budget; overrides --epochs")
     lr_schedule: str = _opt("constant", f"one of {', '.join(LR_SCHEDULES)}")
-    lr_milestones: tuple = _opt((0.5, 0.75), "step schedule: fractions of the budget where lr is multiplied by lr_decay")
+    lr_milestones: tuple[float, ...] = _opt((0.5, 0.75), "step schedule: fractions of the budget where lr is multiplied by lr_decay")
     lr_decay: float = _opt(0.1, "step schedule: factor applied at each milestone")
     seed: int = _opt(0, "random seed (weights, data order, augmentation)")
     # --- what is measured
@@ -86,9 +88,6 @@ class RunConfig:
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
-        from sparsekern.stats.analyze import SELECTIVITY_MODES
-        from sparsekern.train.optim import optimizer_names, regularizer_names  # plug-ins may add names
-
         def need(ok: bool, name: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {why}")
@@ -128,9 +127,9 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict, *, source: str = "config") -> "RunConfig":
         """Build from a dict; unknown keys raise ConfigError naming them and ``source``."""
-        unknown = sorted(set(values) - set(_HINTS))
+        unknown = sorted(set(values) - set(FIELD_NAMES))
         if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_HINTS)}")
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(FIELD_NAMES)}")
         return cls(**values)
 
     @classmethod
@@ -150,7 +149,7 @@ class RunConfig:
         tables = [k for k, v in values.items() if isinstance(v, dict)]
         if tables:
             raise ConfigError(f"{path}: unknown table [{tables[0]}]; a run config has no tables but an optional [run] "
-                              f"(its fields: {', '.join(_HINTS)})")
+                              f"(its fields: {', '.join(FIELD_NAMES)})")
         return cls.from_dict({**values, **(overrides or {})}, source=str(path))
 
     def to_toml(self) -> str:
@@ -187,26 +186,18 @@ class RunConfig:
 # Fields that say where/how a run executes, not what it computes.
 NOT_IDENTITY = frozenset({"data_root", "device", "out_dir", "name", "threads", "eval_batch_size"})
 
-_HINTS = typing.get_type_hints(RunConfig)
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 def config_fields() -> list[dataclasses.Field]:
-    """The RunConfig fields, in declaration order (the CLI builds its flags from these)."""
+    """The RunConfig fields, in declaration order."""
     return list(dataclasses.fields(RunConfig))
-
-
-def field_type(name: str):
-    """(base type, optional) of a RunConfig field."""
-    hint = _HINTS[name]
-    args = typing.get_args(hint)
-    if type(None) in args:
-        return next(a for a in args if a is not type(None)), True
-    return hint, False
 
 
 def _coerce(name: str, value):
     """Check one value against its annotation; ints are accepted for floats (TOML writes 1 not 1.0)."""
-    base, optional = field_type(name)
+    kind = field_kind(RunConfig, name)
+    base, optional = kind.base, kind.optional
     if value is None:
         if optional:
             return None
