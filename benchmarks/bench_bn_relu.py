@@ -30,18 +30,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import sparsekern.bench as bench
 
-import sparsekern  # noqa: E402
-from sparsekern.ops.bn_relu import bn_affine, bn_relu  # noqa: E402
+import sparsekern
+from sparsekern.ops.bn_relu import bn_affine, bn_relu
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 CHANNELS, SIDE = 128, 64  # 2 MiB per float32 sample: 64 MiB is a batch of 32
 
@@ -115,7 +115,7 @@ def candidates(x, bn, scale, shift, dead, compiled) -> dict:
 
 def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rounds: int = 15) -> dict:
     dev = torch.device(device)
-    env = harness.environment(dev)
+    env = bench.timing_environment(dev)
     results = {"environment": env, "mib": mib, "shape_note": f"(N, {CHANNELS}, {SIDE}, {SIDE}) float32",
                "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "0"), "compile": {}, "cases": []}
     rows = []
@@ -138,7 +138,7 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
                         case_compiled = None
                         results["compile"][f"{layout}/{dead_pct}"] = "skipped: stale parameters"
                 nbytes = x.numel() * x.element_size()
-                timing = harness.time_side_by_side(
+                timing = bench.interleaved_timer(
                     candidates(x, bn, scale, shift, dead, case_compiled), device=dev, rounds=rounds
                 )
                 ours_key = next(k for k in timing if k.endswith("+max"))
@@ -161,9 +161,9 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
                         "time_vs_ours": t["median_s"] / timing[ours_key]["median_s"],
                     })
     results["cases"] = rows
-    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  threads {env['torch_threads']}  "
+    print(f"device: {env['device_name']}  torch {env['torch']}  triton {env['triton']}  threads {env['torch_threads']}  "
           f"THP_MEM_ALLOC_ENABLE={results['THP_MEM_ALLOC_ENABLE']}")
-    harness.print_table(rows, ["layout", "dead_pct", "candidate", "median_ms", "p20_ms", "p80_ms", "GBps",
+    bench.print_table(rows, ["layout", "dead_pct", "candidate", "median_ms", "p20_ms", "p80_ms", "GBps",
                                "pct_of_copy", "pct_of_clone", "speedup_vs_eager_max"])
     return results
 
@@ -181,7 +181,7 @@ def main(argv=None) -> None:
     mib = a.mib or (256 if a.device == "cuda" else 64)
     res = run(mib, a.device, a.layouts.split(","), [int(v) for v in a.dead.split(",")],
               use_compile=not a.no_compile, rounds=a.rounds)
-    print("wrote", harness.write_json("bn_relu", res, a.json))
+    print("wrote", bench.write_json("bn_relu", res, a.json, directory=RESULTS))
 
 
 # ---- pytest-benchmark suite (python -m pytest benchmarks/bench_bn_relu.py --benchmark-only) ----

@@ -35,10 +35,11 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import sparsekern.bench as bench
 
-from sparsekern._layout import DTYPE_CODE, as_view4  # noqa: E402
+from sparsekern._layout import DTYPE_CODE, as_view4
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE_64MIB = (128, 128, 32, 32)
@@ -128,7 +129,7 @@ def run(mib: int, rounds: int, build_dir: Path) -> dict:
     picked = portable.cpu_isa()
     shape = SHAPE_64MIB if mib == 64 else (max(1, (mib << 20) // (4 * 128 * 32 * 32)), 128, 32, 32)
     results = {
-        "environment": harness.environment(torch.device("cpu")),
+        "environment": bench.timing_environment(torch.device("cpu")),
         "builds": {"portable": dict(portable.build_info(), cpu_isa=picked),
                    "native": dict(native.build_info(), cpu_isa=native.cpu_isa())},
         "mib": mib, "shape": list(shape), "rounds": rounds, "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -159,10 +160,10 @@ def run(mib: int, rounds: int, build_dir: Path) -> dict:
     results["portable_vs_native"] = {f"{r['op']} {r['layout']}": r[f"{clock}_vs_native"] for r in verdict}
     results["within_5pct"] = all(r[f"{clock}_vs_native"] <= LIMIT for r in verdict)
     env = results["environment"]
-    print(f"device: {env['device']}  torch {env['torch']}  compiler {results['builds']['portable']['compiler']}  "
+    print(f"device: {env['device_name']}  torch {env['torch']}  compiler {results['builds']['portable']['compiler']}  "
           f"OMP_NUM_THREADS={results['omp_num_threads']}  portable build picked {picked} of "
           f"{portable.cpu_isas_supported()}")
-    harness.print_table(rows, ["op", "layout", "candidate", "wall_ms", "wall_p20_ms", "wall_p80_ms", "GBps",
+    bench.print_table(rows, ["op", "layout", "candidate", "wall_ms", "wall_p20_ms", "wall_p80_ms", "GBps",
                                "wall_vs_native", "cpu_ms", "cpu_vs_native", "cpu_vs_native_p20", "cpu_vs_native_p80"])
     worst = max(results["portable_vs_native"].values())
     print(f"portable ({picked}) / native by {clock} time: worst case {worst:.3f} "
@@ -188,7 +189,7 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory(prefix="sparsekern-builds-") as tmp:
             res = run(a.mib, a.rounds, Path(tmp))
     suffix = f"-{a.threads}threads" if a.threads else ""
-    print("wrote", harness.write_json(f"build_variants{suffix}", res, a.json))
+    print("wrote", bench.write_json(f"build_variants{suffix}", res, a.json, directory=RESULTS))
 
 
 if __name__ == "__main__":

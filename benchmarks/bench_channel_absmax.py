@@ -11,17 +11,17 @@ Bandwidth = bytes of x read once / time. `x.amax((2, 3))` is the read-bandwidth 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import sparsekern.bench as bench
 
-import sparsekern  # noqa: E402
-from sparsekern import ChannelStats  # noqa: E402
+import sparsekern
+from sparsekern import ChannelStats
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 CHANNELS, SIDE = 128, 32
 
@@ -75,16 +75,16 @@ def run(mib: int, device: str, dtypes, layouts, use_compile: bool = True) -> dic
         except Exception as exc:  # a missing compiler toolchain must not sink the whole benchmark
             print(f"torch.compile unavailable: {exc!r}")
             compiled = None
-    env = harness.environment(dev)
+    env = bench.timing_environment(dev)
     results = {"environment": env, "mib": mib, "cases": []}
     if dev.type == "cuda":
-        results["copy_bandwidth_GBps"] = harness.copy_bandwidth(mib << 20, dev)
+        results["copy_bandwidth_GBps"] = bench.copy_bandwidth(mib << 20, dev)
     rows = []
     for dtype in dtypes:
         for layout in layouts:
             x = make_input(mib, dtype, layout, device)
             nbytes = x.numel() * x.element_size()
-            timing = harness.time_side_by_side(candidates(x, compiled), device=dev)
+            timing = bench.interleaved_timer(candidates(x, compiled), device=dev)
             base = timing["x.amax (yardstick)"]["median_s"]
             eager = timing["eager abs().amax"]["median_s"]
             ours_key = "sparsekern[cpp]" if dev.type == "cpu" else next(k for k in timing if k.startswith("sparsekern["))
@@ -110,8 +110,8 @@ def run(mib: int, device: str, dtypes, layouts, use_compile: bool = True) -> dic
     if "copy_bandwidth_GBps" in results:
         cols.append("pct_of_copy_bw")
         print(f"measured copy bandwidth: {results['copy_bandwidth_GBps']:.0f} GB/s")
-    print(f"device: {env['device']}  torch {env['torch']}  threads {env['torch_threads']}")
-    harness.print_table(rows, cols)
+    print(f"device: {env['device_name']}  torch {env['torch']}  threads {env['torch_threads']}")
+    bench.print_table(rows, cols)
     return results
 
 
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
     mib = a.mib or (256 if a.device == "cuda" else 64)
     dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
     res = run(mib, a.device, dtypes, a.layouts.split(","), use_compile=not a.no_compile)
-    print("wrote", harness.write_json("channel_absmax", res, a.json))
+    print("wrote", bench.write_json("channel_absmax", res, a.json, directory=RESULTS))
 
 
 # ---- pytest-benchmark suite (python -m pytest benchmarks/bench_channel_absmax.py) ----

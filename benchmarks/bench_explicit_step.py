@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import sparsekern.bench as bench
 
-from sparsekern.models import LeNet5  # noqa: E402
-from sparsekern.train.config import RunConfig  # noqa: E402
-from sparsekern.train.optim import Optimization  # noqa: E402
+from sparsekern.models import LeNet5
+from sparsekern.train.config import RunConfig
+from sparsekern.train.optim import Optimization
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 CANDIDATES = {
     "plain": dict(optimizer="momentum", reg="none"),
@@ -79,7 +79,7 @@ def main(argv=None) -> None:
         config = RunConfig(model="lenet5", lr=0.05, lr_schedule="constant", steps=10**9, **CANDIDATES[name])
         steps[name] = train_step_fn(model, Optimization(config, model, total_steps=10**9), x, y)
 
-    timings = harness.time_side_by_side(steps, device=device, rounds=args.rounds, min_round_s=args.min_round_s)
+    timings = bench.interleaved_timer(steps, device=device, rounds=args.rounds, min_round_s=args.min_round_s)
     reference = timings["plain"]["median_s"]
     rows = [{
         "candidate": name,
@@ -88,17 +88,17 @@ def main(argv=None) -> None:
         "p80_ms": 1e3 * t["p80_s"],
         "ratio": t["median_s"] / reference,
     } for name, t in timings.items()]
-    env = harness.environment(device)
-    print(f"LeNet-5, batch {args.batch}, 28x28, {env['device']}, {env['torch_threads']} threads, "
+    env = bench.timing_environment(device)
+    print(f"LeNet-5, batch {args.batch}, 28x28, {env['device_name']}, {env['torch_threads']} threads, "
           f"{args.rounds} rounds of >= {args.min_round_s} s")
-    harness.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio"])
-    path = harness.write_json(f"explicit_step-{torch.get_num_threads()}threads", {
+    bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio"])
+    path = bench.write_json(f"explicit_step-{torch.get_num_threads()}threads", {
         "benchmark": "explicit_step",
         "config": {"model": "lenet5", "batch": args.batch, "rounds": args.rounds, "min_round_s": args.min_round_s,
                    "threads": torch.get_num_threads(), "candidates": {n: CANDIDATES[n] for n in names}},
         "environment": env,
         "results": rows,
-    }, args.json)
+    }, args.json, directory=RESULTS)
     print(f"wrote {path}")
 
 

@@ -8,7 +8,7 @@ Script mode (records JSON under benchmarks/results/):
 pytest-benchmark mode:
     python -m pytest benchmarks/bench_prune_speed.py --benchmark-only
 
-Candidates, timed side by side in one run (``harness.time_side_by_side``) for every batch size,
+Candidates, timed side by side in one run (``interleaved_timer``) for every batch size,
 eager and torch.compile (skipped with the reason recorded where compilation fails):
   dense                 the original model, BN folded into the convs, channels_last
   pruned                the pruned model, BN folded, channels_last
@@ -27,21 +27,19 @@ pattern is the real one.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+from sparsekern.bench import inference_model, interleaved_timer, speed_comparison, timing_environment, write_json
+from sparsekern.experiments.harvest import dense_and_pruned
+from sparsekern.models import ConvBNReLU, build_model
+from sparsekern.prune import PrunePlan, prune_model
+from sparsekern.report.speed import speed_markdown
 
-from sparsekern.models import ConvBNReLU, build_model  # noqa: E402
-from sparsekern.prune import PrunePlan, prune_model  # noqa: E402
-from sparsekern.prune.harvest import (  # noqa: E402
-    dense_and_pruned, inference_model, speed_comparison, speed_markdown,
-)
+RESULTS = Path(__file__).resolve().parent / "results"  # where write_json puts the JSON
 
 IMAGE = {"fashion_mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
 
@@ -90,9 +88,9 @@ def run(args) -> dict:
         sample_shape = image
         case = {"model": args.model, "width": args.width, "dead_pct": args.dead_pct, "dataset": args.dataset}
     result = speed_comparison(dense, pruned, sample_shape, batch_sizes=args.batch_sizes, device=device, dtype=dtype,
-                              compile=not args.no_compile, timer=harness.time_side_by_side, rounds=args.rounds)
-    env = harness.environment(device)
-    print(f"device: {env['device']}  torch {env['torch']}  threads {env['torch_threads']}")
+                              compile=not args.no_compile, timer=interleaved_timer, rounds=args.rounds)
+    env = timing_environment(device)
+    print(f"device: {env['device_name']}  torch {env['torch']}  threads {env['torch_threads']}")
     print(speed_markdown(result))
     return {"environment": env, "case": case, **result}
 
@@ -117,7 +115,7 @@ def main(argv=None) -> None:
     args.batch_sizes = tuple(int(v) for v in args.batch_sizes.split(","))
     if args.quick:
         args.width, args.batch_sizes, args.rounds = 0.25, (1, 8), 5
-    print("wrote", harness.write_json("prune_speed", run(args), args.json))
+    print("wrote", write_json("prune_speed", run(args), args.json, directory=RESULTS))
 
 
 # ---- pytest-benchmark suite (python -m pytest benchmarks/bench_prune_speed.py --benchmark-only) ----

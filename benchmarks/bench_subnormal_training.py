@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 CHILD = r"""
 import json, sys, time, torch
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    import harness
+    import sparsekern.bench as bench
 
     samples = {False: [], True: []}
     for _ in range(args.rounds):
@@ -104,10 +104,10 @@ def main(argv=None) -> int:
     flushed = samples[True][0]["flush_denormal"]
     print(f"  SPARSEKERN_FLUSH_DENORMAL=1: {t[True]:.4f}" + ("" if flushed else " (flushing unavailable here)"))
     print(f"  ratio: {t[False] / t[True]:.2f}x")
-    payload = {"environment": harness.environment(torch.device("cpu")), "run_dir": args.run_dir,
+    payload = {"environment": bench.timing_environment(torch.device("cpu")), "run_dir": args.run_dir,
                "steps": args.steps, "threads": args.threads, "samples": {str(k): v for k, v in samples.items()},
                "seconds_per_step": {"as_is": t[False], "flushed": t[True]}, "ratio": t[False] / t[True]}
-    path = harness.write_json(f"subnormal_training-{args.threads}threads", payload, args.json)
+    path = bench.write_json(f"subnormal_training-{args.threads}threads", payload, args.json, directory=RESULTS)
     print(f"wrote {path}")
     return 0
 

@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
+import sparsekern.bench as bench
 
-from sparsekern.models import build_model  # noqa: E402
-from sparsekern.stats.channel_stats import ChannelStats  # noqa: E402
-from sparsekern.stats.tracker import SparsityTracker  # noqa: E402
+from sparsekern.models import build_model
+from sparsekern.stats.channel_stats import ChannelStats
+from sparsekern.stats.tracker import SparsityTracker
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 
 def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -126,7 +126,7 @@ def main(argv=None) -> None:
         candidates[f"measurement only: ChannelStats[{mode}]"] = replay_updates(maps, mode)
     candidates["measurement only: naive amax"] = replay_naive(maps)
 
-    timings = harness.time_side_by_side(candidates, device=device, rounds=args.rounds, min_round_s=0.3)
+    timings = bench.interleaved_timer(candidates, device=device, rounds=args.rounds, min_round_s=0.3)
     reference = timings["no tracking"]["median_s"]
     rows = []
     for name, t in timings.items():
@@ -138,19 +138,19 @@ def main(argv=None) -> None:
             "ratio": t["median_s"] / reference,
             "overhead_%": 100 * (t["median_s"] / reference - 1),
         })
-    env = harness.environment(device)
-    print(f"BasicNet width {args.width}, batch {args.batch}, {args.size}x{args.size}, {env['device']}, "
+    env = bench.timing_environment(device)
+    print(f"BasicNet width {args.width}, batch {args.batch}, {args.size}x{args.size}, {env['device_name']}, "
           f"{env['torch_threads']} threads")
-    harness.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio", "overhead_%"])
+    bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio", "overhead_%"])
     if not stored or any(s.num_samples == 0 for t in trackers.values() for s in t.stats.values()):
         raise RuntimeError("a candidate measured nothing: the comparison would be meaningless")
-    path = harness.write_json(f"tracker_overhead-{torch.get_num_threads()}threads", {
+    path = bench.write_json(f"tracker_overhead-{torch.get_num_threads()}threads", {
         "benchmark": "tracker_overhead",
         "config": {"model": "basicnet", "width": args.width, "batch": args.batch, "size": args.size,
                    "optimizer": "Adam", "rounds": args.rounds, "threads": torch.get_num_threads()},
         "environment": env,
         "results": rows,
-    }, args.json)
+    }, args.json, directory=RESULTS)
     print(f"wrote {path}")
 
 

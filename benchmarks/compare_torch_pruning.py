@@ -26,10 +26,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness  # noqa: E402
 from bench_prune_speed import synthetic_case  # noqa: E402
 
+import sparsekern.bench as bench  # noqa: E402
 from sparsekern.prune import count_params  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"  # where bench.write_json puts the JSON
 
 
 def removed_channels(plan, report) -> dict:
@@ -91,9 +93,8 @@ def main(argv=None) -> int:
         return 0
 
     if args.source:
-        from sparsekern.data import make_loader
-        from sparsekern.prune.harvest import prune_trained
-        from sparsekern.train.loop import first_samples
+        from sparsekern.data import first_samples, make_loader
+        from sparsekern.experiments.harvest import prune_trained
 
         done = prune_trained(args.source, by=args.by, samples=args.samples, progress=False)
         model, ours, plan, report = done["model"], done["pruned"], done["plan"], done["report"]
@@ -116,11 +117,11 @@ def main(argv=None) -> int:
         row["equals_original"] = row["max_rel_logit_diff"] <= 1e-4
     print(f"removed: {dead} dead channels (output 0) and {constant} constant channels (relu(beta) != 0) "
           f"in {len(channels)} layers")
-    harness.print_table(rows, ["tool", "params", "max_abs_logit_diff", "max_rel_logit_diff", "agreement",
+    bench.print_table(rows, ["tool", "params", "max_abs_logit_diff", "max_rel_logit_diff", "agreement",
                                "equals_original"])
-    payload = {"environment": harness.environment(torch.device("cpu")), "case": case, "removed_dead": dead,
+    payload = {"environment": bench.timing_environment(torch.device("cpu")), "case": case, "removed_dead": dead,
                "removed_constant": constant, "channels": channels, "rows": rows}
-    print("wrote", harness.write_json("torch_pruning", payload, args.json))
+    print("wrote", bench.write_json("torch_pruning", payload, args.json, directory=RESULTS))
     return 0
 
 

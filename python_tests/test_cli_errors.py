@@ -43,7 +43,7 @@ def calls(monkeypatch):
     import sparsekern.experiments.cges_vs_l2 as cges_vs_l2
     import sparsekern.experiments.keep_ratio as keep_ratio
     import sparsekern.experiments.method_table as method_table
-    import sparsekern.prune.harvest as harvest
+    import sparsekern.experiments.harvest as harvest
     import sparsekern.train.loop as loop
     import sparsekern.train.sweep as sweep
 

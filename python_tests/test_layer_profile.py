@@ -1,13 +1,13 @@
-"""Per-layer timing (sparsekern.prune.layer_profile) and the repeated-bench summary
-(sparsekern.prune.harvest.repeat_summary) against hand-made references."""
+"""Per-layer timing (sparsekern.bench.layers) and the repeated-bench summary
+(sparsekern.bench.speed.repeat_summary, its table sparsekern.report.speed) against hand-made references."""
 import time
 
 import pytest
 import torch
 from torch import nn
 
-from sparsekern.prune.harvest import SPEED_CRITERION, repeat_markdown, repeat_summary
-from sparsekern.prune.layer_profile import layer_profile, leaf_times, profile_markdown
+from sparsekern.bench import SPEED_CRITERION, layer_profile, leaf_times, repeat_summary
+from sparsekern.report.speed import profile_markdown, repeat_markdown
 
 
 class Sleep(nn.Module):

@@ -158,7 +158,7 @@ def test_quick_run_implicit_row_is_exact_and_plans_rebuild_the_rows(quick_run):
     """Exactness is asserted where it is guaranteed: on the images the plan was measured on. Which
     channels a 30-step training leaves dead, and whether they stay dead on other images, depends on
     the CPU's rounding during training, so the report-half numbers are recomputed, not assumed."""
-    from sparsekern.prune.harvest import compare_logits
+    from sparsekern.prune.compare import compare_logits
     from sparsekern.train.loop import load_trained
 
     out, results = quick_run

@@ -6,9 +6,7 @@ import torch
 
 from sparsekern.models import ConvBNReLU, build_model
 from sparsekern.prune import PrunePlan, prune_model
-from sparsekern.prune.harvest import (
-    flush_denormals, inference_model, speed_comparison, subnormal_parameters, time_models,
-)
+from sparsekern.bench import flush_denormals, inference_model, speed_comparison, subnormal_parameters, time_models
 
 SUBNORMAL = 1e-40  # below float32's smallest normal number, 1.18e-38
 
@@ -123,3 +121,32 @@ def test_speed_comparison_adds_an_unflushed_row_when_dense_holds_subnormals():
     clean = speed_comparison(pruned, pruned, (1, 28, 28), batch_sizes=(2,), compile=False, fused=False,
                              timer=timer, rounds=3, log=lambda m: None)
     assert [r["mode"] for r in clean["rows"]] == ["eager"]
+
+
+def test_interleaved_timer_takes_turns_and_reports_median_and_deciles(monkeypatch):
+    """A fake clock: a call of "a" takes 1 ms, of "b" 3 ms, plus a drift of k ms in timed round k that
+    both see alike (the point of interleaving); the timer reports the clock's numbers per call."""
+    import sparsekern.bench.timing as timing
+
+    clock, calls = [0.0], []
+    untimed = 6  # 2 warmup calls and 1 probe call (calls per round) each
+
+    def candidate(name, cost):
+        def call():
+            drift_ms = max(0, len(calls) - untimed) // 2  # the timed round this call belongs to
+            calls.append(name)
+            clock[0] += cost + 1e-3 * drift_ms
+        return call
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    result = timing.interleaved_timer({"a": candidate("a", 1e-3), "b": candidate("b", 3e-3)}, device="cpu",
+                                      rounds=5, min_round_s=0.0, warmup=2)
+    assert calls == ["a", "a", "b", "b", "a", "b"] + ["a", "b"] * 5  # one call per round each, taking turns
+    for name, cost in (("a", 1e-3), ("b", 3e-3)):
+        r = result[name]  # rounds took cost + 0, 1, 2, 3, 4 ms
+        assert r["rounds"] == 5
+        assert r["median_s"] == pytest.approx(cost + 2e-3, rel=1e-9)
+        assert r["p20_s"] == pytest.approx(cost + 0.2e-3, rel=1e-9)  # statistics.quantiles' deciles
+        assert r["p80_s"] == pytest.approx(cost + 3.8e-3, rel=1e-9)
+    with pytest.raises(ValueError, match="rounds"):
+        timing.interleaved_timer({"a": candidate("a", 1e-3)}, device="cpu", rounds=0)

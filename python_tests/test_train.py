@@ -204,6 +204,39 @@ def test_proximal_regularizers_plug_in_by_name():
     assert RunConfig(reg="cges").reg == "cges"
 
 
+
+def test_every_reg_is_one_regularizer_interface_that_the_loop_steps_with_the_lr():
+    """Every --reg kind (l2, wd, slimming, the proximal ones) is a sparsekern.regularize.Regularizer;
+    a plug-in registered by name gets step(lr) after each optimizer step, with that step's lr."""
+    from sparsekern.regularize import Regularizer
+    from sparsekern.train.optim import _REGULARIZERS, register_regularizer, regularizer_names
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 1, 5, 5))
+    names = regularizer_names()
+    assert names[:4] == ["none", "l2", "wd", "slimming"] and {"cges", "lasso", "group-lasso", "ridge"} <= set(names)
+    for name in names:
+        config = RunConfig(optimizer="sgd", reg=name, reg_strength=0.0 if name == "none" else 1e-3, steps=1)
+        assert isinstance(Optimization(config, model, total_steps=1).regularizer, Regularizer), name
+
+    seen = []
+
+    class Recorder(Regularizer):
+        def step(self, lr=None):
+            seen.append(lr)
+
+    register_regularizer("recorder", lambda config, model, params: Recorder())
+    try:
+        w, lrs = run_steps("sgd", "recorder", steps=4)
+        assert seen == lrs == [0.1, 0.1, 0.1 * 0.1, 0.1 * 0.1]
+        expected = W0.clone()
+        for lr in lrs:  # no penalty: plain SGD
+            expected = expected - lr * C
+        torch.testing.assert_close(w, expected, rtol=0, atol=1e-15)
+    finally:
+        del _REGULARIZERS["recorder"]
+
+
 # ---------------------------------------------------------------------- one run
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):

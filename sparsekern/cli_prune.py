@@ -10,8 +10,8 @@ against the original -> manifest, pruned state_dict and report (JSON, markdown) 
 (default: ``<run dir>/pruned-<by>``). ``bench``: dense versus pruned inference speed, both with BN
 folded and channels_last, plus the dense model with fused BN-ReLU; the source is a ``prune``
 output directory, a run directory with ``--manifest``, or a bare run directory (pruned in memory
-as ``prune`` would). ``harvest``: implicit sparsity versus L1-norm pruning and Network Slimming at
-the same keep ratio (``sparsekern.prune.harvest``).
+as ``prune`` would; ``sparsekern.bench``). ``harvest``: implicit sparsity versus L1-norm pruning and
+Network Slimming at the same keep ratio (``sparsekern.experiments.harvest``).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _run_dir(path: str) -> Path:
 
 def _cmd_prune(args) -> int:
     from sparsekern.prune import PruneVerificationError, UnsupportedModelError
-    from sparsekern.prune.harvest import FILES, prune_run
+    from sparsekern.experiments.harvest import FILES, prune_run
 
     out = Path(args.out) if args.out else _run_dir(args.run) / f"pruned-{args.by}"
     try:
@@ -126,7 +126,8 @@ def add_bench(subparsers) -> None:
 
 def _cmd_bench(args) -> int:
     from sparsekern.prune import PruneVerificationError, UnsupportedModelError
-    from sparsekern.prune.harvest import repeat_markdown, repeat_summary, speed_markdown
+    from sparsekern.bench.speed import repeat_summary
+    from sparsekern.report.speed import repeat_markdown, speed_markdown
 
     try:
         if args.repeat == 1:
@@ -153,8 +154,9 @@ def _bench_once(args) -> dict:
     """One speed comparison (and, with ``--layers``, one per-layer profile at the largest batch)."""
     import torch
 
-    from sparsekern.prune.harvest import dense_and_pruned, flush_denormals, inference_model, speed_comparison
-    from sparsekern.prune.layer_profile import layer_profile, profile_markdown
+    from sparsekern.bench import flush_denormals, inference_model, layer_profile, speed_comparison
+    from sparsekern.experiments.harvest import dense_and_pruned
+    from sparsekern.report.speed import profile_markdown
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -221,7 +223,8 @@ def add_harvest(subparsers) -> None:
 
 
 def _cmd_harvest(args) -> int:
-    from sparsekern.prune.harvest import comparison_markdown, harvest_run, slimming_config
+    from sparsekern.experiments.harvest import harvest_run, slimming_config
+    from sparsekern.report.pruning import comparison_markdown
     from sparsekern.train.config import RunConfig, check_data_root
     from sparsekern.train.loop import train
 

@@ -10,7 +10,7 @@ prune them, without fine-tuning:
 
     implicit     Adam + L2 (the reproduction's run): remove the filters implicit sparsity left
                  dead, exactly: dead by activation over the training corpus or |gamma| < 1e-3
-                 (prune.harvest.implicit_plan, by="both"); one point, its fraction is what it is
+                 (prune.implicit.implicit_plan, by="both"); one point, its fraction is what it is
     L1-norm      the same Adam + L2 network, Li et al. 2017: per layer, the filters of smallest
                  weight L1 norm, the same fraction in every layer
     Slimming     Adam + Network Slimming's L1 penalty on the BN gammas, Liu et al. 2017: the
@@ -47,7 +47,7 @@ network.
 Settings: the Adam + L2 run is exactly the reproduction's (``scripts/reproduce.py``: width
 0.25, batch 20, 2 epochs = 6000 steps, eval every 500 steps, Adam lr 2e-3, L2 2e-3, the
 default final analysis), so ``--reuse-runs`` can point at the directory holding it and it is
-not trained again; the Slimming run is ``prune.harvest.slimming_config`` of it (strength 1e-4),
+not trained again; the Slimming run is ``experiments.harvest.slimming_config`` of it (strength 1e-4),
 likewise reusable. CGES trains with momentum SGD (lr 0.02, the reproduction's SGD lr), as in its
 paper: its prox thresholds are ``lr * lambda * mu`` per step, which Adam's ~lr-sized steps on every
 weight would swamp. ``cges_strength`` (5e-3, the value cges_vs_l2 checked on LeNet-5) and Split
@@ -71,10 +71,22 @@ from typing import Callable
 import torch
 from torch import nn
 
+from sparsekern.bench.speed import inference_model
+from sparsekern.bench.timing import time_models
+from sparsekern.data import first_samples, make_loader, run_dataset, sample_range
+from sparsekern.errors import ConfigError
 from sparsekern.experiments import ExperimentCommand, check_positive, load_run, option, train_runs, write_text
-from sparsekern.report.tables import markdown_table, mean_std
+from sparsekern.experiments.harvest import accuracy, first_batch
+from sparsekern.experiments.method_table_output import OUTPUT_STEM, write_outputs
+from sparsekern.experiments.method_table_seeds import SEEDS_STEM, aggregate_markdown, aggregate_tables
+from sparsekern.prune.baselines import unit_layers
+from sparsekern.prune.compare import compare_logits, unit_keep_ratio
+from sparsekern.prune.flops import count_flops, count_params
+from sparsekern.prune.implicit import implicit_plan
+from sparsekern.prune.surgery import prune_model
+from sparsekern.train.config import RunConfig
+from sparsekern.train.loop import read_result, resolve_device
 
-OUTPUT_STEM = "method_table"
 PLANS_DIR = "plans"
 TRAININGS = ("adam-l2", "slimming", "cges", "slbi-group")
 DEFAULT_FRACTIONS = tuple(round(0.05 * i, 2) for i in range(20))  # 0, 0.05, ..., 0.95
@@ -138,8 +150,6 @@ class MethodTableConfig:
     workers: int = option(1, "runs trained in parallel (subprocesses)")
 
     def __post_init__(self):
-        from sparsekern.train.config import ConfigError
-
         check_positive(self, ("width", "batch_size", "epochs", "steps", "eval_every", "adam_lr", "l2_strength",
                               "slimming_strength", "cges_lr", "cges_strength", "slbi_lr", "slbi_kappa", "slbi_nu",
                               "speed_batch", "speed_rounds", "num_train_samples", "num_test_samples",
@@ -169,8 +179,6 @@ class MethodTableConfig:
 
         Fields not set here keep RunConfig's defaults (momentum 0.9, constant lr, two-pass final
         analysis), as the reproduction's runs did: the Adam + L2 run's id is theirs."""
-        from sparsekern.train.config import RunConfig
-
         common = dict(model="basicnet", dataset=self.dataset, data_root=self.data_root, width=self.width,
                       batch_size=self.batch_size, epochs=self.epochs, steps=self.steps, eval_every=self.eval_every,
                       seed=self.seed, analyze_samples=self.analyze_samples,
@@ -298,28 +306,14 @@ def plan_maker(method: str, model: nn.Module, optimization) -> Callable:
 # ---------------------------------------------------------------------- data
 def split_halves(dataset) -> tuple:
     """(first half, second half) of ``dataset``, in order (the second gets the odd sample)."""
-    from sparsekern.data import InMemoryImageDataset
-    from sparsekern.train.loop import first_samples
-
     n = len(dataset)
     if n < 2:
         raise ValueError(f"the test set has {n} sample(s); at least 2 are needed to select on one half and "
                          "report on the other")
-    half = n // 2
-    if isinstance(dataset, InMemoryImageDataset):
-        second = InMemoryImageDataset(
-            dataset.images[half:], dataset.labels[half:], mean=dataset.mean, std=dataset.std,
-            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
-        )
-    else:
-        second = torch.utils.data.Subset(dataset, range(half, n))
-        second.info = dataset.info
-    return first_samples(dataset, half), second
+    return sample_range(dataset, 0, n // 2), sample_range(dataset, n // 2, n)
 
 
 def _finished(config) -> bool:
-    from sparsekern.train.loop import read_result
-
     result = read_result(config.run_dir())
     return result is not None and result.get("config_hash") == config.config_hash()
 
@@ -347,8 +341,6 @@ def run_method_table(config: MethodTableConfig, *, restart: bool = False, progre
                      log=print) -> dict:
     """Train (or reuse) the four networks, prune, choose, time, write the files; returns
     method_table.json's content."""
-    from sparsekern.train.loop import resolve_device
-
     runs, reused = resolve_runs(config, restart)
     for training in sorted(reused):
         log(f"{training}: reusing the finished run {runs[training].run_dir()}")
@@ -369,17 +361,7 @@ def run_method_table(config: MethodTableConfig, *, restart: bool = False, progre
 
 def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.device, log=print) -> dict:
     """Everything of method_table.json but writing it (see the module docstring)."""
-    from sparsekern.data import make_loader
-    from sparsekern.prune.baselines import unit_layers
-    from sparsekern.prune.flops import count_flops, count_params
-    from sparsekern.prune.harvest import (
-        _accuracy, compare_logits, first_batch, implicit_plan, inference_model, run_datasets, time_models,
-        unit_keep_ratio,
-    )
-    from sparsekern.prune.surgery import prune_model
-    from sparsekern.train.loop import first_samples
-
-    train_set, test_set = run_datasets(runs["adam-l2"], device)
+    train_set, test_set = run_dataset(runs["adam-l2"], "train", device), run_dataset(runs["adam-l2"], "test", device)
     select_set, report_set = split_halves(test_set)
     corpus = first_samples(train_set, config.analyze_samples)
     batch = first_batch(corpus, 256)  # surgery verifies on training images
@@ -390,8 +372,8 @@ def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.de
 
     def accuracies(model) -> tuple[float, float]:
         """(selection-half, report-half) accuracy in %."""
-        return (100.0 * _accuracy(model, select_set, config.eval_batch_size),
-                100.0 * _accuracy(model, report_set, config.eval_batch_size))
+        return (100.0 * accuracy(model, select_set, config.eval_batch_size),
+                100.0 * accuracy(model, report_set, config.eval_batch_size))
 
     dense = {t: accuracies(model) for t, (model, _) in trained.items()}
     rows, chosen_models, notes = [], {}, []
@@ -479,171 +461,6 @@ def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.de
         "rows": rows,
         "notes": notes,
     }
-
-
-# ---------------------------------------------------------------------- tables
-def _r(value, digits: int = 2):
-    return None if value is None else round(float(value), digits)
-
-
-def table_rows(results: dict) -> tuple[list[str], list[list]]:
-    """(columns, rows) of the table: one line per method."""
-    batch = results["speed"]["batch"]
-    columns = ["method", "trained with", "fraction chosen", "filters removed (%)", "filters left",
-               "dense acc. (%)", "pruned acc. (%)", "params", "MFLOPs", f"pruned ms/batch (b{batch})",
-               f"dense ms/batch (b{batch})", "speedup"]
-    lines = []
-    for r in results["rows"]:
-        fraction = "exact" if r["method"] == "implicit" else ("-" if r["selected_fraction"] is None
-                                                              else f"{r['selected_fraction']:g}")
-        lines.append([r["label"], r["trained_with"], fraction, _r(r["filters_removed_pct"], 1),
-                      f"{r['filters_kept']} / {r['filters']}", _r(r["dense_accuracy_pct"]),
-                      _r(r["pruned_accuracy_pct"]), r["params"], _r(r["flops"] / 1e6), _r(r["ms_per_batch"]),
-                      _r(r["dense_ms_per_batch"]), _r(r["speedup"])])
-    return columns, lines
-
-
-def _implicit_exactness(samples: int, on_corpus: dict | None, on_report: dict) -> str:
-    """The implicit row's exactness sentence: measured on the plan's own corpus and on the report half."""
-    def agreement(logits: dict) -> str:
-        return (f"predictions agree with the dense network's on {100 * logits['agreement']:.2f}% of the images, max "
-                f"|logit difference| {logits['max_abs_logit_diff']:.3g} (logit scale {logits['logit_scale']:.3g})")
-
-    # Tables written before logits_on_corpus existed only have the report half.
-    corpus = f": {agreement(on_corpus)}" if on_corpus else ""
-    return (f"Implicit sparsity is exact on the training images its plan was measured on ({samples}){corpus}; on "
-            f"the report half, images it never saw, its {agreement(on_report)}.")
-
-
-def write_outputs(results: dict, out: Path) -> dict[str, Path]:
-    """method_table.json / .md / .csv in ``out``."""
-    from sparsekern.report.tables import Table
-
-    out.mkdir(parents=True, exist_ok=True)
-    config = results["config"]
-    columns, lines = table_rows(results)
-    budget = f"{config['steps']} steps" if config["steps"] is not None else f"{config['epochs']} epochs"
-    speed = results["speed"]
-    dense = results["rows"][0]
-    implicit = next(r for r in results["rows"] if r["method"] == "implicit")
-    logits = implicit["logits_vs_dense"]
-    ranking = "\n".join(f"- **{r['label']}** ({r['trained_with']}): {r['ranking']}." for r in results["rows"])
-    reused = [t for t, run in results["runs"].items() if run["reused"]]
-    markdown = "\n".join([
-        "# Filter pruning methods compared: BasicNet, no fine-tuning",
-        "",
-        f"BasicNet width {config['width']:g} on `{config['dataset']}`; every network trained for {budget}, batch "
-        f"{config['batch_size']}, seed {config['seed']}. Dense: {dense['params_dense']:,} params, "
-        f"{dense['flops_dense'] / 1e6:.2f} MFLOPs per {'x'.join(map(str, results['input_shape'][1:]))} image, "
-        f"{dense['filters']} prunable filters (the Conv layers followed by a BN).",
-        "",
-        f"Selection and report on disjoint halves of the test split: each swept method takes the largest "
-        f"fraction of {{{', '.join(f'{f:g}' for f in sorted(config['fractions']))}}} whose accuracy on the first "
-        f"{results['test_samples']['select']} test images stays within {config['tolerance_pct']:g} points of its "
-        f"dense network's; the accuracies below are on the other {results['test_samples']['report']} images. "
-        "'filters removed' is what surgery removed at that fraction (per-layer rounding, at least one filter "
-        "kept per layer).",
-        "",
-        ranking,
-        "",
-        markdown_table(columns, lines),
-        "",
-        f"Speed: {speed['device']}, {speed['dtype']}, {speed['threads']} thread(s), batch {speed['batch']}, BN "
-        f"folded, channels_last, eager; median of {speed['rounds']} interleaved rounds, every network timed in "
-        "the same measurement ('dense' is the row's own unpruned network).",
-        "",
-        _implicit_exactness(results['analysis_samples'], implicit.get("logits_on_corpus"), logits),
-        "",
-        f"Settings: L2 {config['l2_strength']:g}, slimming {config['slimming_strength']:g}, CGES "
-        f"{config['cges_strength']:g} (momentum SGD lr {config['cges_lr']:g}); Split LBI lr {config['slbi_lr']:g}, "
-        f"kappa {config['slbi_kappa']:g}, nu {config['slbi_nu']:g}. CGES and Split LBI are untuned here."
-        + (f" Reused finished runs: {', '.join(reused)}." if reused else ""),
-        "",
-    ] + [f"- {note}" for note in results["notes"]] + ([""] if results["notes"] else []))
-    return {
-        "json": write_text(out / f"{OUTPUT_STEM}.json", json.dumps(results, indent=1) + "\n"),
-        "md": write_text(out / f"{OUTPUT_STEM}.md", markdown),
-        "csv": write_text(out / f"{OUTPUT_STEM}.csv", Table(OUTPUT_STEM, "", columns, lines).to_csv()),
-    }
-
-
-# ---------------------------------------------------------------------- several seeds
-# Config fields that may differ between the tables combined: where things ran, not what was run.
-_NOT_COMPARED = ("seed", "out_dir", "reuse_runs", "workers", "threads", "device")
-SEEDS_STEM = "method_table_seeds"
-
-
-def aggregate_tables(directories) -> dict:
-    """Mean and sample std over the ``method_table.json`` of several runs of this experiment that
-    differ only in the seed (one directory each): per method, filters removed, dense and pruned
-    accuracy, MFLOPs and speedup, with every seed's value kept. Tables made with other settings
-    (anything but the seed and where it ran) are refused, naming the field."""
-    from sparsekern.train.config import ConfigError
-
-    tables = []
-    for directory in directories:
-        path = Path(directory) / f"{OUTPUT_STEM}.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory}: no {OUTPUT_STEM}.json (not a `sparsekern compare-methods` output)")
-        tables.append((str(directory), json.loads(path.read_text())))
-    if len(tables) < 2:
-        raise ConfigError(f"aggregate needs at least two tables (one per seed), got {len(tables)}")
-    first_dir, first = tables[0]
-    seeds = [t["config"]["seed"] for _, t in tables]
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"the tables' seeds {seeds} repeat: each table must be another seed")
-    for directory, table in tables[1:]:
-        for key, value in first["config"].items():
-            if key not in _NOT_COMPARED and table["config"].get(key) != value:
-                raise ConfigError(f"{directory}: {key}={table['config'].get(key)!r} differs from {first_dir}'s "
-                                  f"{value!r}; only the seed may differ")
-        if [r["method"] for r in table["rows"]] != [r["method"] for r in first["rows"]]:
-            raise ConfigError(f"{directory}: its methods differ from {first_dir}'s")
-    rows = []
-    for i, row in enumerate(first["rows"]):
-        per_seed = [t["rows"][i] for _, t in tables]
-        values = {
-            "filters_removed_pct": [r["filters_removed_pct"] for r in per_seed],
-            "dense_accuracy_pct": [r["dense_accuracy_pct"] for r in per_seed],
-            "pruned_accuracy_pct": [r["pruned_accuracy_pct"] for r in per_seed],
-            "mflops": [r["flops"] / 1e6 for r in per_seed],
-            "speedup": [r["speedup"] for r in per_seed],
-        }
-        rows.append({"method": row["method"], "label": row["label"], "trained_with": row["trained_with"],
-                     "selected_fraction": [r["selected_fraction"] for r in per_seed],
-                     **{key: mean_std(v) for key, v in values.items()},
-                     "per_seed": values})
-    return {"seeds": seeds, "directories": [d for d, _ in tables], "config": first["config"],
-            "flops_dense": first["rows"][0]["flops_dense"], "rows": rows}
-
-
-def aggregate_markdown(result: dict, where=None) -> str:
-    """:func:`aggregate_tables` as a markdown table, mean ± sample std over the seeds; links to
-    the per-seed tables are relative to ``where`` (the directory the table goes to), if given."""
-    import os
-
-    def link(directory):
-        target = Path(directory) / f"{OUTPUT_STEM}.md"
-        return os.path.relpath(target, where) if where is not None else str(target)
-
-    columns = ["method", "trained with", "filters removed (%)", "per seed", "dense acc. (%)", "pruned acc. (%)",
-               "MFLOPs", "speedup"]
-    lines = [[r["label"], r["trained_with"], r["filters_removed_pct"],
-              ", ".join(f"{v:.1f}" for v in r["per_seed"]["filters_removed_pct"]), r["dense_accuracy_pct"],
-              r["pruned_accuracy_pct"], r["mflops"], r["speedup"]] for r in result["rows"]]
-    config = result["config"]
-    return "\n".join([
-        f"# Filter pruning methods compared: BasicNet, mean ± std over seeds {', '.join(map(str, result['seeds']))}",
-        "",
-        f"BasicNet width {config['width']:g} on `{config['dataset']}`, dense {result['flops_dense'] / 1e6:.2f} "
-        f"MFLOPs; one `sparsekern compare-methods` table per seed (same settings otherwise): "
-        + ", ".join(f"[seed {s}]({link(d)})" for s, d in zip(result["seeds"], result["directories"]))
-        + ". Each seed trains every network anew and selects its own fraction; speedups are from each "
-        "table's own timing.",
-        "",
-        markdown_table(columns, lines),
-        "",
-    ])
 
 
 # ---------------------------------------------------------------------- command line

@@ -12,13 +12,16 @@
   concatenations, depthwise convs, flatten -> Linear);
 - ``surgery.py``: exact surgery, constant folding, verification, PruneReport;
 - ``fold.py``: BatchNorm folding for inference; ``flops.py``: params and MACs / FLOPs;
-- ``harvest.py``: timing dense versus pruned (``sparsekern bench``), the baselines' table;
-  ``layer_profile.py``: per-layer time next to MACs, to see where time does not follow FLOPs.
+- ``implicit.py``: the exact plan of implicit sparsity; ``compare.py``: a pruned model's logits
+  against its original over a dataset; ``baselines.py``: L1-norm and Network Slimming plans.
+
+Timing dense versus pruned is ``sparsekern.bench``, run directories and the baselines' table are
+``sparsekern.experiments.harvest`` (``harvest.py`` here is a deprecated shim).
 """
+from sparsekern._deprecated import deprecated_paths
 from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
 from sparsekern.prune.fold import fold_bn, foldable_pairs
 from sparsekern.prune.graph import ChannelGraph, UnsupportedModelError, analyze_dependencies
-from sparsekern.prune.layer_profile import layer_profile, profile_markdown
 from sparsekern.prune.plan import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores
 from sparsekern.prune.surgery import LayerReport, PruneReport, PruneVerificationError, prune_model
 
@@ -38,8 +41,11 @@ __all__ = [
     "count_macs",
     "count_flops",
     "macs_by_layer",
-    "layer_profile",
-    "profile_markdown",
     "filter_l1_scores",
     "bn_gamma_scores",
 ]
+
+__getattr__ = deprecated_paths(__name__, {
+    "layer_profile": "sparsekern.bench.layers.layer_profile",
+    "profile_markdown": "sparsekern.report.speed.profile_markdown",
+})

@@ -24,7 +24,7 @@ optimizer's state_dict, so it is checkpointed and resumed like any other optimiz
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -39,32 +39,32 @@ from sparsekern.regularize import (
     make_regularizer,
 )
 
-if TYPE_CHECKING:
-    from sparsekern.train.config import RunConfig
-
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
-RegularizerFactory = Callable[["RunConfig", nn.Module, "list[nn.Parameter]"], Regularizer]
-OptimizerFactory = Callable[[list, "RunConfig"], torch.optim.Optimizer]
+# A run's config is a train.config.RunConfig; it is not imported here because config.py validates
+# names against these registries (config imports optim, not the reverse).
+RunConfig = Any
+RegularizerFactory = Callable[[RunConfig, nn.Module, "list[nn.Parameter]"], Regularizer]
+OptimizerFactory = Callable[[list, RunConfig], torch.optim.Optimizer]
 
 
-def _no_regularizer(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+def _no_regularizer(config: RunConfig, model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
     return Regularizer()
 
 
-def _l2(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+def _l2(config: RunConfig, model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
     return L2Regularizer(config.reg_strength)
 
 
-def _decoupled(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+def _decoupled(config: RunConfig, model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
     return DecoupledWeightDecay(params, config.reg_strength, lr0=config.lr)
 
 
-def _slimming(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+def _slimming(config: RunConfig, model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
     return SlimmingRegularizer(model, config.reg_strength)
 
 
-def _proximal(config: "RunConfig", model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
+def _proximal(config: RunConfig, model: nn.Module, params: list[nn.Parameter]) -> Regularizer:
     return make_regularizer(config.reg, model, config.reg_strength)
 
 
@@ -154,7 +154,7 @@ class ScheduleFactor:
 class Optimization:
     """Optimizer + LR schedule + regulariser, stepped together once per training step."""
 
-    def __init__(self, config: "RunConfig", model: nn.Module, total_steps: int):
+    def __init__(self, config: RunConfig, model: nn.Module, total_steps: int):
         # The config was validated against the registries (plug-ins included) when it was built.
         regularised, exempt = split_parameters(model, config.reg_bn)
         self.regularizer = _REGULARIZERS[config.reg](config, model, regularised)

@@ -8,6 +8,7 @@ turns (the device is synchronised around each leaf, so on GPU the numbers includ
 it to compare layers, not as the model's total), and reports each leaf's median time with its
 Conv/Linear MACs.
 Leaves are matched by qualified name: surgery keeps the names, so dense and pruned line up.
+The table is ``sparsekern.report.speed.profile_markdown``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import torch
 from torch import nn
 
+from sparsekern.bench.timing import synchronize
 from sparsekern.prune.flops import macs_by_layer
 
 
@@ -24,11 +26,6 @@ def _leaves(model: nn.Module) -> dict:
     """Modules without children, except Identity (what BN folding leaves in place of a BN)."""
     return {name: m for name, m in model.named_modules()
             if name and not any(True for _ in m.children()) and not isinstance(m, nn.Identity)}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class _LeafTimer:
@@ -42,19 +39,19 @@ class _LeafTimer:
                              module.register_forward_hook(lambda m, args, out, name=name: self._stop(name))]
 
     def _start(self, name):
-        _sync(self.device)
+        synchronize(self.device)
         self.starts[name] = time.perf_counter()
 
     def _stop(self, name):
-        _sync(self.device)
+        synchronize(self.device)
         self.current[name] = self.current.get(name, 0.0) + time.perf_counter() - self.starts[name]
 
     def forward(self, x) -> dict:
         self.current = {}
-        _sync(self.device)
+        synchronize(self.device)
         begin = time.perf_counter()
         self.model(x)
-        _sync(self.device)
+        synchronize(self.device)
         self.current["(total)"] = time.perf_counter() - begin
         return self.current
 
@@ -118,30 +115,3 @@ def layer_profile(models: dict, input_shape, *, rounds: int = 10) -> list:
             row[f"{label} ms"] = None if seconds is None else 1e3 * seconds
         rows.append(row)
     return rows
-
-
-def profile_markdown(rows: list, batch: int, labels=("dense", "pruned")) -> str:
-    """A markdown table of :func:`layer_profile` rows for two models, timed at ``batch``: ms and
-    MACs each, the share of time and of MACs each layer saves, and the first model's nanoseconds
-    per multiply-add (what a MAC costs in that layer: the number that says why time need not track
-    FLOPs)."""
-    a, b = labels
-    header = ["layer", f"{a} ms", f"{b} ms", "time saved", f"{a} MACs", f"{b} MACs", "MACs saved",
-              f"{a} ns/MAC"]
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-
-    def pct(before, after):
-        return "-" if not before or after is None else f"{100 * (1 - after / before):.0f}%"
-
-    def ms(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    def count(v):
-        return "-" if v is None else (f"{v / 1e6:.2f}M" if v else "0")
-
-    for r in rows:
-        ta, tb, ma, mb = r[f"{a} ms"], r[f"{b} ms"], r[f"{a} MACs"], r[f"{b} MACs"]
-        per_mac = "-" if not ma or ta is None else f"{1e6 * ta / (ma * batch):.3f}"
-        lines.append("| " + " | ".join([r["layer"], ms(ta), ms(tb), pct(ta, tb), count(ma), count(mb),
-                                        pct(ma, mb), per_mac]) + " |")
-    return "\n".join(lines) + "\n"
