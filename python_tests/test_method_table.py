@@ -200,7 +200,7 @@ def test_implicit_plan_removes_planted_dead_and_constant_filters_exactly_on_any_
     64 images, removes exactly those and is exact on fresh inputs, in float64."""
     import copy
 
-    from sparsekern.prune.harvest import implicit_plan
+    from sparsekern.prune.implicit import implicit_plan
 
     torch.manual_seed(0)
     model = BasicNet(width=0.125).eval()

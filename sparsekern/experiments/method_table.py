@@ -79,10 +79,12 @@ from sparsekern.experiments import ExperimentCommand, check_positive, load_run, 
 from sparsekern.experiments.harvest import accuracy, first_batch
 from sparsekern.experiments.method_table_output import OUTPUT_STEM, write_outputs
 from sparsekern.experiments.method_table_seeds import SEEDS_STEM, aggregate_markdown, aggregate_tables
-from sparsekern.prune.baselines import unit_layers
+from sparsekern.prune.baselines import l1_norm_plan, slimming_plan, unit_layers
 from sparsekern.prune.compare import compare_logits, unit_keep_ratio
+from sparsekern.prune.criteria import CGES, SplitLBIOrder
 from sparsekern.prune.flops import count_flops, count_params
 from sparsekern.prune.implicit import implicit_plan
+from sparsekern.prune.plan import PrunePlan
 from sparsekern.prune.surgery import prune_model
 from sparsekern.train.config import RunConfig
 from sparsekern.train.loop import read_result, resolve_device
@@ -221,83 +223,50 @@ def select_fraction(points, reference: float, tolerance: float):
 
 
 # ---------------------------------------------------------------------- plans
+# The criteria live in sparsekern.prune.criteria; these are the table's plan makers over them.
 def _layer_filters(model: nn.Module, layers) -> int:
     return sum(model.get_submodule(n).weight.shape[0] for n in layers)
 
 
-@torch.no_grad()
-def cges_scores(model: nn.Module) -> dict:
-    """``{unit layer: score per filter}`` for CGES, higher = kept first.
-
-    BN renormalises whatever scale a filter's weights have, so a small but nonzero filter norm
-    says nothing about how much the filter matters: only exact zeros (which CGES's prox steps
-    produce) and the BN scale gamma do. A filter is *zero* when all its conv weights are 0, or
-    when every weight of the next Conv/Linear that reads its channel is 0 (CGES's input groups
-    zero such columns; in BasicNet's chain the next layer in module order reads the channel
-    directly, recognised by its input count). Zero filters rank below every other, and among
-    themselves, like the others, by |gamma|.
-    """
-    from sparsekern.prune.plan import bn_gamma_scores
-
-    gammas = bn_gamma_scores(model)  # |gamma| per filter, float64 on the CPU
-    if not gammas:
+def _basicnet_batch(model: nn.Module) -> tuple:
+    """The input shape the channel graph traces the table's networks with when no batch is given:
+    one 28x28 image of the first unit layer's input channels. A BasicNet's global pool makes its
+    channel maps the same at every input size its pools keep above 0."""
+    layers = unit_layers(model)
+    if not layers:
         raise ValueError(f"{type(model).__name__} has no Conv/Linear followed by a BN: nothing to rank")
-    chain = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    names = [name for name, _ in chain]
-    offset = 1.0 + max(float(g.max()) for g in gammas.values())
-    scores = {}
-    for name, gamma in gammas.items():
-        zero = model.get_submodule(name).weight.flatten(1).eq(0).all(dim=1).cpu()
-        index = names.index(name)
-        if index + 1 < len(chain):
-            reader = chain[index + 1][1].weight
-            if reader.shape[1] == zero.numel():
-                zero |= reader.transpose(0, 1).flatten(1).eq(0).all(dim=1).cpu()
-        scores[name] = torch.where(zero, gamma - offset, gamma)
-    return scores
+    return (1, model.get_submodule(layers[0]).in_channels, 28, 28)
 
 
-def cges_plan(model: nn.Module, keep_ratio: float):
+def cges_scores(model: nn.Module, example_inputs=None) -> dict:
+    """``{unit layer: score per filter}`` of :class:`sparsekern.prune.criteria.CGES` (zero or
+    unread filters first, then |gamma|), higher = kept first. ``example_inputs``: a batch or an
+    input shape for the channel graph (default: :func:`_basicnet_batch`)."""
+    return CGES(_basicnet_batch(model) if example_inputs is None else example_inputs).scores(model)
+
+
+def cges_plan(model: nn.Module, keep_ratio: float, example_inputs=None) -> PrunePlan:
     """Keep the ``round(keep_ratio * filters)`` best filters of :func:`cges_scores` over all unit
     layers (every layer keeps at least its best); a lossy plan."""
-    from sparsekern.prune.plan import PrunePlan
-
-    plan = PrunePlan.from_scores(model, cges_scores(model), keep_ratio, scope="global")
-    plan.source = f"cges(keep_ratio={keep_ratio:g})"
-    return plan
+    criterion = CGES(_basicnet_batch(model) if example_inputs is None else example_inputs)
+    return PrunePlan.from_criterion(criterion, model, keep_ratio)
 
 
-@torch.no_grad()
-def slbi_plan(model: nn.Module, optimizer, keep_ratio: float):
+def slbi_plan(model: nn.Module, optimizer, keep_ratio: float) -> PrunePlan:
     """Per unit layer, keep the ``max(1, round(keep_ratio * filters))`` filters Split LBI ranks
-    first (``optimizer.importance``: earliest entry into Gamma's support); a lossy plan."""
-    from sparsekern.prune.baselines import unit_layers
-    from sparsekern.prune.plan import PrunePlan
-
-    scores = {}
-    for name in unit_layers(model):
-        weight = model.get_submodule(name).weight
-        if optimizer.unit_kind(weight) != "filter":
-            raise ValueError(f"{name}: Split LBI ranks its {optimizer.unit_kind(weight)}s, not its filters")
-        order = optimizer.importance(weight).cpu()
-        score = torch.empty(order.numel(), dtype=torch.float64)
-        score[order] = torch.arange(order.numel(), 0, -1, dtype=torch.float64)  # first = highest
-        scores[name] = score
-    plan = PrunePlan.from_scores(model, scores, keep_ratio, scope="layer")
-    plan.source = f"split_lbi(keep_ratio={keep_ratio:g})"
-    return plan
+    first (:class:`sparsekern.prune.criteria.SplitLBIOrder`: earliest entry into Gamma's
+    support); a lossy plan."""
+    return PrunePlan.from_criterion(SplitLBIOrder(optimizer), model, keep_ratio)
 
 
-def plan_maker(method: str, model: nn.Module, optimization) -> Callable:
-    """keep ratio -> PrunePlan of a swept method."""
-    from sparsekern.prune.baselines import l1_norm_plan, slimming_plan
-
+def plan_maker(method: str, model: nn.Module, optimization, example_inputs=None) -> Callable:
+    """keep ratio -> PrunePlan of a swept method (``example_inputs``: CGES's channel graph batch)."""
     if method == "l1-norm":
         return lambda keep: l1_norm_plan(model, keep)
     if method == "slimming":
         return lambda keep: slimming_plan(model, keep)
     if method == "cges":
-        return lambda keep: cges_plan(model, keep)
+        return lambda keep: cges_plan(model, keep, example_inputs)
     if method == "split-lbi":
         return lambda keep: slbi_plan(model, optimization.optimizer, keep)
     raise ValueError(f"{method!r} is not a swept method")

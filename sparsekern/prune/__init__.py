@@ -6,11 +6,14 @@
     print(report.summary())
     plan.save("plan.json"); PrunePlan.load("plan.json").apply(fresh_model, batch)
 
-- ``plan.py``: PrunePlan (from dead masks, gamma, an analysis, or baseline scores) and its
-  JSON manifest;
+- ``criteria.py``: which filters to drop, one protocol (scores per channel, exact or a ranking):
+  dead by activation, constant by |gamma|, L1-norm, Slimming, CGES, Split LBI order, APoZ;
+- ``plan.py``: PrunePlan (``from_criterion``, and from dead masks, gamma, an analysis, or
+  scores) and its JSON manifest;
 - ``graph.py``: channel dependency analysis with torch.fx (BN, activations, residual adds,
-  concatenations, depthwise convs, flatten -> Linear);
-- ``surgery.py``: exact surgery, constant folding, verification, PruneReport;
+  concatenations, depthwise convs, flatten -> Linear); ``kinds.py``: what each op does to channels;
+- ``surgery.py``: exact surgery and its PruneReport, by ``removal.py`` (which channels go, what
+  folds), ``edits.py`` (the module edits) and ``verify.py`` (node-by-node verification);
 - ``fold.py``: BatchNorm folding for inference; ``flops.py``: params and MACs / FLOPs;
 - ``implicit.py``: the exact plan of implicit sparsity; ``compare.py``: a pruned model's logits
   against its original over a dataset; ``baselines.py``: L1-norm and Network Slimming plans.
@@ -19,18 +22,22 @@ Timing dense versus pruned is ``sparsekern.bench``, run directories and the base
 ``sparsekern.experiments.harvest`` (``harvest.py`` here is a deprecated shim).
 """
 from sparsekern._deprecated import deprecated_paths
+from sparsekern.prune.criteria import (
+    CGES, APoZ, ConstantGamma, Criterion, DeadByActivation, ExactCriterion, L1Norm, Slimming, SplitLBIOrder,
+    bn_gamma_scores, filter_l1_scores,
+)
 from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
 from sparsekern.prune.fold import fold_bn, foldable_pairs
 from sparsekern.prune.graph import ChannelGraph, UnsupportedModelError, analyze_dependencies
-from sparsekern.prune.plan import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores
-from sparsekern.prune.surgery import LayerReport, PruneReport, PruneVerificationError, prune_model
+from sparsekern.prune.plan import LayerPlan, PrunePlan
+from sparsekern.prune.surgery import LayerSurgery, PruneReport, PruneVerificationError, prune_model
 
 __all__ = [
     "PrunePlan",
     "LayerPlan",
     "prune_model",
     "PruneReport",
-    "LayerReport",
+    "LayerSurgery",
     "PruneVerificationError",
     "UnsupportedModelError",
     "ChannelGraph",
@@ -43,9 +50,19 @@ __all__ = [
     "macs_by_layer",
     "filter_l1_scores",
     "bn_gamma_scores",
+    "Criterion",
+    "ExactCriterion",
+    "DeadByActivation",
+    "ConstantGamma",
+    "L1Norm",
+    "Slimming",
+    "CGES",
+    "SplitLBIOrder",
+    "APoZ",
 ]
 
 __getattr__ = deprecated_paths(__name__, {
+    "LayerReport": "sparsekern.prune.surgery.LayerSurgery",
     "layer_profile": "sparsekern.bench.layers.layer_profile",
     "profile_markdown": "sparsekern.report.speed.profile_markdown",
 })

@@ -7,14 +7,17 @@ are not 0, the constant they output. That value is taken where the layer's *priv
 ends (see ``graph.py``): after the ReLU of a Conv-BN-ReLU unit; at the BN output for a BN that
 feeds a residual add. Dead channels (value 0) have no constant entry.
 
-Plans come from:
+Plans come from a criterion (``criteria.py``: what to drop, one protocol for all of them) through
+``from_criterion(criterion, model, keep=...)``, or from the shorthands:
 - ``from_dead_masks({layer: bool mask})``: True = dead (outputs 0);
-- ``from_gamma(model, threshold)``: channels with |gamma| < threshold output beta from their
-  BN, so the unit outputs the constant act(beta) (relu(beta) in a Conv-BN-ReLU unit);
-- ``from_analysis(result, threshold)``: channels dead by activation in ``sparsekern.analyze``;
-- ``from_scores(model, scores, keep_ratio)``: baselines (L1-norm filter pruning, Network
-  Slimming's global |gamma| threshold). These remove live channels: the plan is *lossy*
-  (``exact = False``) and surgery behaves as if the removed channels output 0.
+- ``from_gamma(model, threshold)``: :class:`~sparsekern.prune.criteria.ConstantGamma`, channels
+  with |gamma| < threshold output beta from their BN, so the unit outputs the constant act(beta)
+  (relu(beta) in a Conv-BN-ReLU unit);
+- ``from_analysis(result, threshold)``: :class:`~sparsekern.prune.criteria.DeadByActivation`,
+  channels dead by activation in ``sparsekern.analyze``;
+- ``from_scores(model, scores, keep_ratio)``: scores computed elsewhere. Rankings (L1-norm
+  filter pruning, Network Slimming's global |gamma| threshold, ...) remove live channels: the
+  plan is *lossy* (``exact = False``) and surgery behaves as if the removed channels output 0.
 
 ``save(path)`` / ``load(path)`` write and read a small JSON manifest (format name and version,
 model class, input shape if known, layer -> channels / kept / constants); it holds no
@@ -32,14 +35,17 @@ import math
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Mapping, NoReturn, Optional
 
 import torch
 from torch import nn
 
+from sparsekern._deprecated import deprecated_names
 from sparsekern.errors import ManifestError
-from sparsekern.prune.graph import ChannelGraph
+from sparsekern.prune import criteria
+from sparsekern.prune.criteria import ConstantGamma, DeadByActivation, GivenScores
 from sparsekern.prune.surgery import class_path, prune_model
+from sparsekern.regularize.masks import rank_units
 
 MANIFEST_FORMAT = "sparsekern.prune_plan"
 MANIFEST_VERSION = 1
@@ -132,58 +138,82 @@ class PrunePlan:
         )
 
     @classmethod
-    def from_gamma(cls, model: nn.Module, threshold: float = 1e-3, *, input_shape=None) -> "PrunePlan":
-        """Channels whose BN has |gamma| < ``threshold`` (compared in float64).
+    def from_criterion(cls, criterion, model: Optional[nn.Module], keep=None, *, threshold=None,
+                       scope: Optional[str] = None, input_shape=None) -> "PrunePlan":
+        """The plan of a criterion (``sparsekern.prune.criteria``), whose scores rank channels
+        higher = kept first.
 
-        Such a BN outputs beta + gamma * x_hat, taken as the constant beta (exact when gamma is
-        exactly 0; otherwise surgery's verification judges the error); the constant the unit
-        outputs is beta passed through the rest of its private chain, e.g. relu(beta). A channel
-        whose chain does not keep a constant (e.g. a zero-padded average pool) is left out, with
-        a note. Only Conv/Linear layers followed by a BN are considered.
+        keep: a ratio in (0, 1], kept in each layer (``scope="layer"``: ``round(keep * C)``) or over
+            all scored layers (``"global"``: the ``round(keep * total)`` best, one threshold); or
+            ``{layer: number kept}`` (layers not listed keep all their channels).
+        threshold: remove the channels scoring below it.
+        Neither: the channels an *exact* criterion marks, with the constants they output (an exact
+            plan); a ranking needs ``keep`` or ``threshold``.
+        scope: default the criterion's own (L1-norm per layer, Slimming global...).
+        model: the model the plan is for (class recorded, channel counts checked); None only for
+            criteria that read an analysis (``criterion.needs_model`` False).
+        Plans from ``keep`` / ``threshold`` are lossy (``exact = False``) whatever the criterion.
+        Every layer keeps at least one channel (its best); ties keep the lower channel index.
         """
-        _check_threshold(threshold)
-        graph = ChannelGraph(model)
+        if model is None and criterion.needs_model:
+            raise ValueError(f"from_criterion: the {criterion.name} criterion scores a model; got model=None")
+        if keep is not None and threshold is not None:
+            raise ValueError("from_criterion: give keep or threshold, not both")
+        model_class = class_path(model) if model is not None else None
+        if keep is None and threshold is None:
+            if not criterion.exact:
+                raise ValueError(f"from_criterion: {criterion.name} is a ranking, not an exact criterion: give keep= "
+                                 "(a ratio or per-layer counts) or threshold=")
+            return cls._from_marked(criterion, model, model_class, input_shape)
+        if scope not in (None, "layer", "global"):
+            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+        if scope == "global" and isinstance(keep, Mapping):
+            raise ValueError("from_criterion: per-layer counts are per layer; scope='global' does not apply")
+        scores = _checked_scores(model, criterion.scores(model))
+        if threshold is not None:
+            kept, source = _kept_above(scores, threshold), f"{criterion.name}(threshold={threshold:g})"
+        elif isinstance(keep, Mapping):
+            kept, source = _kept_counts(model, scores, keep, criterion.name), f"{criterion.name}(per-layer counts)"
+        else:
+            check_keep_ratio(keep)
+            scope = criterion.scope if scope is None else scope
+            kept = _kept_per_layer(scores, keep) if scope == "layer" else _kept_global(scores, keep)
+            source = f"{criterion.name}(keep_ratio={keep:g}{'' if scope == criterion.scope else ', scope=' + scope})"
+        layers = {name: LayerPlan(channels=s.numel(), kept=kept[name]) for name, s in scores.items()}
+        return cls(layers=layers, exact=False, model_class=model_class, input_shape=_shape_or_none(input_shape),
+                   source=source)
+
+    @classmethod
+    def _from_marked(cls, criterion, model, model_class, input_shape) -> "PrunePlan":
+        """An exact criterion's marked channels removed, with the constants they output."""
         layers, notes = {}, []
-        for layer in graph.chains:
-            bn = graph.chain_bn(layer)
-            if bn is None or bn.detail["module"].weight is None:
-                continue
-            gamma = bn.detail["module"].weight.detach().double().abs().cpu()
-            kept, constants = [], {}
-            for c in range(gamma.numel()):
-                value = graph.chain_constant_from_bn(layer, c) if gamma[c] < threshold else None
-                if value is None:
-                    if gamma[c] < threshold:
-                        notes.append(f"{layer}: channel {c} has |gamma| < {threshold:g} but its unit's output is not constant")
-                    kept.append(c)
-                elif value != 0.0:
-                    constants[c] = value
-            layers[layer] = LayerPlan(channels=gamma.numel(), kept=kept, constants=constants)
-        return cls(
-            layers=layers, exact=True, model_class=class_path(model), input_shape=_shape_or_none(input_shape),
-            source=f"from_gamma(threshold={threshold:g})", notes=notes,
-        )
+        for name, marked in criterion.marked(model).items():
+            if model is not None:
+                _check_channels(model, name, marked.channels)
+            kept = [c for c in range(marked.channels) if c not in marked.values]
+            layers[name] = LayerPlan(channels=marked.channels, kept=kept, constants=marked.values)
+            notes.extend(marked.notes)
+        return cls(layers=layers, exact=True, model_class=model_class, input_shape=_shape_or_none(input_shape),
+                   source=f"{criterion.name}(threshold={criterion.threshold:g})", notes=notes)
+
+    @classmethod
+    def from_gamma(cls, model: nn.Module, threshold: float = 1e-3, *, input_shape=None) -> "PrunePlan":
+        """Channels whose BN has |gamma| < ``threshold`` (compared in float64): the exact plan of
+        :class:`~sparsekern.prune.criteria.ConstantGamma` (see there). Such a channel's unit
+        outputs beta through the rest of its private chain, e.g. relu(beta); a channel whose chain
+        does not keep a constant (e.g. a zero-padded average pool) is left out, with a note.
+        """
+        plan = cls.from_criterion(ConstantGamma(threshold), model, input_shape=input_shape)
+        plan.source = f"from_gamma(threshold={threshold:g})"
+        return plan
 
     @classmethod
     def from_analysis(cls, result, threshold: float = 1e-12, *, input_shape=None) -> "PrunePlan":
         """Channels dead by activation (corpus max < ``threshold``) in a ``sparsekern.analyze``
-        result, keyed by the Conv/Linear that produces each feature.
-
-        Features without such a layer (a ReLU after a concat or a pooling) are skipped. For a
-        ResNet residual feature relu(bn2(conv2(x)) + shortcut) the channel is requested for
-        conv2 only; surgery removes it only if every layer tied by the residual adds removes it
-        too, so stages with a projection shortcut keep their channels. Two features of one
-        layer: a channel is dead only if dead in both.
-        """
-        _check_threshold(threshold)
-        masks: dict = {}
-        for feature in result.features:
-            if feature.layer_module_name is None or feature.kind not in ("bn", "conv", "linear", "residual"):
-                continue
-            dead = result.stats[feature.name].dead_mask(threshold).cpu()
-            name = feature.layer_module_name
-            masks[name] = dead if name not in masks else masks[name] & dead
-        plan = cls.from_dead_masks(masks, input_shape=input_shape)
+        result, keyed by the Conv/Linear that produces each feature: the exact plan of
+        :class:`~sparsekern.prune.criteria.DeadByActivation` (see there for features without
+        such a layer, residual features and two features of one layer)."""
+        plan = cls.from_criterion(DeadByActivation(result, threshold), None, input_shape=input_shape)
         plan.source = f"from_analysis(threshold={threshold:g})"
         return plan
 
@@ -194,45 +224,12 @@ class PrunePlan:
 
         scores: ``{layer: 1-D tensor}``, one score per output channel (e.g. from
         :func:`filter_l1_scores` for Li et al.'s L1-norm pruning, :func:`bn_gamma_scores` for
-        Network Slimming). scope "layer": keep round(keep_ratio * C) channels of each layer;
-        "global": keep the round(keep_ratio * total) best channels over all listed layers (one
-        global threshold, as Network Slimming does). Every layer keeps at least one channel.
+        Network Slimming). ``keep_ratio`` and ``scope`` as in :meth:`from_criterion`.
         """
-        if not 0.0 < keep_ratio <= 1.0:
-            raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-        if scope not in ("layer", "global"):
-            raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-        checked = {}
-        for name, s in scores.items():
-            s = torch.as_tensor(s).detach().double().cpu()
-            if s.dim() != 1:
-                raise ValueError(f"scores for layer {name!r} must be 1-D, got shape {tuple(s.shape)}")
-            if not torch.isfinite(s).all():
-                raise ValueError(f"scores for layer {name!r} contain NaN or Inf")
-            _check_channels(model, name, s.numel())
-            checked[name] = s
-        keep: dict = {}
-        if scope == "layer":
-            for name, s in checked.items():
-                k = max(1, int(round(keep_ratio * s.numel())))
-                keep[name] = torch.argsort(s, descending=True, stable=True)[:k].tolist()
-        else:
-            names = list(checked)
-            flat = torch.cat([checked[n] for n in names])
-            owner = [(n, c) for n in names for c in range(checked[n].numel())]
-            k = max(1, int(round(keep_ratio * flat.numel())))
-            best = torch.argsort(flat, descending=True, stable=True)[:k].tolist()
-            keep = {n: [] for n in names}
-            for i in best:
-                keep[owner[i][0]].append(owner[i][1])
-            for n in names:
-                if not keep[n]:
-                    keep[n] = [int(torch.argmax(checked[n]))]
-        layers = {name: LayerPlan(channels=checked[name].numel(), kept=keep[name]) for name in checked}
-        return cls(
-            layers=layers, exact=False, model_class=class_path(model), input_shape=_shape_or_none(input_shape),
-            source=f"from_scores(keep_ratio={keep_ratio:g}, scope={scope})",
-        )
+        check_keep_ratio(keep_ratio)
+        plan = cls.from_criterion(GivenScores(scores), model, keep_ratio, scope=scope, input_shape=input_shape)
+        plan.source = f"from_scores(keep_ratio={keep_ratio:g}, scope={scope})"
+        return plan
 
     # --- use -------------------------------------------------------------------------------
     def apply(self, model: nn.Module, example_inputs=None, *, inplace: bool = False, verify: bool = True,
@@ -417,29 +414,69 @@ def _manifest_fields(data, source: str) -> dict:
             "source": source_text, "notes": list(notes)}
 
 
-# --- scores for the baselines -----------------------------------------------------------------
+# --- keeping the best channels -----------------------------------------------------------------
 
 
-def filter_l1_scores(model: nn.Module) -> dict:
-    """``{layer: L1 norm of each output filter}`` for every Conv (groups == 1) and Linear
-    (Li et al. 2017, "Pruning Filters for Efficient ConvNets")."""
-    scores = {}
-    for name, m in model.named_modules():
-        if (isinstance(m, nn.modules.conv._ConvNd) and not m.transposed and m.groups == 1) or isinstance(m, nn.Linear):
-            scores[name] = m.weight.detach().abs().flatten(1).sum(1).double().cpu()
-    return scores
+def _checked_scores(model: Optional[nn.Module], scores: dict) -> dict:
+    """``scores`` as 1-D finite float64 CPU tensors, one per output channel of each layer."""
+    checked = {}
+    for name, s in scores.items():
+        s = torch.as_tensor(s).detach().double().cpu()
+        if s.dim() != 1:
+            raise ValueError(f"scores for layer {name!r} must be 1-D, got shape {tuple(s.shape)}")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"scores for layer {name!r} contain NaN or Inf")
+        if model is not None:
+            _check_channels(model, name, s.numel())
+        checked[name] = s
+    return checked
 
 
-def bn_gamma_scores(model: nn.Module) -> dict:
-    """``{layer: |gamma| of the BN after it}`` for every Conv/Linear followed by a BN in its
-    unit (Liu et al. 2017, "Network Slimming"); uses torch.fx to pair them."""
-    graph = ChannelGraph(model)
-    scores = {}
-    for layer in graph.chains:
-        bn = graph.chain_bn(layer)
-        if bn is not None and bn.detail["module"].weight is not None:
-            scores[layer] = bn.detail["module"].weight.detach().abs().double().cpu()
-    return scores
+def check_keep_ratio(keep_ratio) -> None:
+    """A keep ratio is a fraction in (0, 1]; ValueError otherwise."""
+    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)) or not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
+
+
+def _kept_per_layer(scores: dict, keep_ratio: float) -> dict:
+    """Each layer's ``max(1, round(keep_ratio * C))`` best channels."""
+    return {name: rank_units(s)[:max(1, int(round(keep_ratio * s.numel())))].tolist() for name, s in scores.items()}
+
+
+def _kept_global(scores: dict, keep_ratio: float) -> dict:
+    """The ``max(1, round(keep_ratio * total))`` best channels of all layers; a layer left
+    without any keeps its best."""
+    names = list(scores)
+    owner = [(n, c) for n in names for c in range(scores[n].numel())]
+    flat = torch.cat([scores[n] for n in names])
+    keep: dict = {n: [] for n in names}
+    for i in rank_units(flat)[:max(1, int(round(keep_ratio * flat.numel())))].tolist():
+        keep[owner[i][0]].append(owner[i][1])
+    return {n: kept or rank_units(scores[n])[:1].tolist() for n, kept in keep.items()}
+
+
+def _kept_counts(model, scores: dict, counts: Mapping, who: str) -> dict:
+    """Each listed layer's ``counts[layer]`` best channels; the others keep all."""
+    unknown = sorted(set(counts) - set(scores))
+    if unknown:
+        model_name = type(model).__name__ if model is not None else "the model"
+        raise ValueError(f"{who}: {unknown} are not prunable unit layers of {model_name} it scores "
+                         f"(those are {list(scores)})")
+    kept = {}
+    for name, s in scores.items():
+        count = counts.get(name, s.numel())
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= s.numel():
+            raise ValueError(f"{who}: layer {name!r} has {s.numel()} filters; cannot keep {count!r}")
+        kept[name] = rank_units(s)[:count].tolist()
+    return kept
+
+
+def _kept_above(scores: dict, threshold) -> dict:
+    """Each layer's channels scoring at least ``threshold``, or its best one if none does."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+        raise ValueError(f"threshold must be a finite number, got {threshold!r}")
+    return {name: torch.nonzero(s >= threshold).flatten().tolist() or rank_units(s)[:1].tolist()
+            for name, s in scores.items()}
 
 
 # --- validation helpers -----------------------------------------------------------------------
@@ -474,11 +511,6 @@ def _check_channels(model: nn.Module, name: str, count: int) -> None:
         raise ValueError(f"layer {name!r} has {size} output channels, but {count} values were given")
 
 
-def _check_threshold(threshold) -> None:
-    if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
-        raise ValueError(f"threshold must be a positive finite number, got {threshold!r}")
-
-
 def _shape_or_none(shape) -> Optional[tuple]:
     if shape is None:
         return None
@@ -486,3 +518,8 @@ def _shape_or_none(shape) -> Optional[tuple]:
     if len(shape) < 2 or any(d < 1 for d in shape):
         raise ValueError(f"input_shape must be a full input shape with a batch dim, e.g. (2, 3, 32, 32), got {shape}")
     return shape
+
+
+# The baseline score functions live with the criteria now.
+__getattr__ = deprecated_names(__name__, {"filter_l1_scores": criteria.filter_l1_scores,
+                                          "bn_gamma_scores": criteria.bn_gamma_scores})

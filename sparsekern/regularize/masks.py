@@ -9,6 +9,13 @@ Number kept: `max(1, floor(keep_ratio * n + 0.5))` of the layer's n units, i.e. 
 up (not Python's round-half-to-even, so 7.5 -> 8 and 2.5 -> 3 alike) and never 0, so the
 smallest ratios of the tables (3.13 %, 1.57 %) still keep one unit of a small layer.
 Masks are bool tensors of the weight's shape (True = kept).
+
+The ranking order is :func:`rank_units`, which prune plans use too (``prune.criteria`` /
+``PrunePlan.from_criterion``: descending score, ties to the lower index). What stays apart, and
+why: these masks zero weights in place (single weights too, not only filters) instead of
+removing channels by surgery, and they keep ``floor(r * n + 0.5)`` units, the tables' rounding,
+where plans keep ``round(r * n)`` (the rule the method table's results were made with); the
+two counts differ only when ``r * n`` is exactly k + 0.5 with k even (round goes down to k).
 """
 from __future__ import annotations
 
@@ -46,6 +53,12 @@ def num_units(weight: torch.Tensor, kind: str) -> int:
     return weight.shape[0] if kind == "filter" else weight.numel()
 
 
+def rank_units(scores: torch.Tensor) -> torch.Tensor:
+    """Unit indices by descending score, ties to the lower index (a stable sort): the one
+    ranking order of these masks and of prune plans."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
 def mask_from_ranking(weight: torch.Tensor, ranking: torch.Tensor, keep_ratio: float, kind: str) -> torch.Tensor:
     """Weight-shaped bool mask keeping the first `keep_count` units of `ranking` (unit indices,
     most important first; flat indices for kind "weight")."""
@@ -74,7 +87,7 @@ def magnitude_masks(weight: torch.Tensor, keep_ratio: float, kind: str = "filter
             scores = torch.linalg.vector_norm(group_rows(weight, "filter"), ord=p, dim=1)
         else:
             scores = weight.abs().flatten()
-        ranking = torch.sort(scores, descending=True, stable=True).indices
+        ranking = rank_units(scores)
     return mask_from_ranking(weight, ranking, keep_ratio, kind)
 
 
