@@ -51,8 +51,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern._denormals import flush_denormal_enabled, subnormal_count
-from sparsekern.data import first_samples, run_dataset
-from sparsekern.errors import TrainingDivergedError
+from sparsekern.data import dataset_info, first_samples, get_dataset, make_loader, run_dataset
+from sparsekern.errors import ConfigError, TrainingDivergedError
+from sparsekern.models import build_model
+from sparsekern.stats.analyze import analyze
+from sparsekern.stats.tracker import SparsityTracker
 from sparsekern.train.checkpoint import (
     CheckpointError,
     RunLock,
@@ -96,7 +99,6 @@ def resolve_device(name: str) -> torch.device:
     A device this machine does not have (cuda without a GPU, cuda:N past the last one) or a name
     torch does not know is a ConfigError naming it and the devices there are.
     """
-    from sparsekern.train.config import ConfigError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +252,6 @@ class _Run:
 
     def _train(self, end: int) -> None:
         """Train to step ``end``, with the tracker and the TensorBoard writer open meanwhile."""
-        from sparsekern.stats.tracker import SparsityTracker
 
         self.tracker_mode = "histogram" if self.config.track_selectivity else "none"
         self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode)
@@ -310,7 +311,6 @@ class _Run:
 
     def _eval_point(self, train_loss: float, train_error: float, window_samples: int, seconds_per_step: float) -> dict:
         """Log the interval's metrics, start a fresh tracker window, checkpoint."""
-        from sparsekern.stats.tracker import SparsityTracker
 
         report = self.tracker.report(ACTIVATION_THRESHOLDS, GAMMA_THRESHOLDS, SELECTIVITY_THRESHOLD)
         features = self.tracker.features
@@ -364,9 +364,7 @@ class _Run:
     # ------------------------------------------------------------------ the end
     def _final_result(self) -> dict:
         """result.json: final test error, per-layer sparsity over the training corpus, BN params, selectivity."""
-        from sparsekern.data import make_loader
-        from sparsekern.stats.analyze import analyze
-
+    
         last = read_metrics(self.config.run_dir())[-1]
         passes = 2 if self.config.selectivity == "two-pass" else 1
         self.report.start("analysis", 0, passes * len(self.analysis_set))
@@ -406,7 +404,6 @@ class _Run:
 
 def build_run_model(config: RunConfig, info) -> nn.Module:
     """The model of ``config`` for a dataset described by ``info`` (a DatasetInfo)."""
-    from sparsekern.models import build_model
 
     size = info.image_size if isinstance(info.image_size, int) else max(info.image_size)
     # torchvision's ImageNet stems downsample 4x at once: adapt them for 28x28 / 32x32 inputs.
@@ -421,7 +418,6 @@ def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
     is verified (checksum, config, step: see ``checkpoint.load_with_fallback``); the run's own
     checkpoint of a finished run must be at the step its result.json reports.
     """
-    from sparsekern.data import dataset_info, get_dataset
 
     path = Path(path)
     run_dir = path if path.is_dir() else path.parent
@@ -452,7 +448,6 @@ def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> tuple[float, float]:
     """(mean cross-entropy, error rate) of ``model`` in eval mode over ``dataset``."""
-    from sparsekern.data import make_loader
 
     was_training = model.training
     model.eval()
@@ -490,7 +485,6 @@ def _load_datasets(config: RunConfig, device: torch.device):
 
 def _train_batches(dataset, config: RunConfig, epoch: int):
     """Epoch ``epoch``'s batches: a shuffle that depends on (seed, epoch) only, last partial batch dropped."""
-    from sparsekern.data import make_loader
 
     return iter(make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed * _SEED_STRIDE + epoch,
                             drop_last=True))
