@@ -364,7 +364,6 @@ class _Run:
     # ------------------------------------------------------------------ the end
     def _final_result(self) -> dict:
         """result.json: final test error, per-layer sparsity over the training corpus, BN params, selectivity."""
-    
         last = read_metrics(self.config.run_dir())[-1]
         passes = 2 if self.config.selectivity == "two-pass" else 1
         self.report.start("analysis", 0, passes * len(self.analysis_set))
