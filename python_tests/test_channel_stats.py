@@ -16,7 +16,9 @@ import torch
 
 import sparsekern
 from sparsekern import _backend
-from sparsekern.stats import channel_stats as cs_module
+from sparsekern.stats import checksums as checksums_module
+from sparsekern.stats.stores import base as store_base
+from sparsekern.stats.stores import memmap as memmap_module
 from sparsekern.stats.channel_stats import ChannelStats, NonFiniteActivationError
 
 BACKENDS = [
@@ -165,7 +167,7 @@ def assert_same_statistics(a: ChannelStats, b: ChannelStats, thresholds=(1e-3, 0
     on_nan = "exclude"
     assert torch.equal(a.dead_mask(on_nan=on_nan), b.dead_mask(on_nan=on_nan))
     torch.testing.assert_close(a.apoz(on_nan=on_nan), b.apoz(on_nan=on_nan), rtol=0, atol=0, equal_nan=True)
-    if a.mode != "none" or a._reference is not None:
+    if a.mode != "none" or a._two_pass is not None:
         for t in thresholds:
             ra, rb = a.selectivity(t, on_nan=on_nan), b.selectivity(t, on_nan=on_nan)
             assert ra.exact == rb.exact and (ra.mode == rb.mode or a.mode != b.mode)
@@ -358,8 +360,8 @@ def test_two_pass_rejects_wrong_reference():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_memmap_equals_exact_across_chunks(backend, tmp_path, monkeypatch):
     # Tiny staging / read chunks so the test crosses many flush and read boundaries.
-    monkeypatch.setattr(cs_module, "_STAGING_BYTES", 3 * 4 * 9)  # 3 rows of 9 channels
-    monkeypatch.setattr(cs_module, "_CHUNK_BYTES", 5 * 8 * 9)  # read back 5 rows at a time
+    monkeypatch.setattr(memmap_module, "STAGING_BYTES", 3 * 4 * 9)  # 3 rows of 9 channels
+    monkeypatch.setattr(store_base, "CHUNK_BYTES", 5 * 8 * 9)  # read back 5 rows at a time
     x = make_activations(n=37, seed=6)
     path = tmp_path / "layer.f32"
     memmap = feed(ChannelStats(selectivity="memmap", memmap_path=path, backend=backend), x, [2, 7, 1, 27])
@@ -462,6 +464,61 @@ def test_state_dict_round_trip(mode, tmp_path):
     assert_same_statistics(restored, feed(fresh(), x, [25]))
     with pytest.raises(ValueError, match="selectivity="):
         ChannelStats(selectivity="exact" if base != "exact" else "none").load_state_dict(original.state_dict())
+
+
+def format_1_state(mode: str, tmp_path) -> dict:
+    """The state dict (format 1, as checkpoints hold it) of ``test_known_values_by_hand``'s two
+    samples, written out field by field: m = [[0, 4], [2, 0.002]], one positive element per channel."""
+    maxima = torch.tensor([[0.0, 4.0], [2.0, 0.002]])
+    sd = {"format": 1, "mode": "none" if mode == "two_pass" else mode, "histogram_mantissa_bits": 3,
+          "num_channels": 2, "num_samples": 2, "elements": 2, "apoz_samples": 2,
+          "max": torch.tensor([2.0, 4.0]), "nan_samples": torch.zeros(2, dtype=torch.int64),
+          "inf_samples": torch.zeros(2, dtype=torch.int64), "positive": torch.tensor([1, 1]),
+          "negative": torch.tensor([False, False])}
+    if mode == "exact":
+        sd["maxima"] = maxima
+    elif mode == "memmap":
+        maxima.numpy().tofile(tmp_path / "saved.f32")
+        sd.update(memmap_path=str(tmp_path / "saved.f32"), memmap_rows=2)
+    elif mode == "histogram":
+        # Bucket of a positive float: its bits without the low 20 mantissa bits, plus 1; 0 for zero.
+        histogram = torch.zeros(2, (255 << 3) + 2, dtype=torch.int64)
+        for n in range(2):
+            for c in range(2):
+                v = maxima[n, c].numpy()
+                histogram[c, 0 if v == 0 else (int(v.view(np.int32)) >> 20) + 1] += 1
+        sd["histogram"] = histogram
+    elif mode == "two_pass":  # m / reference < 1e-3: sample 0 of channel 0, sample 1 of channel 1
+        sd.update(reference=torch.tensor([2.0, 4.0]), thresholds=(1e-3,), pass2_counts=torch.tensor([[1], [1]]),
+                  pass2_max=torch.tensor([2.0, 4.0]), pass2_samples=2)
+    return sd
+
+
+@pytest.mark.parametrize("mode", ["exact", "memmap", "histogram", "none", "two_pass"])
+def test_state_dict_format_1_loads_and_is_what_state_dict_writes(mode, tmp_path):
+    """Checkpoints written before the stores were split out still load, and state_dict still writes them."""
+    saved = format_1_state(mode, tmp_path)
+    base = saved["mode"]
+    loaded = ChannelStats(selectivity=base, memmap_path=tmp_path / "own.f32" if base == "memmap" else None)
+    loaded.load_state_dict(saved)
+    assert loaded.corpus_max.tolist() == [2.0, 4.0] and loaded.apoz().tolist() == [0.5, 0.5]
+    if mode != "none":
+        result = loaded.selectivity(1e-3)
+        assert result.value.tolist() == [0.5, 0.5] and result.exact
+        assert result.mode == mode
+    fed = ChannelStats(selectivity=base, memmap_path=tmp_path / "fed.f32" if base == "memmap" else None)
+    if mode == "two_pass":
+        fed.set_reference_max(torch.tensor([2.0, 4.0]))
+    fed.update(torch.tensor([[0.0, -4.0], [2.0, 0.002]]))
+    written = fed.state_dict()
+    assert written.keys() == saved.keys()
+    for key, value in saved.items():
+        if key == "memmap_path":
+            assert np.fromfile(written[key], dtype=np.float32).tolist() == np.fromfile(value, dtype=np.float32).tolist()
+        elif isinstance(value, torch.Tensor):
+            assert written[key].dtype == value.dtype and torch.equal(written[key], value), key
+        else:
+            assert written[key] == value, key
 
 
 def test_state_dict_is_a_snapshot():
@@ -636,7 +693,7 @@ def reference_checksum(x: torch.Tensor) -> int:
 
 
 def test_batch_checksums_follow_the_maxima_of_every_update(monkeypatch):
-    monkeypatch.setattr(cs_module, "_CHECKSUM_BLOCK", 2)  # stacking happens within these 5 updates
+    monkeypatch.setattr(checksums_module, "CHECKSUM_BLOCK", 2)  # stacking happens within these 5 updates
     x = make_activations(n=20, seed=14)
     x[3, 6, 0, 0] = float("nan")
     stats = feed(ChannelStats(selectivity="none", checksums=True), x, [4] * 5)

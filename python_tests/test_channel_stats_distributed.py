@@ -45,7 +45,7 @@ def worker(rank: int, init_file: str, tmp_dir: str) -> None:
             whole = build(mode, os.path.join(tmp_dir, f"{mode}-whole-rank{rank}.f32"), x)
             assert_same_statistics(reduced, whole, thresholds=THRESHOLDS)
             if mode == "exact":  # gathered in rank order: the rows are the whole corpus's
-                gathered = torch.cat(reduced._maxima)
+                gathered = reduced._store.maxima
                 torch.testing.assert_close(gathered, ref_maxima(x).float(), rtol=0, atol=0, equal_nan=True)
             if mode == "memmap":  # every rank's file now holds all 31 rows
                 rows = np.fromfile(path, dtype=np.float32).reshape(-1, x.shape[1])

@@ -1,0 +1,118 @@
+"""Selectivity mode "histogram": bounded memory, one pass, approximate with a reported bound.
+
+Per channel, counts of m[n, c] in buckets taken from the float32 bits: the 8 exponent bits plus
+the top ``bits`` mantissa bits, so a bucket spans a relative width of at most 2^-bits (12.5 %
+for 3). Zero has its own bucket; NaN / Inf samples go to a last bucket that no metric uses. At
+the end the samples in buckets entirely below ``t * corpus_max`` are counted exactly; only the
+one bucket straddling the threshold is uncertain. The result is the midpoint,
+``value = (below + straddle / 2) / N``, with ``error_bound = straddle / (2 N)``: the true
+selectivity lies in [value - error_bound, value + error_bound], which is exactly the range the
+histogram allows. 255 * 2^bits + 2 buckets per channel (2042 for 3 bits).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.distributed as dist
+
+from sparsekern.stats.checks import require, state_tensor
+from sparsekern.stats.stores.base import Collective, SelectivityStore
+
+MAX_MANTISSA_BITS = 10  # 2^10 buckets per octave is already ~2 MB per channel
+
+
+def num_buckets(bits: int) -> int:
+    return (255 << bits) + 2
+
+
+@lru_cache(maxsize=None)
+def _bucket_bounds(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(smallest, largest) float32 value of every histogram bucket, as float64 (CPU).
+
+    Bucket 0 holds exact zeros; bucket k + 1 holds the positive finite floats whose bit pattern
+    shifted right by 23 - bits is k; the last bucket holds NaN / Inf and has NaN bounds, so no
+    comparison ever counts it.
+    """
+    shift = 23 - bits
+    keys = torch.arange(255 << bits, dtype=torch.int64)
+    smallest = torch.clamp(keys << shift, min=1)  # key 0 starts at the smallest subnormal, not 0
+    largest = ((keys + 1) << shift) - 1
+    as_float = lambda b: b.to(torch.int32).view(torch.float32).to(torch.float64)  # noqa: E731
+    zero = torch.zeros(1, dtype=torch.float64)
+    nan = torch.full((1,), float("nan"), dtype=torch.float64)
+    return torch.cat([zero, as_float(smallest), nan]), torch.cat([zero, as_float(largest), nan])
+
+
+class HistogramStore(SelectivityStore):
+    """(C, buckets) int64 counts on the stats device: C x (255 * 2^bits + 2) x 8 bytes."""
+
+    mode = "histogram"
+    fields = ("histogram",)
+    measures_selectivity = True
+
+    def __init__(self, bits: int):
+        self.bits = bits
+        self.clear()
+
+    def clear(self) -> None:
+        self._counts: torch.Tensor | None = None
+        self._offsets: torch.Tensor | None = None  # where each channel's row starts in the flat counts
+
+    def start(self, num_channels: int, device: torch.device, state: dict | None = None) -> None:
+        buckets = num_buckets(self.bits)
+        self._counts = torch.zeros(num_channels, buckets, dtype=torch.int64, device=device)
+        self._offsets = torch.arange(num_channels, device=device) * buckets
+        if state is not None:
+            self._counts.copy_(state["histogram"])
+
+    def update(self, m: torch.Tensor) -> None:
+        # For non-negative floats the int32 bit pattern orders like the value, so shifting off
+        # the low mantissa bits gives log-spaced buckets without any log().
+        key = (m.view(torch.int32) >> (23 - self.bits)) + 1
+        finite = torch.isfinite(m)
+        bucket = torch.where(finite & (m > 0), key, 0)
+        bucket = torch.where(finite, bucket, self._counts.shape[1] - 1)
+        flat = (bucket.to(torch.int64) + self._offsets).reshape(-1)
+        self._counts.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+
+    def selectivity(self, t: float, corpus_max: torch.Tensor, num_samples: int):
+        smallest, largest = (b.to(self._counts.device) for b in _bucket_bounds(self.bits))
+        corpus_max = corpus_max.to(torch.float64).unsqueeze(1)
+        # Ratios are monotone in m, so a bucket is entirely below the threshold iff its largest
+        # value is, and entirely at/above iff its smallest is; at most one bucket straddles.
+        all_below = (largest / corpus_max) < t
+        some_below = (smallest / corpus_max) < t
+        below = (self._counts * all_below).sum(dim=1).to(torch.float64)
+        straddle = (self._counts * (some_below & ~all_below)).sum(dim=1).to(torch.float64)
+        n = num_samples
+        return (below + straddle / 2) / n, straddle / (2 * n)
+
+    def merge(self, other: "HistogramStore") -> None:
+        self._counts += other._counts.to(self._counts.device)
+
+    def all_reduce(self, collective: Collective) -> None:
+        collective.reduce_(self._counts, dist.ReduceOp.SUM)
+
+    def state_dict(self) -> dict:
+        return {"histogram": self._counts.clone()}
+
+    def check_state(self, sd: dict, fields: dict, num_channels: int, num_samples: int, where: str) -> None:
+        """Bucket counts against the sample count, the NaN / Inf counts and the corpus max."""
+        hist = state_tensor(sd, "histogram", torch.int64, (num_channels, num_buckets(self.bits)), where)
+        n = num_samples
+        require(hist >= 0, where, "field 'histogram' must be >= 0", hist, "(channel, bucket)")
+        require(hist.sum(dim=1) == n, where, f"every row of 'histogram' must sum to num_samples ({n})",
+                hist.sum(dim=1))
+        nonfinite = fields["nan_samples"] + fields["inf_samples"]
+        require(hist[:, -1] == nonfinite, where, "the last bucket of 'histogram' (NaN / Inf samples) must hold "
+                "'nan_samples' + 'inf_samples'", hist[:, -1])
+        # A finite corpus max lies in the highest occupied finite bucket (the bucket rule of
+        # update); without a finite sample it is 0. An infinite max bounds nothing.
+        mx = fields["max"]
+        occupied = hist[:, :-1] > 0
+        highest = torch.where(occupied, torch.arange(occupied.shape[1], device=hist.device), -1).amax(dim=1)
+        key = torch.where(mx > 0, (mx.view(torch.int32) >> (23 - self.bits)) + 1, 0)
+        any_finite = occupied.any(dim=1)
+        ok = torch.isinf(mx) | (any_finite & (highest == key)) | (~any_finite & (mx == 0))
+        require(ok, where, "field 'max' must lie in the highest occupied finite bucket of 'histogram'", mx)
