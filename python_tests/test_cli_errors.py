@@ -194,30 +194,25 @@ def test_missing_data_root_of_the_run_harvest_uses_is_an_error(tmp_path, capsys,
 
 
 # ---------------------------------------------------------------------- unknown TOML tables and keys
-@pytest.mark.parametrize("text, message", [
-    ("steps = 4\n[optim]\nlr = 1e-3\n", "unknown table [optim]; a run config has no tables but an optional [run]"),
-    ("[run]\nsteps = 4\n[trainig]\nlr = 1e-3\n", "[trainig] is outside the [run] table"),
-    ("seed = 3\n[run]\nsteps = 4\n", "'seed' is outside the [run] table"),
+@pytest.mark.parametrize("command, text, message", [
+    ("train", "steps = 4\n[optim]\nlr = 1e-3\n",
+     "unknown table [optim]; a run config has no tables but an optional [run]"),
+    ("train", "[run]\nsteps = 4\n[trainig]\nlr = 1e-3\n", "[trainig] is outside the [run] table"),
+    ("train", "seed = 3\n[run]\nsteps = 4\n", "'seed' is outside the [run] table"),
+    ("sweep", '[base]\nsteps = 4\n[grid]\noptimiser = ["adam"]\n',
+     "[grid] has unknown field 'optimiser'; known: model,"),
+    ("sweep", "[base]\nstep = 4\n", "[base] has unknown field 'step'; known: model,"),
+    ("sweep", "[base]\nsteps = 4\n[grids]\nseed = [0, 1]\n",
+     "unknown table [grids]; a sweep file has only a [base] and a [grid]"),
+    ("sweep", "steps = 4\n[grid]\nseed = [0, 1]\n", "unknown key 'steps' outside a table"),
 ])
-def test_unknown_tables_of_a_run_config_are_errors(tmp_path, capsys, calls, text, message):
-    config_file = tmp_path / "run.toml"
+def test_unknown_tables_and_fields_of_a_run_or_sweep_file_are_errors_naming_the_file(tmp_path, capsys, calls,
+                                                                                     command, text, message):
+    config_file = tmp_path / f"{command}.toml"
     config_file.write_text(text)
-    code, err = run_cli(["train", "--config", str(config_file)], capsys)
-    assert code == 2 and one_error_line(err, "train").startswith(f"{config_file}: {message}")
-    assert calls == []
-
-
-@pytest.mark.parametrize("text, message", [
-    ('[base]\nsteps = 4\n[grid]\noptimiser = ["adam"]\n', "[grid] has unknown field 'optimiser'; known: model,"),
-    ("[base]\nstep = 4\n", "[base] has unknown field 'step'; known: model,"),
-    ("[base]\nsteps = 4\n[grids]\nseed = [0, 1]\n", "unknown table [grids]; a sweep file has only a [base] and a [grid]"),
-    ("steps = 4\n[grid]\nseed = [0, 1]\n", "unknown key 'steps' outside a table"),
-])
-def test_unknown_tables_and_fields_of_a_sweep_file_are_errors_naming_the_file(tmp_path, capsys, calls, text, message):
-    sweep_file = tmp_path / "sweep.toml"
-    sweep_file.write_text(text)
-    code, err = run_cli(["sweep", "--config", str(sweep_file), "--out", str(tmp_path / "sweep")], capsys)
-    assert code == 2 and one_error_line(err, "sweep").startswith(f"{sweep_file}: {message}")
+    out = ["--out", str(tmp_path / "sweep")] if command == "sweep" else []
+    code, err = run_cli([command, "--config", str(config_file), *out], capsys)
+    assert code == 2 and one_error_line(err, command).startswith(f"{config_file}: {message}")
     assert calls == []
 
 

@@ -16,7 +16,7 @@ import argparse
 from pathlib import Path
 
 from sparsekern.demo import QUICK
-from sparsekern.report import write_report
+from sparsekern.train.report import write_report
 from sparsekern.train.loop import read_result
 from sparsekern.train.sweep import expand_grid, run_many, write_summary
 

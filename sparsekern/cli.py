@@ -36,12 +36,12 @@ from typing import Callable
 
 from sparsekern._backend import backends
 from sparsekern._flags import add_config_flags, comma_list, config_overrides, field_kind
-from sparsekern.data import get_dataset, make_loader
+from sparsekern.data import first_samples, get_dataset, make_loader
 from sparsekern.errors import ConfigError, SparsekernError
 from sparsekern.experiments import check_here, log_to_stderr
 from sparsekern.stats.analyze import analyze
 from sparsekern.train.config import RunConfig
-from sparsekern.train.loop import first_samples, load_trained, resolve_device
+from sparsekern.train.loop import load_trained, resolve_device
 from sparsekern.train.report import write_report
 
 DEBUG_ENV = "SPARSEKERN_DEBUG"

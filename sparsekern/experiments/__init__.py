@@ -26,12 +26,12 @@ from typing import Callable
 
 from sparsekern._deprecated import deprecated_names
 from sparsekern._flags import add_config_flags, config_overrides
-from sparsekern.data import InMemoryImageDataset, dataset_info, get_dataset
+from sparsekern.data import InMemoryImageDataset, dataset_info, first_samples, get_dataset
 from sparsekern.errors import ConfigError
 from sparsekern.report import tables
 from sparsekern.train.checkpoint import atomic_write_text, load_checkpoint
 from sparsekern.train.config import check_data_root
-from sparsekern.train.loop import build_run_model, first_samples, read_result, resolve_device, run_files
+from sparsekern.train.loop import build_run_model, read_result, resolve_device, run_files
 from sparsekern.train.optim import Optimization
 from sparsekern.train.sweep import run_many
 
@@ -42,6 +42,26 @@ def option(default, help: str):
     if isinstance(default, (list, tuple)):
         return dataclasses.field(default=tuple(default), metadata={"help": help})
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The fields every experiment config shares: how much data each run sees and where it runs.
+    (A dataclass's inherited fields come first: in its flags and its JSON these lead.)"""
+
+    num_train_samples: int | None = option(None, "train on the first N training samples only")
+    num_test_samples: int | None = option(None, "evaluate on the first N test samples only")
+    analyze_samples: int | None = option(10000, "samples of each run's final sparsity analysis")
+    eval_batch_size: int = option(1000, "batch size of evaluations")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N")
+    threads: int | None = option(None, "torch threads per run (default: torch's, or split between workers)")
+    workers: int = option(1, "runs trained in parallel (subprocesses)")
+
+    def run_settings(self) -> dict:
+        """These settings as RunConfig fields (``workers`` is the experiment's, not a run's)."""
+        return dict(num_train_samples=self.num_train_samples, num_test_samples=self.num_test_samples,
+                    analyze_samples=self.analyze_samples, eval_batch_size=self.eval_batch_size,
+                    device=self.device, threads=self.threads)
 
 
 def check_here(data_root, device: str, source: str) -> None:
@@ -161,6 +181,7 @@ __getattr__ = deprecated_names(__name__, {"mean_std": tables.mean_std, "markdown
 
 __all__ = [
     "ExperimentCommand",
+    "RunSettings",
     "add_config_flags",
     "check_here",
     "check_positive",

@@ -44,7 +44,15 @@ from torch import nn
 
 from sparsekern.data import dataset_info
 from sparsekern.errors import ConfigError
-from sparsekern.experiments import ExperimentCommand, check_positive, load_run, option, train_runs, write_text
+from sparsekern.experiments import (
+    ExperimentCommand,
+    RunSettings,
+    check_positive,
+    load_run,
+    option,
+    train_runs,
+    write_text,
+)
 from sparsekern.prune.flops import macs_by_layer
 from sparsekern.report.tables import Table, markdown_table, mean_std
 from sparsekern.train.config import RunConfig
@@ -64,8 +72,9 @@ SPARSE_LAYERS = (nn.Conv2d, nn.Linear)
 
 
 @dataclass(frozen=True)
-class CgesVsL2Config:
-    """Everything the CGES-versus-L2 experiment does; every field is also a ``sparsekern cges-vs-l2`` flag."""
+class CgesVsL2Config(RunSettings):
+    """Everything the CGES-versus-L2 experiment does (and RunSettings); every field is also a
+    ``sparsekern cges-vs-l2`` flag."""
 
     out_dir: str = option("runs/cges-vs-l2", "output directory (trained runs, tables)")
     dataset: str = option("fashion-mnist", "dataset (sparsekern.data name)")
@@ -81,13 +90,6 @@ class CgesVsL2Config:
     lr_schedule: str = option("step", "lr schedule: x0.1 at 50% and 75% of the budget")
     l2_strength: float = option(5e-4, "L2: lambda of the penalty lambda/2 ||theta||^2")
     cges_strength: float = option(5e-3, "CGES: lambda (group share mu_l, exclusive share 1 - mu_l)")
-    num_train_samples: int | None = option(None, "train on the first N training samples only")
-    num_test_samples: int | None = option(None, "evaluate on the first N test samples only")
-    analyze_samples: int | None = option(10000, "samples of each run's final sparsity analysis")
-    eval_batch_size: int = option(1000, "batch size of evaluations")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    threads: int | None = option(None, "torch threads per run (default: torch's, or split between workers)")
-    workers: int = option(1, "runs trained in parallel (subprocesses)")
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODELS]
@@ -111,10 +113,7 @@ class CgesVsL2Config:
             model=model, width=self.basicnet_width if model == "basicnet" else 1.0, dataset=self.dataset,
             data_root=self.data_root, optimizer=self.optimizer, lr=self.lr, reg=reg[0], reg_strength=reg[1],
             batch_size=self.batch_size, epochs=self.epochs, steps=self.steps, lr_schedule=self.lr_schedule,
-            seed=seed, selectivity="none", analyze_samples=self.analyze_samples,
-            num_train_samples=self.num_train_samples, num_test_samples=self.num_test_samples,
-            eval_batch_size=self.eval_batch_size, device=self.device, threads=self.threads,
-            out_dir=str(Path(self.out_dir) / "runs"),
+            seed=seed, selectivity="none", out_dir=str(Path(self.out_dir) / "runs"), **self.run_settings(),
         )
 
 

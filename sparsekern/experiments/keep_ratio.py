@@ -42,6 +42,7 @@ import torch
 from sparsekern.errors import ConfigError
 from sparsekern.experiments import (
     ExperimentCommand,
+    RunSettings,
     check_positive,
     load_run,
     load_test_set,
@@ -49,14 +50,7 @@ from sparsekern.experiments import (
     train_runs,
     write_text,
 )
-from sparsekern.regularize.masks import (
-    TABLE_KEEP_RATIOS,
-    apply_masks,
-    keep_count,
-    magnitude_masks,
-    random_masks,
-    slbi_masks,
-)
+from sparsekern.regularize import masks
 from sparsekern.report.figures import pyplot
 from sparsekern.report.tables import Table, markdown_table, mean_std
 from sparsekern.train.config import RunConfig
@@ -91,7 +85,7 @@ LAYERS = {"c5": "conv c5", "f6": "fc f6"}
 
 
 @dataclass(frozen=True)
-class KeepRatioConfig:
+class KeepRatioConfig(RunSettings):
     """Everything the keep-ratio experiment does; every field is also a ``sparsekern keep-ratio`` flag."""
 
     out_dir: str = option("runs/keep-ratio", "output directory (trained runs, tables, figure)")
@@ -100,7 +94,7 @@ class KeepRatioConfig:
     rows: tuple[str, ...] = option(("Plain", "Rand", "R-P", "L-P", "S-P"),
                                    f"table rows, from {', '.join(ROWS)}")
     layers: tuple[str, ...] = option(tuple(LAYERS), "LeNet-5 layers pruned (one at a time)")
-    keep_ratios: tuple[float, ...] = option(TABLE_KEEP_RATIOS, "fractions of each layer's units kept")
+    keep_ratios: tuple[float, ...] = option(masks.TABLE_KEEP_RATIOS, "fractions of each layer's units kept")
     seeds: tuple[int, ...] = option((0, 1, 2), "training seeds (mean ± std over them)")
     epochs: int = option(30, "training epochs per run")
     steps: int | None = option(None, "step budget per run; overrides --epochs")
@@ -113,13 +107,6 @@ class KeepRatioConfig:
     group_lasso_strength: float = option(2e-3, "GL-P: lambda of the group-lasso prox on filters / rows")
     slbi_kappa: float = option(1.0, "S-P / GS-P: Split LBI kappa")
     slbi_nu: float = option(20.0, "S-P / GS-P: Split LBI nu (the authors' LeNet value)")
-    num_train_samples: int | None = option(None, "train on the first N training samples only")
-    num_test_samples: int | None = option(None, "evaluate on the first N test samples only")
-    analyze_samples: int | None = option(10000, "samples of each run's final sparsity analysis")
-    eval_batch_size: int = option(1000, "batch size of evaluations")
-    device: str = option("auto", "auto | cpu | cuda | cuda:N")
-    threads: int | None = option(None, "torch threads per run (default: torch's, or split between workers)")
-    workers: int = option(1, "runs trained in parallel (subprocesses)")
 
     def __post_init__(self):
         unknown = [r for r in self.rows if r not in ROWS]
@@ -133,7 +120,7 @@ class KeepRatioConfig:
         if not self.keep_ratios or len(set(self.keep_ratios)) != len(self.keep_ratios):
             raise ConfigError(f"keep_ratios={self.keep_ratios!r}: expected distinct ratios")
         for ratio in self.keep_ratios:
-            keep_count(ratio, 1)  # a clear error for 0, negatives or percentages
+            masks.keep_count(ratio, 1)  # a clear error for 0, negatives or percentages
         check_positive(self, ("epochs", "steps", "batch_size", "lr", "ridge_strength", "lasso_strength",
                               "group_lasso_strength", "slbi_kappa", "slbi_nu", "workers"))
         if not 0 <= self.momentum < 1:
@@ -154,9 +141,7 @@ class KeepRatioConfig:
             momentum=self.momentum, slbi_kappa=self.slbi_kappa, slbi_nu=self.slbi_nu,  # ignored unless slbi*
             reg=row.reg, reg_strength=strengths[row.reg], batch_size=self.batch_size, epochs=self.epochs,
             steps=self.steps, lr_schedule=self.lr_schedule, seed=seed, selectivity="none",
-            analyze_samples=self.analyze_samples, num_train_samples=self.num_train_samples,
-            num_test_samples=self.num_test_samples, eval_batch_size=self.eval_batch_size, device=self.device,
-            threads=self.threads, out_dir=str(Path(self.out_dir) / "runs"),
+            out_dir=str(Path(self.out_dir) / "runs"), **self.run_settings(),
         )
 
 
@@ -174,18 +159,18 @@ def layer_mask(row: Row, layer: str, model, optimization, keep_ratio: float, see
         if optimizer.unit_kind(weight) != unit_kind(row, layer):  # the run was trained for another row
             raise ValueError(f"{row.label}: Split LBI ranks {layer} by {optimizer.unit_kind(weight)}s, "
                              f"the row expects {unit_kind(row, layer)}s")
-        return slbi_masks(optimizer, weight, keep_ratio)
+        return masks.slbi_masks(optimizer, weight, keep_ratio)
     if row.ranking == "random":
         # A different draw for every seed, layer and ratio, the same on every rerun.
         draw = 1_000_003 * seed + 100_000 * list(LAYERS).index(layer) + round(keep_ratio * 1e4)
-        return random_masks(weight, keep_ratio, unit_kind(row, layer), seed=draw)
-    return magnitude_masks(weight, keep_ratio, unit_kind(row, layer), p=1)
+        return masks.random_masks(weight, keep_ratio, unit_kind(row, layer), seed=draw)
+    return masks.magnitude_masks(weight, keep_ratio, unit_kind(row, layer), p=1)
 
 
 def pruned_copy(model, layer: str, mask: torch.Tensor):
     """A copy of ``model`` with ``layer``'s weights zeroed where ``mask`` is False (bias kept)."""
     pruned = copy.deepcopy(model)
-    apply_masks(pruned, {f"{layer}.weight": mask})
+    masks.apply_masks(pruned, {f"{layer}.weight": mask})
     return pruned
 
 
