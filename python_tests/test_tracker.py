@@ -13,7 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from _helpers import make_constant, randomize_bn
 from sparsekern.stats.features import Feature, find_features
+from sparsekern.stats.report_table import LayerSparsity
 from sparsekern.stats.tracker import SparsityTracker, gamma_sparsity
 
 torchvision = pytest.importorskip("torchvision")
@@ -280,6 +282,52 @@ def test_features_fused_bn_relu_module_is_a_feature():
     with torch.no_grad():
         out = model(x)
     assert torch.equal(tracker.stats["1"].corpus_max, out.abs().amax(dim=(0, 2, 3)))
+
+
+def test_features_transposed_convs_produce_features():
+    """A transposed conv makes its output channels like any conv: it is the layer of its feature."""
+    model = nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.ConvTranspose2d(4, 5, 3),
+                          nn.ReLU())
+    assert summary(find_features(model)) == [("1", "bn", "2", "1", "0", 0, False),
+                                             ("3", "conv", "4", None, "3", 0, False)]
+
+
+def sync_and_plain_bn_models():
+    """Conv -> BN -> ReLU twice over: with a BatchNorm2d, and with a SyncBatchNorm of the same
+    parameters and running statistics; channels 0 and 2 dead (gamma = 0, beta = -1). Eval mode:
+    there a SyncBatchNorm normalises with its running statistics, no process group needed."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+    randomize_bn(plain)
+    make_constant(plain[1], [0, 2], -1.0)
+    sync = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.SyncBatchNorm(4), nn.ReLU())
+    sync.load_state_dict(plain.state_dict())
+    return plain.eval(), sync.eval()
+
+
+def test_sync_batch_norm_is_measured_like_batch_norm2d():
+    plain, sync = sync_and_plain_bn_models()
+    assert summary(find_features(sync)) == summary(find_features(plain)) == [("1", "bn", "2", "1", "0", 0, False)]
+    ref = ReferenceHooks(sync, {"1": ("2", 0, False)})
+    with SparsityTracker(plain, selectivity="exact") as a, SparsityTracker(sync, selectivity="exact") as b:
+        with torch.no_grad():
+            for x in batches(3):
+                assert torch.equal(sync(x), plain(x))
+    ref.remove()
+    assert torch.equal(b.stats["1"].dead_mask(), ref.corpus_max("1") < 1e-12)
+    assert b.stats["1"].dead_mask().tolist() == [True, False, True, False]
+    report = b.report()
+    assert report.layer("1").inactive_by_activation[1e-12] == 2 and report.layer("1").inactive_by_gamma[1e-3] == 2
+    assert report.to_dict() == a.report().to_dict()
+    assert gamma_sparsity(sync).to_dict() == gamma_sparsity(plain).to_dict()
+
+
+def test_layer_sparsity_is_the_row_of_a_report_and_its_old_name_warns():
+    report = gamma_sparsity(make_two_layer())
+    assert all(isinstance(layer, LayerSparsity) for layer in report.layers)
+    with pytest.warns(DeprecationWarning, match="report_table.LayerReport is deprecated.*LayerSparsity"):
+        from sparsekern.stats.report_table import LayerReport
+    assert LayerReport is LayerSparsity
 
 
 def test_find_features_does_not_modify_the_model():

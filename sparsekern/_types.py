@@ -6,6 +6,7 @@ a SyncBatchNorm the tracker measures is a BatchNorm to surgery too.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,13 +18,19 @@ BATCH_NORMS: tuple[type, ...] = (nn.modules.batchnorm._BatchNorm,)
 # Layers that read every input channel (groups == 1) or a group of them, and make new channels.
 # Not the transposed convs: their weight is (in, out / groups, ...), the other way round.
 CONVS: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Every torch convolution, the transposed ones included: each makes its output channels, so for
+# the tracker each is the layer that produces a feature (surgery's CONVS is narrower).
+ALL_CONVS: tuple[type, ...] = (nn.modules.conv._ConvNd,)
 LINEARS: tuple[type, ...] = (nn.Linear,)
 PRODUCERS: tuple[type, ...] = CONVS + LINEARS
 
 # Activations the tracker measures, with their names in reports (module forms; their functional
-# forms are in ``MEASURED_ACTIVATION_FUNCTIONS``). Subclasses count as their base.
+# forms, in-place ones included, are in ``MEASURED_ACTIVATION_FUNCTIONS``, their Tensor methods
+# in ``MEASURED_ACTIVATION_METHODS``). Subclasses count as their base.
 MEASURED_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-MEASURED_ACTIVATION_FUNCTIONS: dict = {F.relu: "relu", F.relu6: "relu6"}
+MEASURED_ACTIVATION_FUNCTIONS: dict = {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu",
+                                       F.relu6: "relu6"}
+MEASURED_ACTIVATION_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
 
 # Elementwise activation modules: one output element from one input element, channels kept.
 ELEMENTWISE_ACTIVATIONS: tuple[type, ...] = (

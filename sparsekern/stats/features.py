@@ -28,33 +28,25 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 import torch.nn as nn
-import torch.nn.functional as F
+
+from sparsekern._types import (
+    ALL_CONVS, BATCH_NORMS, LINEARS, MEASURED_ACTIVATION_FUNCTIONS, MEASURED_ACTIVATION_METHODS, measured_activation,
+)
+from sparsekern.ops.bn_relu import FusedBNReLU
 
 KINDS = ("bn", "conv", "linear", "residual", "other")
 
-# Functional ReLU-family calls as they appear in an fx graph -> (readable name, activation).
-_RELU_FUNCTIONS = {
-    F.relu: ("F.relu", "relu"),
-    F.relu_: ("F.relu_", "relu"),
-    torch.relu: ("torch.relu", "relu"),
-    torch.relu_: ("torch.relu_", "relu"),
-    F.relu6: ("F.relu6", "relu6"),
-}
-_RELU_METHODS = {"relu": ("Tensor.relu", "relu"), "relu_": ("Tensor.relu_", "relu")}
+# The layers a feature's report names as producing it: any conv (a transposed one makes its
+# output channels too) or linear layer.
+_LAYERS = ALL_CONVS + LINEARS
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-_CONV_TYPES = (nn.modules.conv._ConvNd,)
-_RELU_MODULES = ((nn.ReLU, "relu"), (nn.ReLU6, "relu6"))
 
-
-def _relu_module_activation(m: nn.Module) -> str | None:
-    """"relu" / "relu6" for ReLU-family modules (subclasses too), else None."""
-    for cls, activation in _RELU_MODULES:
-        if isinstance(m, cls):
-            return activation
-    return None
+def _function_name(function) -> str:
+    """A functional ReLU as a feature's ``relu_target`` names it: "F.relu", "torch.relu_"..."""
+    prefix = "F" if getattr(function, "__module__", None) == "torch.nn.functional" else "torch"
+    return f"{prefix}.{function.__name__}"
 
 
 @dataclass(frozen=True)
@@ -106,12 +98,7 @@ class _Tracer(torch.fx.Tracer):
     output is a feature, so they must stay one node of the graph."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return _relu_module_activation(m) is not None or _is_fused_bn_relu(m) or super().is_leaf_module(m, qualname)
-
-
-def _is_fused_bn_relu(m: nn.Module) -> bool:
-    # Matched by name so that this file does not import the (optional) fused op module.
-    return type(m).__name__ == "FusedBNReLU" and type(m).__module__.startswith("sparsekern.")
+        return measured_activation(m) is not None or isinstance(m, FusedBNReLU) or super().is_leaf_module(m, qualname)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -147,15 +134,15 @@ def _relu_of(node: torch.fx.Node, modules: dict[str, nn.Module]):
     """(relu_target, activation, functional) if ``node`` is a ReLU-family op, else None."""
     if node.op == "call_module":
         m = modules[node.target]
-        activation = _relu_module_activation(m)
+        activation = measured_activation(m)
         if activation is not None:
             return node.target, activation, False
-        if _is_fused_bn_relu(m):
+        if isinstance(m, FusedBNReLU):
             return node.target, "relu", False
-    elif node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        return (*_RELU_FUNCTIONS[node.target], True)
-    elif node.op == "call_method" and node.target in _RELU_METHODS:
-        return (*_RELU_METHODS[node.target], True)
+    elif node.op == "call_function" and node.target in MEASURED_ACTIVATION_FUNCTIONS:
+        return _function_name(node.target), MEASURED_ACTIVATION_FUNCTIONS[node.target], True
+    elif node.op == "call_method" and node.target in MEASURED_ACTIVATION_METHODS:
+        return f"Tensor.{node.target}", MEASURED_ACTIVATION_METHODS[node.target], True
     return None
 
 
@@ -174,7 +161,7 @@ def _module_node(arg, modules, types) -> str | None:
 
 def _layer_feeding(node: torch.fx.Node, modules) -> str | None:
     """The Conv/Linear whose output is the (first) input of ``node``, if any."""
-    return _module_node(node.args[0] if node.args else None, modules, _CONV_TYPES + (nn.Linear,))
+    return _module_node(node.args[0] if node.args else None, modules, _LAYERS)
 
 
 def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Feature]:
@@ -199,20 +186,20 @@ def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Featur
         if _relu_of(src, modules) is not None:
             continue  # relu(relu(x)) is the same feature again
         producer = src.target if src.op == "call_module" else None
-        fused = not functional and _is_fused_bn_relu(modules[relu_target])
+        fused = not functional and isinstance(modules[relu_target], FusedBNReLU)
         bn = layer = None
         if fused:
             kind, bn, layer = "bn", relu_target, _layer_feeding(node, modules)
-        elif producer is not None and isinstance(modules[producer], _BN_TYPES):
+        elif producer is not None and isinstance(modules[producer], BATCH_NORMS):
             kind, bn, layer = "bn", producer, _layer_feeding(src, modules)
-        elif producer is not None and isinstance(modules[producer], _CONV_TYPES):
+        elif producer is not None and isinstance(modules[producer], ALL_CONVS):
             kind, layer = "conv", producer
-        elif producer is not None and isinstance(modules[producer], nn.Linear):
+        elif producer is not None and isinstance(modules[producer], LINEARS):
             kind, layer = "linear", producer
         elif _is_add(src):
             kind = "residual"
             for arg in src.args:
-                bn = _module_node(arg, modules, _BN_TYPES)
+                bn = _module_node(arg, modules, BATCH_NORMS)
                 if bn is not None:
                     layer = _layer_feeding(arg, modules)
                     break
@@ -315,22 +302,22 @@ def _features_by_registration(model: nn.Module) -> list[Feature]:
     found: list[dict] = []
     bn = layer = None
     for name, m in model.named_modules():
-        if isinstance(m, _BN_TYPES):
+        if isinstance(m, BATCH_NORMS):
             bn = name
-        elif isinstance(m, _CONV_TYPES + (nn.Linear,)):
+        elif isinstance(m, _LAYERS):
             layer, bn = name, None  # a BN registered before this layer belongs to an earlier unit
-        elif _relu_module_activation(m) is not None:
+        elif measured_activation(m) is not None:
             if bn is not None:
                 kind = "bn"
             elif layer is not None:
-                kind = "conv" if isinstance(model.get_submodule(layer), _CONV_TYPES) else "linear"
+                kind = "conv" if isinstance(model.get_submodule(layer), ALL_CONVS) else "linear"
             else:
                 kind = "other"
             found.append(
                 dict(
                     relu_target=name, producer_module_name=None, bn_module_name=bn,
                     layer_module_name=layer, kind=kind, call_index=None,
-                    activation=_relu_module_activation(m), functional=False,
+                    activation=measured_activation(m), functional=False,
                 )
             )
             bn = layer = None

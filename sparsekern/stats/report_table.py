@@ -25,14 +25,19 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from sparsekern._deprecated import deprecated_names
+from sparsekern._types import is_batch_norm
+
 SELECTIVITY_BINS = 10  # histogram bins over [0, 1]
 _QUANTILES = {"min": 0.0, "p25": 0.25, "median": 0.5, "p75": 0.75, "max": 1.0}
 _SHOWN_LAYERS = 5  # layers the NaN / Inf warning names
 
 
 @dataclass
-class LayerReport:
-    """Sparsity numbers of one feature (layer). Counts, not percentages; None = not available."""
+class LayerSparsity:
+    """Sparsity numbers of one feature (layer), a row of a SparsityReport. Counts, not
+    percentages; None = not available. (Formerly ``LayerReport``, a name surgery's per-layer
+    pruning report also had.)"""
 
     name: str
     kind: str
@@ -70,7 +75,7 @@ class LayerReport:
 class SparsityReport:
     """Per-layer sparsity of a model plus totals; see the module docstring."""
 
-    layers: list[LayerReport]
+    layers: list[LayerSparsity]
     activation_thresholds: tuple[float, ...]
     gamma_thresholds: tuple[float, ...]
     totals: dict = field(init=False)
@@ -78,7 +83,7 @@ class SparsityReport:
     def __post_init__(self):
         self.totals = _totals(self.layers, self.activation_thresholds, self.gamma_thresholds)
 
-    def layer(self, name: str) -> LayerReport:
+    def layer(self, name: str) -> LayerSparsity:
         """The report of the layer called ``name``."""
         for layer in self.layers:
             if layer.name == name:
@@ -148,7 +153,7 @@ def build_report(model: nn.Module, features, stats: dict, *, activation_threshol
     for feature in features:
         s = stats[feature.name]
         gamma, beta = _bn_parameters(model, feature.bn_module_name)
-        layer = LayerReport(
+        layer = LayerSparsity(
             name=feature.name, kind=feature.kind, bn_module_name=feature.bn_module_name,
             layer_module_name=feature.layer_module_name,
             channels=s.num_channels if s.num_channels is not None else (None if gamma is None else gamma.numel()),
@@ -184,10 +189,10 @@ def gamma_sparsity(model: nn.Module, thresholds=(1e-3, 1e-2)) -> SparsityReport:
     thresholds = _thresholds(thresholds, "thresholds")
     layers = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.weight is None:
+        if not is_batch_norm(module) or module.weight is None:
             continue
         gamma, beta = _bn_parameters(model, name)
-        layers.append(LayerReport(
+        layers.append(LayerSparsity(
             name=name, kind="bn", bn_module_name=name, layer_module_name=None, channels=gamma.numel(),
             num_samples=0, inactive_by_gamma={t: int((gamma.abs() < t).sum()) for t in thresholds},
             gamma=_spread(gamma), beta=_spread(beta),
@@ -319,3 +324,7 @@ def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
     total += ["", ""]
     rows.append(total)
     return header, rows
+
+
+# Old name, kept for a release (prune.surgery had a LayerReport too).
+__getattr__ = deprecated_names(__name__, {"LayerReport": LayerSparsity})
