@@ -2,6 +2,11 @@
 folder on sys.path). One copy of each, so the tests of one behaviour set it up the same way."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy
 import pytest
 import torch
@@ -85,3 +90,48 @@ def prepare_kind(kind: str) -> tuple[str, torch.device]:
         if broken:
             pytest.skip(broken)
     return backend, torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed tests (test_analyze_distributed.py, test_stats_validation.py): ranks as processes.
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_ranks(script: str, world: int, tmp_path: Path, suffix: str, timeout: float = 300) -> list[Path]:
+    """Run ``python script rank world init_file out_file`` for every rank at once (the script joins
+    a torch.distributed group through the file store ``init_file``), and wait for all of them.
+
+    Asserts that every rank exited 0, showing its output otherwise; a rank still running after
+    ``timeout`` seconds is killed. Returns the ranks' out files, ``rank<r><suffix>`` in tmp_path.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    outs = [tmp_path / f"rank{r}{suffix}" for r in range(world)]
+    procs = [
+        subprocess.Popen([sys.executable, os.path.abspath(script), str(r), str(world), str(tmp_path / "store"),
+                          str(outs[r])], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    return outs
+
+
+class PerPassLoader:
+    """Yields passes[i] on its i-th iteration: a loader whose batches change between passes."""
+
+    def __init__(self, *passes):
+        self.passes = passes
+        self.calls = 0
+
+    def __iter__(self):
+        self.calls += 1
+        return iter(self.passes[self.calls - 1])

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from _helpers import PerPassLoader
 from sparsekern.models import build_model
 from sparsekern.stats.analyze import CorpusChangedError, analyze
 
@@ -188,18 +189,6 @@ def test_analyze_two_pass_detects_a_changing_corpus(basicnet_case):
         analyze(model, Augmenting(), selectivity="two-pass", progress=False)
 
 
-class PerPassLoader:
-    """Yields passes[i] on its i-th iteration: a loader whose batches change between passes."""
-
-    def __init__(self, *passes):
-        self.passes = passes
-        self.calls = 0
-
-    def __iter__(self):
-        self.calls += 1
-        return iter(self.passes[self.calls - 1])
-
-
 def same_corpus_maxima(model, one, two) -> bool:
     """Whether two corpora give every layer the same corpus max (all the old check compared)."""
     a, b = reference(model, one, BASICNET_POINTS), reference(model, two, BASICNET_POINTS)
@@ -338,6 +327,18 @@ def test_analyze_rejects_bad_input(basicnet_case):
     assert not model.training
 
 
+def resnet18_points() -> dict:
+    """The hook points of every feature of a torchvision-style ResNet-18: the stem, and per
+    BasicBlock its first ReLU call (after bn1) and its second (after the residual add)."""
+    points = {"bn1": ("relu", 0)}
+    for i in range(1, 5):
+        for j in range(2):
+            b = f"layer{i}.{j}"
+            points[f"{b}.bn1"] = (f"{b}.relu", 0)
+            points[f"{b}.residual"] = (f"{b}.relu", 1)
+    return points
+
+
 def test_analyze_resnet18_equals_float64_reference():
     torch.manual_seed(0)
     model = build_model("resnet18", in_channels=1, num_classes=10)
@@ -345,12 +346,7 @@ def test_analyze_resnet18_equals_float64_reference():
         model.layer1[0].bn1.weight[:4] = 0
         model.layer1[0].bn1.bias[:4] = -1
     data = random_batches(4, (16, 1, 16, 16))  # 64 small images: 4x4 maps in layer1, 1x1 in layer4
-    points = {"bn1": ("relu", 0)}
-    for i in range(1, 5):
-        for j in range(2):
-            b = f"layer{i}.{j}"
-            points[f"{b}.bn1"] = (f"{b}.relu", 0)
-            points[f"{b}.residual"] = (f"{b}.relu", 1)
+    points = resnet18_points()
     ref = reference(model, data, points)
     assert int((ref["layer1.0.bn1"].amax(dim=0) < 1e-12).sum()) >= 4
     for selectivity in ("two-pass", "exact"):
@@ -409,12 +405,7 @@ def test_analyze_fashion_mnist_test_set_resnet18(fashion_mnist_test_batches):
         model.layer1[0].bn1.bias[:4] = -1
         model.layer3[1].bn1.weight[:3] = 0
         model.layer3[1].bn1.bias[:3] = -2
-    points = {"bn1": ("relu", 0)}
-    for i in range(1, 5):
-        for j in range(2):
-            b = f"layer{i}.{j}"
-            points[f"{b}.bn1"] = (f"{b}.relu", 0)
-            points[f"{b}.residual"] = (f"{b}.relu", 1)
+    points = resnet18_points()
     ref = reference(model, fashion_mnist_test_batches, points)
     result = analyze(model, [(b, None) for b in fashion_mnist_test_batches], selectivity="two-pass", progress=False)
     assert result.num_images == 10000

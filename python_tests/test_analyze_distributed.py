@@ -6,8 +6,6 @@ world init_file out_file``), so nothing depends on how pytest imports test modul
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import torch
@@ -15,9 +13,10 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from _helpers import run_ranks
+
 WORLD = 2
 MODES = ("two-pass", "exact")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_case():
@@ -74,24 +73,7 @@ def worker(rank: int, world: int, init_file: str, out_file: str) -> None:
 
 
 def test_two_process_analysis_equals_one_process(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    init_file = tmp_path / "store"
-    outs = [tmp_path / f"rank{r}.pt" for r in range(WORLD)]
-    procs = [
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), str(WORLD), str(init_file), str(outs[r])],
-                         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(WORLD)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    outs = run_ranks(__file__, WORLD, tmp_path, ".pt")
 
     # One process over the same batches the ranks saw, on one thread as they ran: a CPU conv may
     # round a batch of 1 differently from a batch of 8, and with 2 threads differently from 1

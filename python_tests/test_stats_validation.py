@@ -10,8 +10,6 @@ init_file out_file``) in two processes, as test_analyze_distributed.py does.
 """
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -19,13 +17,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from _helpers import PerPassLoader, run_ranks
 from sparsekern.stats.channel_stats import ChannelStats, StateDictError
 from sparsekern.stats.tracker import SparsityTracker
 
 N, C = 25, 9
 NAN_CHANNEL, INF_CHANNEL = 2, 3
 THRESHOLDS = (1e-3, 0.3)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def activations() -> torch.Tensor:
@@ -328,18 +326,6 @@ def test_tracker_rejects_a_layer_whose_nan_count_was_zeroed():
 
 
 # ---------------------------------------------------------------- distributed two-pass
-class PerPassLoader:
-    """Yields passes[i] on its i-th iteration."""
-
-    def __init__(self, *passes):
-        self.passes = passes
-        self.calls = 0
-
-    def __iter__(self):
-        self.calls += 1
-        return iter(self.passes[self.calls - 1])
-
-
 def distributed_worker(rank: int, world: int, init_file: str, out_file: str) -> None:
     """Rank 1's loader yields one batch fewer in pass 2; every rank must raise, none may hang."""
     from sparsekern.models import build_model
@@ -365,23 +351,7 @@ def distributed_worker(rank: int, world: int, init_file: str, out_file: str) -> 
 
 
 def test_two_pass_corpus_change_on_one_rank_raises_on_every_rank(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    outs = [tmp_path / f"rank{r}.txt" for r in range(2)]
-    procs = [
-        subprocess.Popen([sys.executable, os.path.abspath(__file__), str(r), "2", str(tmp_path / "store"),
-                          str(outs[r])], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for r in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=300)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    outs = run_ranks(__file__, 2, tmp_path, ".txt")
     rank0, rank1 = (out.read_text() for out in outs)
     assert "pass 2 yielded fewer batches, 1 (4 images) against 2 (8 images) in pass 1: batch 1 is missing" in rank1
     assert "the loader of rank(s) [1] yielded different batches in pass 2" in rank0

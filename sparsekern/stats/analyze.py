@@ -34,11 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from sparsekern.errors import CorpusChangedError
-from sparsekern.stats.channel_stats import MODES, ChannelStats
+from sparsekern.stats.channel_stats import ChannelStats
 from sparsekern.stats.features import Feature, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report
+from sparsekern.stats.stores import MODES
 from sparsekern.stats.tracker import SparsityTracker
 
 SELECTIVITY_MODES = ("two-pass",) + MODES
@@ -176,8 +178,6 @@ class _PassRunner:
         return len(self.batch_sizes)
 
     def __call__(self, description: str) -> None:
-        from tqdm.auto import tqdm
-
         sizes = []
         with tqdm(total=_total_images(self.loader, self.max_batches), desc=description, unit="img",
                   unit_scale=True, disable=not self.show, dynamic_ncols=True) as bar:

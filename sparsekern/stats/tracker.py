@@ -31,9 +31,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsekern.stats.channel_stats import MODES, ChannelStats, StateDictError
+from sparsekern.errors import StateDictError
+from sparsekern.stats.channel_stats import ChannelStats
 from sparsekern.stats.features import Feature, find_features, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report, gamma_sparsity
+from sparsekern.stats.stores import MODES
 
 _ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6}
 
