@@ -329,6 +329,7 @@ class ChannelStats:
         return (self._counters.max.to(torch.float64) < float(threshold)) & ~nan
 
     def _has_selectivity(self, t: float) -> bool:
+        """Whether ``selectivity(t)`` has numbers to give: two-pass counts for t, or a store that keeps them."""
         return self._store.measures_selectivity or (self._two_pass is not None and t in self._two_pass.thresholds)
 
     def selectivity(self, threshold: float = 1e-3, on_nan: str = "raise") -> SelectivityResult:
