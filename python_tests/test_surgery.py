@@ -1,6 +1,7 @@
 """Exact channel surgery: outputs unchanged, channel counts as planned, constants folded only
 where that is exact, ties (residual adds, concatenation, depthwise convs) respected, and
 unsupported models refused without being touched."""
+import copy
 import json
 
 import pytest
@@ -8,10 +9,13 @@ import torch
 import torchvision
 from torch import nn
 
+import sparsekern.prune
+import sparsekern.prune.surgery
 from sparsekern.models import build_model
 from sparsekern.prune import (
-    PrunePlan, PruneVerificationError, UnsupportedModelError, analyze_dependencies, prune_model,
+    LayerSurgery, PrunePlan, PruneVerificationError, UnsupportedModelError, analyze_dependencies, fold_bn, prune_model,
 )
+from sparsekern.stats.features import find_features
 
 from _helpers import make_constant, randomize_bn
 
@@ -397,3 +401,42 @@ def test_prune_on_cuda():
     assert all(p.is_cuda for p in pruned.parameters())
     assert pruned[7].out_channels == 10 and report.layers["12"].folded_in == 1
     assert_same_outputs(net, pruned, x)
+
+
+def test_sync_batchnorm_is_a_batchnorm_to_tracker_surgery_and_folding():
+    """The same network with SyncBatchNorm (eval mode: the running statistics' affine, as a
+    BatchNorm2d) has the same features for the tracker, the same plan, the same pruned weights,
+    pruned exactly, and folds like the BatchNorm2d one."""
+    net = small_net()
+    make_constant(net[1], [2], -1.0)  # dead
+    make_constant(net[5], [3, 7], 0.4)  # constant, folded into the 1x1 conv
+    sync = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(net)).eval()
+    assert isinstance(sync[1], nn.SyncBatchNorm) and isinstance(sync[5], nn.SyncBatchNorm)
+
+    features = [(f.name, f.kind, f.bn_module_name, f.layer_module_name) for f in find_features(net)]
+    assert [(f.name, f.kind, f.bn_module_name, f.layer_module_name) for f in find_features(sync)] == features
+    assert features == [("1", "bn", "1", "0"), ("5", "bn", "5", "4"), ("8", "bn", "8", "7")]
+
+    plan, sync_plan = PrunePlan.from_gamma(net), PrunePlan.from_gamma(sync)
+    assert sync_plan.layers == plan.layers and sync_plan.layers["0"].removed == [2]
+    x = torch.randn(4, 1, 8, 8)
+    pruned, _ = prune_model(net, plan, x)
+    sync_pruned, report = prune_model(sync, sync_plan, x)
+    assert report.layers["4"].removed_constant == 2 and report.layers["7"].folded_in == 2
+    assert isinstance(sync_pruned[5], nn.SyncBatchNorm) and sync_pruned[5].num_features == 14
+    assert pruned.state_dict().keys() == sync_pruned.state_dict().keys()
+    for key, value in pruned.state_dict().items():
+        assert torch.equal(value, sync_pruned.state_dict()[key]), key
+    assert_same_outputs(sync, sync_pruned, x)
+
+    folded = fold_bn(sync)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[5], nn.Identity)
+    assert_same_outputs(sync, folded, x)
+    for key, value in fold_bn(net).state_dict().items():
+        assert torch.equal(value, folded.state_dict()[key]), key
+
+
+def test_layer_report_is_a_deprecated_name_of_layer_surgery():
+    for module in (sparsekern.prune, sparsekern.prune.surgery):
+        with pytest.warns(DeprecationWarning, match="LayerSurgery"):
+            assert module.LayerReport is LayerSurgery
