@@ -22,8 +22,10 @@ score threshold; every layer keeps at least one channel, and ties keep the lower
 
 ``scope`` is where a keep ratio applies unless the plan says otherwise ("layer": the same
 fraction of every layer; "global": one threshold over all scored layers); ``name`` goes into the
-plan's ``source``. Which layer a BN belongs to, and who reads a channel, always comes from the
-channel graph (``graph.py``), never from module order.
+plan's ``source``. Which layer a BN belongs to, and who reads a channel, come from the channel
+graph (``graph.py``), never from module order; the analysis criteria key each feature by the
+layer the tracker found producing it (``stats.features``), and surgery resolves every plan entry
+through the graph again.
 """
 from __future__ import annotations
 
