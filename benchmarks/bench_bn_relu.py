@@ -151,9 +151,7 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
                         "dead_pct": dead_pct,
                         "shape": list(x.shape),
                         "candidate": name,
-                        "median_ms": t["median_s"] * 1e3,
-                        "p20_ms": t["p20_s"] * 1e3,
-                        "p80_ms": t["p80_s"] * 1e3,
+                        **bench.milliseconds(t),
                         "GBps": 2 * nbytes / t["median_s"] / 1e9,
                         "pct_of_copy": 100 * copy / t["median_s"],
                         "pct_of_clone": 100 * clone / t["median_s"],
@@ -170,15 +168,11 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mib", type=int, default=None, help="activation size in MiB (default 64 on CPU, 256 on CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layouts", default="contiguous,channels_last")
+    bench.add_activation_flags(p)
     p.add_argument("--dead", default="0,50,90", help="percentages of dead channels")
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/results/...)")
     a = p.parse_args(argv)
-    mib = a.mib or (256 if a.device == "cuda" else 64)
+    mib = bench.activation_mib(a)
     res = run(mib, a.device, a.layouts.split(","), [int(v) for v in a.dead.split(",")],
               use_compile=not a.no_compile, rounds=a.rounds)
     print("wrote", bench.write_json("bn_relu", res, a.json, directory=RESULTS))

@@ -94,9 +94,7 @@ def run(mib: int, device: str, dtypes, layouts, use_compile: bool = True) -> dic
                     "layout": layout,
                     "shape": list(x.shape),
                     "candidate": name,
-                    "median_ms": t["median_s"] * 1e3,
-                    "p20_ms": t["p20_s"] * 1e3,
-                    "p80_ms": t["p80_s"] * 1e3,
+                    **bench.milliseconds(t),
                     "GBps": nbytes / t["median_s"] / 1e9,
                     "bw_vs_amax": base / t["median_s"],
                     "speedup_vs_eager": eager / t["median_s"],
@@ -117,14 +115,10 @@ def run(mib: int, device: str, dtypes, layouts, use_compile: bool = True) -> dic
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mib", type=int, default=None, help="tensor size in MiB (default 64 on CPU, 256 on CUDA)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.add_activation_flags(p)
     p.add_argument("--dtypes", default="float32,float16")
-    p.add_argument("--layouts", default="contiguous,channels_last")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--json", default=None, help="output path (default benchmarks/results/...)")
     a = p.parse_args(argv)
-    mib = a.mib or (256 if a.device == "cuda" else 64)
+    mib = bench.activation_mib(a)
     dtypes = [getattr(torch, d) for d in a.dtypes.split(",")]
     res = run(mib, a.device, dtypes, a.layouts.split(","), use_compile=not a.no_compile)
     print("wrote", bench.write_json("channel_absmax", res, a.json, directory=RESULTS))

@@ -92,13 +92,10 @@ def main(argv=None) -> None:
     print(f"LeNet-5, batch {args.batch}, 28x28, {env['device_name']}, {env['torch_threads']} threads, "
           f"{args.rounds} rounds of >= {args.min_round_s} s")
     bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio"])
-    path = bench.write_json(f"explicit_step-{torch.get_num_threads()}threads", {
-        "benchmark": "explicit_step",
-        "config": {"model": "lenet5", "batch": args.batch, "rounds": args.rounds, "min_round_s": args.min_round_s,
-                   "threads": torch.get_num_threads(), "candidates": {n: CANDIDATES[n] for n in names}},
-        "environment": env,
-        "results": rows,
-    }, args.json, directory=RESULTS)
+    config = {"model": "lenet5", "batch": args.batch, "rounds": args.rounds, "min_round_s": args.min_round_s,
+              "threads": torch.get_num_threads(), "candidates": {n: CANDIDATES[n] for n in names}}
+    path = bench.write_results("explicit_step", config, env, rows, args.json, directory=RESULTS,
+                               name=f"explicit_step-{torch.get_num_threads()}threads")
     print(f"wrote {path}")
 
 

@@ -144,13 +144,10 @@ def main(argv=None) -> None:
     bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "ratio", "overhead_%"])
     if not stored or any(s.num_samples == 0 for t in trackers.values() for s in t.stats.values()):
         raise RuntimeError("a candidate measured nothing: the comparison would be meaningless")
-    path = bench.write_json(f"tracker_overhead-{torch.get_num_threads()}threads", {
-        "benchmark": "tracker_overhead",
-        "config": {"model": "basicnet", "width": args.width, "batch": args.batch, "size": args.size,
-                   "optimizer": "Adam", "rounds": args.rounds, "threads": torch.get_num_threads()},
-        "environment": env,
-        "results": rows,
-    }, args.json, directory=RESULTS)
+    config = {"model": "basicnet", "width": args.width, "batch": args.batch, "size": args.size,
+              "optimizer": "Adam", "rounds": args.rounds, "threads": torch.get_num_threads()}
+    path = bench.write_results("tracker_overhead", config, env, rows, args.json, directory=RESULTS,
+                               name=f"tracker_overhead-{torch.get_num_threads()}threads")
     print(f"wrote {path}")
 
 

@@ -17,7 +17,7 @@ Markdown of these results is in ``sparsekern.report.speed``.
 """
 from sparsekern.bench.environment import device_name, timing_environment
 from sparsekern.bench.layers import layer_profile, leaf_times
-from sparsekern.bench.results import print_table, write_json
+from sparsekern.bench.results import activation_mib, add_activation_flags, milliseconds, print_table, write_json, write_results
 from sparsekern.bench.speed import (
     SPEED_CRITERION,
     fuse_units,
@@ -30,6 +30,8 @@ from sparsekern.bench.timing import copy_bandwidth, flush_denormals, interleaved
 
 __all__ = [
     "SPEED_CRITERION",
+    "activation_mib",
+    "add_activation_flags",
     "copy_bandwidth",
     "device_name",
     "flush_denormals",
@@ -38,6 +40,7 @@ __all__ = [
     "interleaved_timer",
     "layer_profile",
     "leaf_times",
+    "milliseconds",
     "print_table",
     "repeat_summary",
     "speed_comparison",
@@ -46,4 +49,5 @@ __all__ = [
     "time_models",
     "timing_environment",
     "write_json",
+    "write_results",
 ]
