@@ -75,10 +75,11 @@ def test_any_exception_of_a_subcommand_is_one_line_and_exit_2(monkeypatch, capsy
     assert one_error_line(err, "info") == line
 
 
-def test_a_real_key_error_is_one_line(tmp_path, capsys):
-    (tmp_path / "sweep_summary.json").write_text("{}")  # a summary without its keys
+def test_a_summary_without_its_keys_is_one_line_naming_the_file(tmp_path, capsys):
+    (tmp_path / "sweep_summary.json").write_text("{}")
     code, err = run_cli(["report", str(tmp_path)], capsys)
-    assert code == 2 and one_error_line(err, "report").startswith("KeyError: ")
+    line = one_error_line(err, "report")
+    assert code == 2 and line.startswith(f"{tmp_path / 'sweep_summary.json'}: not a sweep summary") and "'runs'" in line
 
 
 def test_debug_flag_and_environment_variable_give_the_traceback(monkeypatch, capsys):

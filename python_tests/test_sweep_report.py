@@ -214,3 +214,13 @@ def test_one_mean_std_for_sweep_summaries_and_experiment_tables(tmp_path):
     assert summary["groups"][0]["metrics"]["test_error_pct"] == mean_std([100.0 * 0.1, 100.0 * 0.2])
     with pytest.warns(DeprecationWarning, match="use sparsekern.report.tables.mean_std"):
         assert sparsekern.experiments.mean_std is mean_std
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"runs": []}', '{"runs": [{"run_id": "x"}], "groups": []}'])
+def test_a_malformed_sweep_summary_is_one_line_naming_the_file(tmp_path, capsys, text):
+    from sparsekern.cli import main
+
+    (tmp_path / "sweep_summary.json").write_text(text)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweep_summary.json: not a sweep summary" in err

@@ -23,7 +23,7 @@ subcommand becomes one line ``sparsekern <cmd>: error: <message>`` on stderr and
 (the project's own errors by their message, anything else as ``Type: message``); Ctrl-C exits
 130. ``sparsekern --debug <cmd>`` or ``SPARSEKERN_DEBUG=1`` re-raises instead, with the traceback.
 Counts given as flags are checked by ``positive_int`` / ``int_at_least``, directories by
-``existing_directory``, devices (present on this machine) by ``device_name``.
+``existing_directory``, devices (present on this machine) by ``available_device``.
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def existing_directory(text: str) -> str:
     return text
 
 
-def device_name(text: str) -> str:
+def available_device(text: str) -> str:
     """An argparse type: auto, or a device this machine has (see ``resolve_device``); kept as the name."""
     try:
         resolve_device(text)
@@ -201,7 +201,7 @@ def _add_analyze(subparsers) -> None:
     p.add_argument("--samples", type=positive_int, help="only the first N samples")
     p.add_argument("--batch-size", type=positive_int, default=500)
     p.add_argument("--selectivity", default="two-pass", help="two-pass | exact | histogram | memmap | none")
-    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=available_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_analyze)
@@ -211,8 +211,6 @@ def _cmd_analyze(args) -> int:
     model, config = load_trained(args.checkpoint, args.device)
     dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
                           root=args.data_root or config.data_root)
-    if args.samples is not None and args.samples < 1:
-        raise ConfigError(f"--samples={args.samples}: must be >= 1")
     loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
     result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
     print(result)

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from sparsekern.cli import device_name, int_at_least, positive_int
+from sparsekern.cli import available_device, int_at_least, positive_int
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -48,7 +48,7 @@ def _add_plan_flags(p: argparse.ArgumentParser) -> None:
     group.add_argument("--verify-samples", type=positive_int, default=256,
                        help="images the surgery is verified on, node by node (default 256)")
     group.add_argument("--batch-size", type=positive_int, default=500, help="analysis / evaluation batch size")
-    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=available_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -217,7 +217,7 @@ def add_harvest(subparsers) -> None:
     p.add_argument("--batch-size", type=positive_int, help="fine-tuning batch size (default: the run's)")
     p.add_argument("--speed-batch-sizes", type=_int_list, default=(), help="also time each row, e.g. 1,256")
     p.add_argument("--out", help="output directory for harvest.json / harvest.md (default: <run dir>/harvest)")
-    p.add_argument("--device", type=device_name, default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--device", type=available_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_harvest)
 

@@ -87,7 +87,8 @@ from sparsekern.prune.implicit import implicit_plan
 from sparsekern.prune.plan import PrunePlan
 from sparsekern.prune.surgery import prune_model
 from sparsekern.train.config import RunConfig
-from sparsekern.train.loop import read_result, resolve_device
+from sparsekern.train.loop import resolve_device
+from sparsekern.train.sweep import is_finished
 
 PLANS_DIR = "plans"
 TRAININGS = ("adam-l2", "slimming", "cges", "slbi-group")
@@ -282,11 +283,6 @@ def split_halves(dataset) -> tuple:
     return sample_range(dataset, 0, n // 2), sample_range(dataset, n // 2, n)
 
 
-def _finished(config) -> bool:
-    result = read_result(config.run_dir())
-    return result is not None and result.get("config_hash") == config.config_hash()
-
-
 def resolve_runs(config: MethodTableConfig, restart: bool = False) -> tuple[dict, set]:
     """({training: RunConfig}, trainings found finished in ``reuse_runs``). A training not finished
     under ``<out_dir>/runs`` but finished, with the same id, under a ``reuse_runs`` directory is
@@ -294,10 +290,10 @@ def resolve_runs(config: MethodTableConfig, restart: bool = False) -> tuple[dict
     runs, reused = {}, set()
     for training in TRAININGS:
         run = config.run_config(training)
-        if not restart and not _finished(run):
+        if not restart and not is_finished(run):
             for directory in config.reuse_runs:
                 other = run.replace(out_dir=str(directory))
-                if _finished(other):
+                if is_finished(other):
                     run = other
                     reused.add(training)
                     break
@@ -395,7 +391,7 @@ def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.de
     for key in ("l1-norm", "slimming", "cges", "split-lbi"):
         method = METHODS[key]
         model, optimization = trained[method.training]
-        make_plan = plan_maker(key, model, optimization)
+        make_plan = plan_maker(key, model, optimization, batch)
         curve = [point(model, make_plan(1.0 - f), f)[0] for f in sorted(config.fractions)]
         fraction = select_fraction([(p["fraction"], p["select_accuracy_pct"]) for p in curve],
                                    dense[method.training][0], config.tolerance_pct)

@@ -29,12 +29,13 @@ from sparsekern.prune.criteria import (
 from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
 from sparsekern.prune.fold import fold_bn, foldable_pairs
 from sparsekern.prune.graph import ChannelGraph, UnsupportedModelError, analyze_dependencies
-from sparsekern.prune.plan import LayerPlan, PrunePlan
+from sparsekern.prune.plan import LayerPlan, ManifestError, PrunePlan
 from sparsekern.prune.surgery import LayerSurgery, PruneReport, PruneVerificationError, prune_model
 
 __all__ = [
     "PrunePlan",
     "LayerPlan",
+    "ManifestError",
     "prune_model",
     "PruneReport",
     "LayerSurgery",

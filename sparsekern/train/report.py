@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from sparsekern.errors import ConfigError
 from sparsekern.report import write_markdown_report
 from sparsekern.report.tables import sorted_groups
 from sparsekern.train.loop import read_metrics, read_result
@@ -22,9 +23,7 @@ def load_source(source) -> tuple[dict, dict[str, Path]]:
     """(summary, run_id -> run directory) of a sweep directory or a single run's directory."""
     source = Path(source)
     if (source / SUMMARY_FILE).is_file():
-        summary = json.loads((source / SUMMARY_FILE).read_text())
-        run_dirs = {r["run_id"]: source / r["run_dir"] for r in summary["runs"] if r["status"] in ("done", "skipped")}
-        return summary, run_dirs
+        return _read_summary(source / SUMMARY_FILE)
     result = read_result(source)
     if result is not None:
         return summarize([result]), {result["run_id"]: source}
@@ -32,6 +31,19 @@ def load_source(source) -> tuple[dict, dict[str, Path]]:
         f"{source}: neither {SUMMARY_FILE} (a sweep) nor result.json (a finished run) is there; "
         "run `sparsekern sweep` or `sparsekern train` first (or point at their output directory)"
     )
+
+
+def _read_summary(path: Path) -> tuple[dict, dict[str, Path]]:
+    """A sweep summary and its finished runs' directories; a file that is not one is a ConfigError naming it."""
+    try:
+        summary = json.loads(path.read_text())
+        runs = summary["runs"]
+        run_dirs = {r["run_id"]: path.parent / r["run_dir"] for r in runs if r["status"] in ("done", "skipped")}
+        summary["groups"]  # what the tables are made of
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{path}: not a sweep summary written by `sparsekern sweep` ({type(exc).__name__}: "
+                          f"{exc}); rerun the sweep to rewrite it") from None
+    return summary, run_dirs
 
 
 def representative_runs(summary: dict, run_dirs: dict[str, Path]) -> dict[str, Path]:
