@@ -34,6 +34,31 @@ def make_constant(bn: nn.Module, channels, beta: float) -> None:
     bn.bias.data[channels] = beta
 
 
+@torch.no_grad()
+def channel_peaks(model: nn.Module, modules, batches) -> dict:
+    """{module name: per-channel max of that module's output over every batch}, from forward
+    hooks: the independent reference for what the tracker and analyze measure. ``batches`` are
+    input tensors; the model runs as it is (put it in eval mode first for inference statistics)."""
+    peaks, handles = {}, []
+    for name in modules:
+        def hook(module, args, out, name=name):
+            peak = out.transpose(0, 1).reshape(out.shape[1], -1).amax(1)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peaks
+
+
+def dead_channels(peaks: dict, threshold: float = 1e-12) -> dict:
+    """{name: sorted channels whose peak is below ``threshold``} of a ``channel_peaks`` result."""
+    return {name: torch.nonzero(p.double() < threshold).flatten().tolist() for name, p in peaks.items()}
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernel backends: one table for the op tests (test_channel_absmax.py, test_bn_relu.py), each
 # kind a backend argument forced explicitly on a device.

@@ -11,6 +11,8 @@ from sparsekern.prune import PrunePlan
 from sparsekern.train.checkpoint import save_checkpoint
 from sparsekern.train.loop import load_trained
 
+from _helpers import channel_peaks, dead_channels
+
 RUN_FLAGS = ["--dataset", "synthetic", "--width", "0.125", "--batch-size", "16", "--num-train-samples", "256",
              "--num-test-samples", "128", "--eval-batch-size", "128", "--steps", "200", "--eval-every", "100",
              "--selectivity", "none", "--threads", "1", "--no-progress"]
@@ -38,7 +40,7 @@ def run_dir(tmp_path_factory):
     model, _ = load_trained(out / "implicit", "cpu")
     corpus = first(datasets()[0], 256)[0]
     revive_unplanted(model.eval(), corpus)
-    assert dead_channels(model, corpus) == {f"features.c{i}": sorted(KILLED.get(f"features.c{i}", ([], 0))[0])
+    assert dead_units(model, corpus) == {f"features.c{i}": sorted(KILLED.get(f"features.c{i}", ([], 0))[0])
                                             for i in range(1, len(WIDTHS) + 1)}
     state["model"] = model.state_dict()
     save_checkpoint(path, state)
@@ -51,14 +53,11 @@ def revive_unplanted(model, images, margin=0.1):
     is below ``margin``, so that it is at least ``margin`` (alive) on some image."""
     planted = {**KILLED, **CONSTANT}
     for i in range(1, len(WIDTHS) + 1):
-        bn = model.get_submodule(f"features.c{i}.bn")
-        peaks = {}
-        handle = bn.register_forward_hook(lambda m, a, out: peaks.__setitem__("bn", out.amax((0, 2, 3))))
-        model(images)
-        handle.remove()
-        low = peaks["bn"] < margin
+        name = f"features.c{i}.bn"
+        peak = channel_peaks(model, [name], [images])[name]
+        low = peak < margin
         low[planted.get(f"features.c{i}", ([], 0))[0]] = False
-        bn.bias[low] += margin - peaks["bn"][low]
+        model.get_submodule(name).bias[low] += margin - peak[low]
 
 
 def datasets():
@@ -69,18 +68,11 @@ def first(dataset, n):
     return next(iter(make_loader(dataset, n)))
 
 
-@torch.no_grad()
-def dead_channels(model, images):
+def dead_units(model, images):
     """{unit: channels whose post-ReLU output is < 1e-12 on every image}, from forward hooks."""
-    peaks, handles = {}, []
-    for i in range(1, 8):
-        relu = model.get_submodule(f"features.c{i}.relu")
-        handles.append(relu.register_forward_hook(
-            lambda m, a, out, name=f"features.c{i}": peaks.__setitem__(name, out.abs().amax((0, 2, 3)))))
-    model(images)
-    for h in handles:
-        h.remove()
-    return {name: torch.nonzero(p.double() < 1e-12).flatten().tolist() for name, p in peaks.items()}
+    relus = [f"features.c{i}.relu" for i in range(1, len(WIDTHS) + 1)]
+    return {name.removesuffix(".relu"): channels
+            for name, channels in dead_channels(channel_peaks(model, relus, [images])).items()}
 
 
 def hand_flops(widths, in_channels=1, classes=10):
@@ -109,7 +101,7 @@ def test_prune_by_both_removes_dead_and_constant_channels_exactly(run_dir, tmp_p
 
     original, _ = load_trained(run_dir, "cpu")
     train_x, _ = first(datasets()[0], 256)  # the run's 256 training images
-    expected = dead_channels(original, train_x)
+    expected = dead_units(original, train_x)
     for unit, (channels, _) in {**KILLED, **CONSTANT}.items():
         expected[unit] = sorted(set(expected[unit]) | set(channels))
 
@@ -136,7 +128,7 @@ def test_prune_by_activation_leaves_the_constant_channel(run_dir, tmp_path):
     assert main(["prune", str(run_dir), "--out", str(tmp_path), "--no-progress"]) == 0
     plan = PrunePlan.load(tmp_path / "manifest.json")
     train_x, _ = first(datasets()[0], 256)
-    expected = dead_channels(load_trained(run_dir, "cpu")[0], train_x)
+    expected = dead_units(load_trained(run_dir, "cpu")[0], train_x)
     assert 2 not in expected["features.c7"]  # relu(0.7) is alive
     for i in range(1, 8):
         layer = plan.layers[f"features.c{i}.conv"]

@@ -10,7 +10,7 @@ from sparsekern.models import build_model
 from sparsekern.prune import LayerPlan, PrunePlan, bn_gamma_scores, filter_l1_scores, prune_model
 from sparsekern.prune import plan as plan_module
 
-from _helpers import randomize_bn
+from _helpers import channel_peaks, dead_channels, randomize_bn
 
 
 def unit_net(activation=nn.ReLU, pool=None):
@@ -235,21 +235,9 @@ def test_from_analysis_matches_hooked_activations():
     plan = PrunePlan.from_analysis(result)
 
     # Independent reference: corpus max of every post-ReLU map, from forward hooks.
-    peak = {}
-    hooks = [
-        getattr(net.features, f"c{i}").relu.register_forward_hook(
-            lambda m, a, out, i=i: peak.__setitem__(i, torch.maximum(peak.get(i, out.new_zeros(out.shape[1])), out.amax((0, 2, 3))))
-        )
-        for i in range(1, 8)
-    ]
-    with torch.no_grad():
-        for x in batches:
-            net(x)
-    for h in hooks:
-        h.remove()
+    dead = dead_channels(channel_peaks(net, [f"features.c{i}.relu" for i in range(1, 8)], batches))
     for i in range(1, 8):
-        dead = torch.nonzero(peak[i].double() < 1e-12).flatten().tolist()
-        assert plan.layers[f"features.c{i}.conv"].removed == dead
+        assert plan.layers[f"features.c{i}.conv"].removed == dead[f"features.c{i}.relu"]
     assert {0, 2} <= set(plan.layers["features.c3.conv"].removed)
     pruned = plan.apply(net, torch.cat(batches))
     with torch.no_grad():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import sparsekern
 from sparsekern.models import BasicNet
 
-from _helpers import REPO, make_constant, randomize_bn
+from _helpers import REPO, channel_peaks, dead_channels, make_constant, randomize_bn
 
 DEAD = {"features.c2": [0, 3], "features.c5": [1]}   # gamma = 0, beta < 0: relu(beta) = 0 for any input
 
@@ -44,23 +44,6 @@ def planted_model() -> torch.nn.Module:
     return model
 
 
-@torch.no_grad()
-def dead_by_hooks(model, loader) -> dict:
-    """{conv: channels whose post-ReLU output is < 1e-12 everywhere on the loader's images}."""
-    model.eval()
-    peaks, handles = {}, []
-    for i in range(1, 8):
-        def hook(module, args, out, name=f"features.c{i}.conv"):
-            peak = out.amax((0, 2, 3))
-            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
-        handles.append(model.get_submodule(f"features.c{i}.relu").register_forward_hook(hook))
-    for x, _ in loader:
-        model(x)
-    for h in handles:
-        h.remove()
-    return {name: torch.nonzero(p < 1e-12).flatten().tolist() for name, p in peaks.items()}
-
-
 def test_using_it_block_measures_what_it_says():
     activations = [torch.randn(8, 128, 5, 5, generator=torch.Generator().manual_seed(k)) for k in range(4)]
     ns = run_block(readme_blocks()[0], {"activations": activations})
@@ -81,7 +64,9 @@ def test_measuring_and_harvesting_blocks_remove_the_dead_channels_exactly(tmp_pa
     printed = capsys.readouterr().out
     assert "features.c2" in printed and "features.c5" in printed  # both reports name the layers
 
-    reference = dead_by_hooks(copy.deepcopy(model), test_loader)
+    relus = {f"features.c{i}.conv": f"features.c{i}.relu" for i in range(1, 8)}  # producer -> its ReLU
+    peaks = channel_peaks(copy.deepcopy(model).eval(), relus.values(), [x for x, _ in test_loader])
+    reference = {conv: dead_channels(peaks)[relu] for conv, relu in relus.items()}
     for unit, channels in DEAD.items():
         assert set(channels) <= set(reference[f"{unit}.conv"])
     bn = model.features.c1.bn.eval()
