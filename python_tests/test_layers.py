@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sparsekern"
 
 # Lowest first. A module belongs to the first entry that is it or one of its packages.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("leaves", ("errors", "_types", "_layout", "_denormals", "_deprecated", "_flags", "models", "data",
+    ("leaves", ("errors", "_types", "_fx", "_layout", "_denormals", "_deprecated", "_flags", "models", "data",
                 "regularize")),
     ("kernels and ops", ("_backend", "triton", "ops", "__init__")),
     ("statistics", ("stats",)),

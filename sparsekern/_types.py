@@ -49,3 +49,56 @@ def measured_activation(module: nn.Module) -> str | None:
         if isinstance(module, cls):
             return name
     return None
+
+
+# --- norm-then-activation modules ----------------------------------------------------------
+# Some libraries put the activation inside the norm module (timm's ``BatchNormAct2d``: a
+# BatchNorm2d subclass whose forward is batch_norm -> drop -> act). For the tracker such a module
+# is a feature (its output is the activation's); for surgery it is a BatchNorm followed by an
+# elementwise activation. ``register_norm_act`` declares one such class; timm's are registered
+# on first use when timm is importable.
+_NORM_ACT: dict[type, object] = {}
+_TIMM_CHECKED = False
+
+
+def register_norm_act(cls: type, activation=lambda m: m.act) -> None:
+    """Declare ``cls`` a "BatchNorm then activation" module.
+
+    ``cls`` must subclass a torch BatchNorm (its parameters and running statistics are the
+    norm's); in eval mode its forward must equal ``activation(module)(batch_norm(x))``, where
+    ``activation(module)`` returns the elementwise activation module (by default ``module.act``).
+    Anything between the two must be an identity in eval mode (timm's ``drop``).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, BATCH_NORMS)):
+        raise TypeError(f"register_norm_act: {cls!r} is not a subclass of a torch BatchNorm")
+    if not callable(activation):
+        raise TypeError("register_norm_act: activation must be a function module -> activation module")
+    _NORM_ACT[cls] = activation
+
+
+def _register_timm() -> None:
+    global _TIMM_CHECKED
+    if _TIMM_CHECKED:
+        return
+    _TIMM_CHECKED = True
+    try:
+        from timm.layers import norm_act  # optional dependency
+    except Exception:  # timm absent (or broken): nothing to register
+        return
+    for name in ("BatchNormAct2d", "SyncBatchNormAct", "FrozenBatchNormAct2d"):
+        cls = getattr(norm_act, name, None)
+        if isinstance(cls, type) and issubclass(cls, BATCH_NORMS):
+            _NORM_ACT.setdefault(cls, lambda m: m.act)
+
+
+def norm_act_activation(module: nn.Module) -> nn.Module | None:
+    """The activation module inside a registered norm-then-activation module, else None
+    (also None for a plain BatchNorm)."""
+    if not isinstance(module, BATCH_NORMS):
+        return None
+    if type(module).__module__.startswith("timm"):
+        _register_timm()
+    for cls in type(module).__mro__:
+        if cls in _NORM_ACT:
+            return _NORM_ACT[cls](module)
+    return None

@@ -57,6 +57,11 @@ class UnsupportedModelError(SparsekernError, RuntimeError):
     """The model contains an op the channel analysis cannot map; the model was not changed."""
 
 
+class UntraceableModelError(UnsupportedModelError):
+    """torch.fx cannot trace the model; the message says which module or call failed and what to do
+    (declare it a leaf module with ``leaf_modules=``, or fix the Python control flow with ``concrete_args``)."""
+
+
 class PruneVerificationError(SparsekernError, RuntimeError):
     """The pruned model's outputs differ from the reference beyond tolerance; nothing was changed."""
 
