@@ -80,14 +80,18 @@ PYBIND11_MODULE(_C, m) {
         "run the CPU kernels of variant `name` (auto: the best supported); ValueError if it cannot run here");
   sparsekern::cpu_isa();  // chooses the CPU kernel variant now, as the module loads (cpu_dispatch.h)
 
+  // lo / hi (optional, both 0 or both set): the signed min / max per (n, c), from the same pass.
   m.def(
       "channel_absmax_cpu",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
-         int64_t sl, uintptr_t out, uintptr_t pos) {
+         int64_t sl, uintptr_t out, uintptr_t pos, uintptr_t lo, uintptr_t hi) {
+        if ((lo == 0) != (hi == 0)) throw std::invalid_argument("sparsekern._C.channel_absmax_cpu: give both lo and hi, or neither");
         sparsekern::channel_absmax_cpu(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
-                                       ptr<float>(out), ptr<int64_t>(pos));
+                                       ptr<float>(out), ptr<int64_t>(pos), ptr<float>(lo), ptr<float>(hi));
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("c"), py::arg("r"), py::arg("l"), py::arg("sn"),
+      py::arg("sc"), py::arg("sr"), py::arg("sl"), py::arg("out"), py::arg("pos"), py::arg("lo") = 0,
+      py::arg("hi") = 0, py::call_guard<py::gil_scoped_release>());
 
   m.def(
       "bn_relu_cpu",
@@ -104,16 +108,20 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "channel_absmax_cuda",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
-         int64_t sl, uintptr_t out, uintptr_t pos, uintptr_t stream) {
+         int64_t sl, uintptr_t out, uintptr_t pos, uintptr_t stream, uintptr_t lo, uintptr_t hi) {
+        if ((lo == 0) != (hi == 0)) throw std::invalid_argument("sparsekern._C.channel_absmax_cuda: give both lo and hi, or neither");
         const char* err = nullptr;
         {
           py::gil_scoped_release release;
           err = sparsekern::channel_absmax_cuda(ptr<const void>(x), make_dtype(dtype),
                                                 make_view(n, c, r, l, sn, sc, sr, sl), ptr<float>(out),
-                                                ptr<int64_t>(pos), ptr<void>(stream));
+                                                ptr<int64_t>(pos), ptr<float>(lo), ptr<float>(hi), ptr<void>(stream));
         }
         check_cuda(err, "channel_absmax_cuda");
-      });
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("c"), py::arg("r"), py::arg("l"), py::arg("sn"),
+      py::arg("sc"), py::arg("sr"), py::arg("sl"), py::arg("out"), py::arg("pos"), py::arg("stream"),
+      py::arg("lo") = 0, py::arg("hi") = 0);
   m.def(
       "bn_relu_cuda",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,

@@ -137,8 +137,9 @@ void set_cpu_isa(const std::string& name) {
                               "; expected auto or one of this build's: " + join(cpu_isas_compiled()));
 }
 
-void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos) {
-  active().load()->channel_absmax(x, dtype, v, out_max, out_pos);
+void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos, float* out_lo,
+                        float* out_hi) {
+  active().load()->channel_absmax(x, dtype, v, out_max, out_pos, out_lo, out_hi);
 }
 
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,

@@ -10,6 +10,14 @@
 //  * fp16 / bf16 are never converted except the one final value per (n, c).
 // Likewise "x > 0" is "raw bits in [1, +inf]": sign clear, not zero, not NaN.
 //
+// The optional signed min and max (RANGE, out_lo / out_hi) use the same trick on an order key
+// of the raw bits: positive values get the sign bit set, negative ones all bits flipped, so that
+// unsigned order is float order (-inf < ... < -0.0 < +0.0 < ... < +inf; NaNs sort outside and
+// are overridden: a (n, c) whose absmax is NaN gets NaN min and max). Exact in every dtype,
+// no conversion until the final value. Split results meet through atomicMin / atomicMax on
+// the keys, written into out_lo / out_hi (pre-filled with the identities), and a last small
+// kernel turns keys into floats.
+//
 // Layouts (the same choice as the CPU kernel):
 //  * rows (stride_l == 1, e.g. NCHW): a group of G lanes (4..32, by row length) reduces one
 //    (n, c) row with 16-byte loads from the first 16-byte aligned element on (scalar head and
@@ -44,18 +52,18 @@ __host__ __device__ inline int64_t imin(int64_t a, int64_t b) { return a < b ? a
 // bits of +inf, and the conversion of a (sign-cleared) bit pattern to float.
 struct F32 {
   using U = uint32_t;
-  static constexpr uint32_t kAbs = 0x7fffffffu, kAll = 0xffffffffu, kInf = 0x7f800000u;
+  static constexpr uint32_t kAbs = 0x7fffffffu, kAll = 0xffffffffu, kInf = 0x7f800000u, kSign = 0x80000000u;
   static __device__ float to_float(uint32_t b) { return __uint_as_float(b); }
 };
 struct F16 {
   using U = uint16_t;
-  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7c00u;
+  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7c00u, kSign = 0x8000u;
   // Exact: every half (subnormals too) is a normal float; NaN stays NaN.
   static __device__ float to_float(uint32_t b) { return __half2float(__ushort_as_half(static_cast<unsigned short>(b))); }
 };
 struct BF16 {
   using U = uint16_t;
-  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7f80u;
+  static constexpr uint32_t kAbs = 0x7fffu, kAll = 0xffffu, kInf = 0x7f80u, kSign = 0x8000u;
   static __device__ float to_float(uint32_t b) {
     return __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(b)));
   }
@@ -64,28 +72,46 @@ struct BF16 {
 // A thread's running result: max of sign-cleared bits, and (COUNT) the positives it saw.
 // A thread's own count is 32-bit (overflow would need 2^32 elements through one thread);
 // group and block totals are 64-bit.
+// lo / hi (RANGE): the min and max order keys seen (identities kAll and 0 before any element).
 struct Acc {
   uint32_t mx = 0;
   uint32_t pos = 0;
+  uint32_t lo = 0xffffffffu;
+  uint32_t hi = 0;
 };
 
-template <class D, bool COUNT>
+// The order key of raw storage bits (see the file comment) and back.
+template <class D>
+__device__ __forceinline__ uint32_t order_key(uint32_t raw) {
+  return (raw & D::kSign) ? (~raw & D::kAll) : (raw | D::kSign);
+}
+template <class D>
+__device__ __forceinline__ float key_to_float(uint32_t key) {
+  return D::to_float((key & D::kSign) ? (key & D::kAbs) : (~key & D::kAll));
+}
+
+template <class D, bool COUNT, bool RANGE>
 __device__ __forceinline__ void take(uint32_t raw, Acc& a) {
   a.mx = max(a.mx, raw & D::kAbs);
   if (COUNT) a.pos += ((raw - 1u) & D::kAll) < D::kInf;
+  if (RANGE) {
+    const uint32_t k = order_key<D>(raw);
+    a.lo = min(a.lo, k);
+    a.hi = max(a.hi, k);
+  }
 }
 
 // One 16-byte word: 4 floats or 8 halves (little endian: the low half comes first).
-template <class D, bool COUNT>
+template <class D, bool COUNT, bool RANGE>
 __device__ __forceinline__ void take_vec(const uint4& w, Acc& a) {
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     if (sizeof(typename D::U) == 4) {
-      take<D, COUNT>(words[k], a);
+      take<D, COUNT, RANGE>(words[k], a);
     } else {
-      take<D, COUNT>(words[k] & 0xffffu, a);
-      take<D, COUNT>(words[k] >> 16, a);
+      take<D, COUNT, RANGE>(words[k] & 0xffffu, a);
+      take<D, COUNT, RANGE>(words[k] >> 16, a);
     }
   }
 }
@@ -95,49 +121,78 @@ __device__ __forceinline__ uint32_t load_bits(const typename D::U* p) {
   return static_cast<uint32_t>(__ldg(p));
 }
 
-// Store one (n, c) result; `atomic` when several splits contribute to it (outputs pre-zeroed).
-template <class D, bool COUNT>
-__device__ __forceinline__ void store(float* out, int64_t* pos, int64_t i, uint32_t mx, uint64_t count,
-                                      bool atomic) {
+// Store one (n, c) result; `atomic` when several splits contribute to it (outputs pre-zeroed,
+// out_lo / out_hi pre-filled with the key identities; finish_range_kernel converts them after).
+template <class D, bool COUNT, bool RANGE>
+__device__ __forceinline__ void store(float* out, int64_t* pos, float* lo, float* hi, int64_t i, uint32_t mx,
+                                      uint64_t count, uint32_t klo, uint32_t khi, bool atomic) {
   const float m = D::to_float(mx);  // non-negative or a positive NaN
   if (atomic) {
     atomicMax(reinterpret_cast<unsigned int*>(out + i), __float_as_uint(m));
     if (COUNT) atomicAdd(reinterpret_cast<unsigned long long*>(pos + i), static_cast<unsigned long long>(count));
+    if (RANGE) {
+      atomicMin(reinterpret_cast<unsigned int*>(lo + i), klo);
+      atomicMax(reinterpret_cast<unsigned int*>(hi + i), khi);
+    }
   } else {
     out[i] = m;
     if (COUNT) pos[i] = static_cast<int64_t>(count);
+    if (RANGE) {
+      const bool nan = mx > D::kInf;
+      lo[i] = nan ? __uint_as_float(0x7fc00000u) : key_to_float<D>(klo);
+      hi[i] = nan ? __uint_as_float(0x7fc00000u) : key_to_float<D>(khi);
+    }
   }
 }
 
+// After a split launch: out_lo / out_hi hold order keys; make them floats (NaN where out is NaN).
+template <class D>
+__global__ void finish_range_kernel(const float* __restrict__ out, float* lo, float* hi, int64_t rows) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const bool nan = out[i] != out[i];
+    const uint32_t klo = __float_as_uint(lo[i]), khi = __float_as_uint(hi[i]);
+    lo[i] = nan ? __uint_as_float(0x7fc00000u) : key_to_float<D>(klo);
+    hi[i] = nan ? __uint_as_float(0x7fc00000u) : key_to_float<D>(khi);
+  }
+}
+
+// Every element of p set to v (the results over no positions).
+__global__ void fill_kernel(float* p, float v, int64_t count) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = v;
+}
+
 // Reduce `len` contiguous elements at p with the `group` lanes of a group (lane = 0..group-1).
-template <class D, bool COUNT>
+template <class D, bool COUNT, bool RANGE>
 __device__ void reduce_contiguous(const typename D::U* p, int64_t len, int lane, int group, Acc& a) {
   using U = typename D::U;
   constexpr int kVec = 16 / sizeof(U);
   // Scalar head up to the first 16-byte boundary (p is always element aligned).
   const int64_t head = imin(((16 - reinterpret_cast<uintptr_t>(p) % 16) % 16) / sizeof(U), len);
-  for (int64_t i = lane; i < head; i += group) take<D, COUNT>(load_bits<D>(p + i), a);
+  for (int64_t i = lane; i < head; i += group) take<D, COUNT, RANGE>(load_bits<D>(p + i), a);
   const uint4* vec = reinterpret_cast<const uint4*>(p + head);
   const int64_t nvec = (len - head) / kVec;
   int64_t i = lane;
   for (; i + 3 * group < nvec; i += 4 * group) {  // four independent loads in flight
     const uint4 w0 = __ldg(vec + i), w1 = __ldg(vec + i + group);
     const uint4 w2 = __ldg(vec + i + 2 * group), w3 = __ldg(vec + i + 3 * group);
-    take_vec<D, COUNT>(w0, a);
-    take_vec<D, COUNT>(w1, a);
-    take_vec<D, COUNT>(w2, a);
-    take_vec<D, COUNT>(w3, a);
+    take_vec<D, COUNT, RANGE>(w0, a);
+    take_vec<D, COUNT, RANGE>(w1, a);
+    take_vec<D, COUNT, RANGE>(w2, a);
+    take_vec<D, COUNT, RANGE>(w3, a);
   }
-  for (; i < nvec; i += group) take_vec<D, COUNT>(__ldg(vec + i), a);
-  for (int64_t j = head + nvec * kVec + lane; j < len; j += group) take<D, COUNT>(load_bits<D>(p + j), a);
+  for (; i < nvec; i += group) take_vec<D, COUNT, RANGE>(__ldg(vec + i), a);
+  for (int64_t j = head + nvec * kVec + lane; j < len; j += group) take<D, COUNT, RANGE>(load_bits<D>(p + j), a);
 }
 
 // Work item = ((n, c) row, split). A group of `group` lanes takes one item; the loop is
 // warp-uniform so every lane reaches the shuffles, valid item or not.
-template <class D, bool COUNT, bool CONTIG>
+template <class D, bool COUNT, bool RANGE, bool CONTIG>
 __global__ void __launch_bounds__(kThreads)
     rows_kernel(const typename D::U* __restrict__ x, View4 v, int group, int64_t splits, int64_t split_len,
-                float* __restrict__ out, int64_t* __restrict__ pos) {
+                float* __restrict__ out, int64_t* __restrict__ pos, float* __restrict__ lo, float* __restrict__ hi) {
   const int64_t rows = v.n * v.c, items = rows * splits, positions = v.r * v.l;
   const int groups_per_warp = 32 / group;
   const int lane = threadIdx.x % 32, g_lane = lane % group;
@@ -156,9 +211,9 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t len = imin(v.l - l, p_end - p);
         const typename D::U* run = base + r * v.sr + l * v.sl;
         if (CONTIG) {
-          reduce_contiguous<D, COUNT>(run, len, g_lane, group, a);
+          reduce_contiguous<D, COUNT, RANGE>(run, len, g_lane, group, a);
         } else {
-          for (int64_t i = g_lane; i < len; i += group) take<D, COUNT>(load_bits<D>(run + i * v.sl), a);
+          for (int64_t i = g_lane; i < len; i += group) take<D, COUNT, RANGE>(load_bits<D>(run + i * v.sl), a);
         }
         p += len;
         ++r;
@@ -169,20 +224,28 @@ __global__ void __launch_bounds__(kThreads)
     for (int o = group / 2; o > 0; o >>= 1) {
       a.mx = max(a.mx, __shfl_xor_sync(kFullMask, a.mx, o));
       if (COUNT) count += __shfl_xor_sync(kFullMask, count, o);
+      if (RANGE) {
+        a.lo = min(a.lo, __shfl_xor_sync(kFullMask, a.lo, o));
+        a.hi = max(a.hi, __shfl_xor_sync(kFullMask, a.hi, o));
+      }
     }
-    if (item < items && g_lane == 0) store<D, COUNT>(out, pos, item / splits, a.mx, count, splits > 1);
+    if (item < items && g_lane == 0)
+      store<D, COUNT, RANGE>(out, pos, lo, hi, item / splits, a.mx, count, a.lo, a.hi, splits > 1);
   }
 }
 
 // Work unit = (n, channel tile, split), one per block at a time (block-uniform loop, so the
 // __syncthreads are safe). Requires stride_c == 1; VEC > 1 also requires 16-byte alignment of
 // every (n, position) run of channels and C % VEC == 0 (checked by the launcher).
-template <class D, bool COUNT, int VEC>
+template <class D, bool COUNT, bool RANGE, int VEC>
 __global__ void __launch_bounds__(kThreads)
     channels_kernel(const typename D::U* __restrict__ x, View4 v, int tx_count, int64_t splits, int64_t split_len,
-                    float* __restrict__ out, int64_t* __restrict__ pos) {
+                    float* __restrict__ out, int64_t* __restrict__ pos, float* __restrict__ lo,
+                    float* __restrict__ hi) {
   __shared__ uint32_t s_mx[VEC * kThreads];
   __shared__ unsigned long long s_pos[COUNT ? VEC * kThreads : 1];
+  __shared__ uint32_t s_lo[RANGE ? VEC * kThreads : 1];
+  __shared__ uint32_t s_hi[RANGE ? VEC * kThreads : 1];
   const int tx = threadIdx.x % tx_count, ty = threadIdx.x / tx_count, ty_count = kThreads / tx_count;
   const int64_t tile = static_cast<int64_t>(tx_count) * VEC;
   const int64_t tiles = (v.c + tile - 1) / tile, units = v.n * tiles * splits, positions = v.r * v.l;
@@ -208,10 +271,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < VEC; ++j) {
             const uint32_t raw = sizeof(typename D::U) == 4 ? words[j] : (words[j / 2] >> (16 * (j % 2))) & 0xffffu;
-            take<D, COUNT>(raw, a[j]);
+            take<D, COUNT, RANGE>(raw, a[j]);
           }
         } else {
-          take<D, COUNT>(load_bits<D>(q), a[0]);
+          take<D, COUNT, RANGE>(load_bits<D>(q), a[0]);
         }
         l += dl;
         r += dr;
@@ -225,6 +288,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < VEC; ++j) {
       s_mx[j * kThreads + threadIdx.x] = a[j].mx;
       if (COUNT) s_pos[j * kThreads + threadIdx.x] = a[j].pos;
+      if (RANGE) {
+        s_lo[j * kThreads + threadIdx.x] = a[j].lo;
+        s_hi[j * kThreads + threadIdx.x] = a[j].hi;
+      }
     }
     __syncthreads();
     for (int half = ty_count / 2; half > 0; half /= 2) {  // tree over the position partials
@@ -234,6 +301,10 @@ __global__ void __launch_bounds__(kThreads)
         for (int j = 0; j < VEC; ++j) {
           s_mx[j * kThreads + threadIdx.x] = max(s_mx[j * kThreads + threadIdx.x], s_mx[j * kThreads + other]);
           if (COUNT) s_pos[j * kThreads + threadIdx.x] += s_pos[j * kThreads + other];
+          if (RANGE) {
+            s_lo[j * kThreads + threadIdx.x] = min(s_lo[j * kThreads + threadIdx.x], s_lo[j * kThreads + other]);
+            s_hi[j * kThreads + threadIdx.x] = max(s_hi[j * kThreads + threadIdx.x], s_hi[j * kThreads + other]);
+          }
         }
       }
       __syncthreads();
@@ -242,8 +313,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if (c0 + j < v.c) {
-          store<D, COUNT>(out, pos, n * v.c + c0 + j, s_mx[j * kThreads + threadIdx.x],
-                          COUNT ? s_pos[j * kThreads + threadIdx.x] : 0, splits > 1);
+          store<D, COUNT, RANGE>(out, pos, lo, hi, n * v.c + c0 + j, s_mx[j * kThreads + threadIdx.x],
+                                 COUNT ? s_pos[j * kThreads + threadIdx.x] : 0,
+                                 RANGE ? s_lo[j * kThreads + threadIdx.x] : 0u,
+                                 RANGE ? s_hi[j * kThreads + threadIdx.x] : 0u, splits > 1);
         }
       }
     }
@@ -274,14 +347,27 @@ int64_t split_length(int64_t units, int64_t positions, int64_t target, int64_t m
   return imin(positions, ceil_div(ceil_div(positions, wanted), align) * align);
 }
 
-template <class D, bool COUNT>
-const char* launch(const void* x_raw, const View4& v, float* out, int64_t* pos, cudaStream_t stream, int sms) {
+// Split launches accumulate into pre-set outputs: zeros for the max and counts, key identities for
+// the range (all ones for the min, zero for the max).
+template <bool COUNT, bool RANGE>
+void prefill(float* out, int64_t* pos, float* lo, float* hi, int64_t rows, cudaStream_t stream) {
+  cudaMemsetAsync(out, 0, rows * sizeof(float), stream);
+  if (COUNT) cudaMemsetAsync(pos, 0, rows * sizeof(int64_t), stream);
+  if (RANGE) {
+    cudaMemsetAsync(lo, 0xff, rows * sizeof(float), stream);
+    cudaMemsetAsync(hi, 0, rows * sizeof(float), stream);
+  }
+}
+
+template <class D, bool COUNT, bool RANGE>
+const char* launch(const void* x_raw, const View4& v, float* out, int64_t* pos, float* lo, float* hi,
+                   cudaStream_t stream, int sms) {
   using U = typename D::U;
   constexpr int kVec = 16 / sizeof(U);
   const U* x = static_cast<const U*>(x_raw);
   const int64_t rows = v.n * v.c, positions = v.r * v.l;
   const int64_t max_blocks = static_cast<int64_t>(sms) * (2048 / kThreads);  // one full wave
-  int64_t split_len = positions;
+  int64_t split_len = positions, splits = 1;
 
   const bool rows_layout = (v.sl == 1 && v.l >= 16) || v.sc != 1;
   if (rows_layout) {
@@ -292,16 +378,15 @@ const char* launch(const void* x_raw, const View4& v, float* out, int64_t* pos, 
     const int group = static_cast<int>(imin(32, imax(4, pow2_floor(v.l / per_lane))));
     const int64_t groups_in_flight = max_blocks * (kThreads / group);
     split_len = split_length(rows, positions, groups_in_flight, static_cast<int64_t>(group) * per_lane * 2, kVec);
-    const int64_t splits = ceil_div(positions, split_len);
-    if (splits > 1) {
-      cudaMemsetAsync(out, 0, rows * sizeof(float), stream);
-      if (COUNT) cudaMemsetAsync(pos, 0, rows * sizeof(int64_t), stream);
-    }
+    splits = ceil_div(positions, split_len);
+    if (splits > 1) prefill<COUNT, RANGE>(out, pos, lo, hi, rows, stream);
     const int64_t blocks = imin(ceil_div(rows * splits, kThreads / group), max_blocks);
     if (contig) {
-      rows_kernel<D, COUNT, true><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos);
+      rows_kernel<D, COUNT, RANGE, true><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos,
+                                                                          lo, hi);
     } else {
-      rows_kernel<D, COUNT, false><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos);
+      rows_kernel<D, COUNT, RANGE, false><<<blocks, kThreads, 0, stream>>>(x, v, group, splits, split_len, out, pos,
+                                                                           lo, hi);
     }
   } else {
     // stride_c == 1. Vector loads need every run of channels 16-byte aligned and whole vectors.
@@ -313,37 +398,51 @@ const char* launch(const void* x_raw, const View4& v, float* out, int64_t* pos, 
     const int ty_count = kThreads / tx_count;
     // A split gives each thread at least eight positions.
     split_len = split_length(v.n * tiles, positions, max_blocks, static_cast<int64_t>(ty_count) * 8, 1);
-    const int64_t splits = ceil_div(positions, split_len);
-    if (splits > 1) {
-      cudaMemsetAsync(out, 0, rows * sizeof(float), stream);
-      if (COUNT) cudaMemsetAsync(pos, 0, rows * sizeof(int64_t), stream);
-    }
+    splits = ceil_div(positions, split_len);
+    if (splits > 1) prefill<COUNT, RANGE>(out, pos, lo, hi, rows, stream);
     const int64_t blocks = imin(v.n * tiles * splits, 4 * max_blocks);
     if (vec) {
-      channels_kernel<D, COUNT, kVec><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out, pos);
+      channels_kernel<D, COUNT, RANGE, kVec><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out,
+                                                                              pos, lo, hi);
     } else {
-      channels_kernel<D, COUNT, 1><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out, pos);
+      channels_kernel<D, COUNT, RANGE, 1><<<blocks, kThreads, 0, stream>>>(x, v, tx_count, splits, split_len, out,
+                                                                           pos, lo, hi);
     }
+  }
+  if (RANGE && splits > 1) {
+    const int64_t blocks = imin(ceil_div(rows, kThreads), max_blocks);
+    finish_range_kernel<D><<<blocks, kThreads, 0, stream>>>(out, lo, hi, rows);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <class D>
-const char* launch_count(const void* x, const View4& v, float* out, int64_t* pos, cudaStream_t stream, int sms) {
-  return pos ? launch<D, true>(x, v, out, pos, stream, sms) : launch<D, false>(x, v, out, pos, stream, sms);
+const char* launch_flags(const void* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi,
+                         cudaStream_t stream, int sms) {
+  if (lo) {
+    return pos ? launch<D, true, true>(x, v, out, pos, lo, hi, stream, sms)
+               : launch<D, false, true>(x, v, out, pos, lo, hi, stream, sms);
+  }
+  return pos ? launch<D, true, false>(x, v, out, pos, lo, hi, stream, sms)
+             : launch<D, false, false>(x, v, out, pos, lo, hi, stream, sms);
 }
 
 }  // namespace
 
 const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos,
-                                void* stream_ptr) {
+                                float* out_lo, float* out_hi, void* stream_ptr) {
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t rows = v.n * v.c;
   if (rows == 0) return nullptr;
   if (v.r * v.l == 0) {  // max over no positions is 0, as in the reference
     cudaMemsetAsync(out_max, 0, rows * sizeof(float), stream);
     if (out_pos) cudaMemsetAsync(out_pos, 0, rows * sizeof(int64_t), stream);
+    if (out_lo) {  // min / max over no positions: +inf / -inf
+      const int64_t blocks = imin(ceil_div(rows, kThreads), 1024);
+      fill_kernel<<<blocks, kThreads, 0, stream>>>(out_lo, __builtin_huge_valf(), rows);
+      fill_kernel<<<blocks, kThreads, 0, stream>>>(out_hi, -__builtin_huge_valf(), rows);
+    }
     const cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
   }
@@ -353,9 +452,9 @@ const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, floa
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return cudaGetErrorString(err);
   switch (dtype) {
-    case DType::kFloat32: return launch_count<F32>(x, v, out_max, out_pos, stream, sms);
-    case DType::kFloat16: return launch_count<F16>(x, v, out_max, out_pos, stream, sms);
-    case DType::kBFloat16: return launch_count<BF16>(x, v, out_max, out_pos, stream, sms);
+    case DType::kFloat32: return launch_flags<F32>(x, v, out_max, out_pos, out_lo, out_hi, stream, sms);
+    case DType::kFloat16: return launch_flags<F16>(x, v, out_max, out_pos, out_lo, out_hi, stream, sms);
+    case DType::kBFloat16: return launch_flags<BF16>(x, v, out_max, out_pos, out_lo, out_hi, stream, sms);
   }
   return "channel_absmax_cuda: unknown dtype";
 }

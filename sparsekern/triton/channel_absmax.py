@@ -1,4 +1,6 @@
-"""Triton kernels for channel_absmax: out[n, c] = max |x[n, c, r, l]|, NaN-propagating.
+"""Triton kernels for channel_absmax: out[n, c] = max |x[n, c, r, l]|, NaN-propagating; with
+RANGE also the signed min and max of x[n, c] from the same pass (NaN where out is NaN, +inf /
+-inf over no positions; a zero min / max may be +0.0 or -0.0).
 
 Two kernels, picked by layout in :func:`channel_absmax_triton`:
 
@@ -35,42 +37,53 @@ OP = "channel_absmax"
 
 @triton.jit
 def _start(split, chunks_per_split, R, chunks_per_row, D0: tl.constexpr, D1: tl.constexpr):
-    """This split's chunk range [first, last) and the zeroed [D0, D1] tiles of max, NaN flag and count."""
+    """This split's chunk range [first, last) and the initial [D0, D1] tiles of max, NaN flag,
+    count, min and max (the last two at the identities +inf / -inf)."""
     first = split * chunks_per_split
     last = tl.minimum(first + chunks_per_split, R * chunks_per_row)
     mx = tl.zeros([D0, D1], dtype=tl.float32)
     bad = tl.zeros([D0, D1], dtype=tl.int1)
     pos = tl.zeros([D0, D1], dtype=tl.int32)
-    return first, last, mx, bad, pos
+    lo = tl.full([D0, D1], float("inf"), dtype=tl.float32)
+    hi = tl.full([D0, D1], float("-inf"), dtype=tl.float32)
+    return first, last, mx, bad, pos, lo, hi
 
 
 @triton.jit
-def _accumulate(x_ptr, offs, mask, mx, bad, pos, COUNT: tl.constexpr):
-    """One tile of either kernel's loop: running max |x|, NaN flags and (with COUNT) counts of x > 0."""
+def _accumulate(x_ptr, offs, mask, mx, bad, pos, lo, hi, COUNT: tl.constexpr, RANGE: tl.constexpr):
+    """One tile of either kernel's loop: running max |x|, NaN flags, (with COUNT) counts of x > 0
+    and (with RANGE) the signed min and max; masked-off lanes leave the min and max alone."""
     v = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     mx = tl.maximum(mx, tl.abs(v))
     bad = bad | (v != v)
     if COUNT:
         pos += (v > 0.0).to(tl.int32)
-    return mx, bad, pos
+    if RANGE:  # a NaN is flagged in `bad`; what minimum / maximum make of it is overridden at the store
+        lo = tl.minimum(lo, tl.where(mask, v, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, v, float("-inf")))
+    return mx, bad, pos, lo, hi
 
 
 @triton.jit
-def _store(out_ptr, count_ptr, dst, ok, mx, bad, pos, AXIS: tl.constexpr, COUNT: tl.constexpr):
+def _store(out_ptr, count_ptr, lo_ptr, hi_ptr, dst, ok, mx, bad, pos, lo, hi, AXIS: tl.constexpr,
+           COUNT: tl.constexpr, RANGE: tl.constexpr):
     """Reduce the tiles along AXIS (the positions) and write one result per (n, c): NaN if any was."""
     m = tl.max(mx, axis=AXIS)
     nan = tl.max(bad.to(tl.int32), axis=AXIS) > 0
     tl.store(out_ptr + dst, tl.where(nan, float("nan"), m), mask=ok)
     if COUNT:
         tl.store(count_ptr + dst, tl.sum(pos.to(tl.int64), axis=AXIS), mask=ok)
+    if RANGE:
+        tl.store(lo_ptr + dst, tl.where(nan, float("nan"), tl.min(lo, axis=AXIS)), mask=ok)
+        tl.store(hi_ptr + dst, tl.where(nan, float("nan"), tl.max(hi, axis=AXIS)), mask=ok)
 
 
 @triton.jit
 def _rows_kernel(
-    x_ptr, out_ptr, count_ptr,
+    x_ptr, out_ptr, count_ptr, lo_ptr, hi_ptr,
     rows, C, R, L, sn, sc, sr, sl,
     chunks_per_split,
-    COUNT: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+    COUNT: tl.constexpr, RANGE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     split = tl.program_id(1).to(tl.int64)
     t = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -79,22 +92,22 @@ def _rows_kernel(
     lane = tl.arange(0, BLOCK_L)
 
     chunks_per_row = tl.cdiv(L, BLOCK_L)
-    first, last, mx, bad, pos = _start(split, chunks_per_split, R, chunks_per_row, BLOCK_ROWS, BLOCK_L)
+    first, last, mx, bad, pos, lo, hi = _start(split, chunks_per_split, R, chunks_per_row, BLOCK_ROWS, BLOCK_L)
     for k in range(first, last):
         r = k // chunks_per_row
         col = (k - r * chunks_per_row) * BLOCK_L + lane
         offs = row_base[:, None] + (r * sr + col * sl)[None, :]
         mask = row_ok[:, None] & (col < L)[None, :]
-        mx, bad, pos = _accumulate(x_ptr, offs, mask, mx, bad, pos, COUNT)
-    _store(out_ptr, count_ptr, split * rows + t, row_ok, mx, bad, pos, 1, COUNT)
+        mx, bad, pos, lo, hi = _accumulate(x_ptr, offs, mask, mx, bad, pos, lo, hi, COUNT, RANGE)
+    _store(out_ptr, count_ptr, lo_ptr, hi_ptr, split * rows + t, row_ok, mx, bad, pos, lo, hi, 1, COUNT, RANGE)
 
 
 @triton.jit
 def _channels_kernel(
-    x_ptr, out_ptr, count_ptr,
+    x_ptr, out_ptr, count_ptr, lo_ptr, hi_ptr,
     N, C, R, L, sn, sc, sr, sl,
     chunks_per_split,
-    COUNT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    COUNT: tl.constexpr, RANGE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     split = tl.program_id(1).to(tl.int64)
     channel_blocks = tl.cdiv(C, BLOCK_C)
@@ -106,23 +119,26 @@ def _channels_kernel(
 
     chunks_per_row = tl.cdiv(L, BLOCK_P)
     # Tile is [positions, channels]: channels vary fastest, matching memory when sc == 1.
-    first, last, mx, bad, pos = _start(split, chunks_per_split, R, chunks_per_row, BLOCK_P, BLOCK_C)
+    first, last, mx, bad, pos, lo, hi = _start(split, chunks_per_split, R, chunks_per_row, BLOCK_P, BLOCK_C)
     for k in range(first, last):
         r = k // chunks_per_row
         col = (k - r * chunks_per_row) * BLOCK_P + lane
         offs = (r * sr + col * sl)[:, None] + base[None, :]
         mask = (col < L)[:, None] & c_ok[None, :]
-        mx, bad, pos = _accumulate(x_ptr, offs, mask, mx, bad, pos, COUNT)
-    _store(out_ptr, count_ptr, split * N * C + n * C + c, c_ok, mx, bad, pos, 0, COUNT)
+        mx, bad, pos, lo, hi = _accumulate(x_ptr, offs, mask, mx, bad, pos, lo, hi, COUNT, RANGE)
+    _store(out_ptr, count_ptr, lo_ptr, hi_ptr, split * N * C + n * C + c, c_ok, mx, bad, pos, lo, hi, 0, COUNT,
+           RANGE)
 
 
 # Elements per program per loop iteration: enough bytes in flight per program for bandwidth,
-# few enough registers (three accumulator tiles) to keep several programs per SM.
+# few enough registers (three accumulator tiles, five with RANGE) to keep several programs per SM.
 TILE = 2048
 
 
-def channel_absmax_triton(x: torch.Tensor, view: View4, out: torch.Tensor, counts: torch.Tensor | None) -> None:
-    """Fill ``out`` (N, C) float32 with max |x| per (n, c), and ``counts`` (N, C) int64 if given.
+def channel_absmax_triton(x: torch.Tensor, view: View4, out: torch.Tensor, counts: torch.Tensor | None,
+                          lo: torch.Tensor | None = None, hi: torch.Tensor | None = None) -> None:
+    """Fill ``out`` (N, C) float32 with max |x| per (n, c), ``counts`` (N, C) int64 if given, and
+    ``lo`` / ``hi`` (N, C) float32 (both or neither) with the signed min / max, in one pass.
 
     ``x`` is read through ``view`` (see sparsekern._layout.as_view4), on the current device
     (the op selects it). CUDA tensors run the compiled kernels; CPU tensors need the Triton
@@ -130,10 +146,16 @@ def channel_absmax_triton(x: torch.Tensor, view: View4, out: torch.Tensor, count
     """
     rows = view.n * view.c
     count = counts is not None
+    if (lo is None) != (hi is None):
+        raise ValueError(f"{OP}: give both lo and hi, or neither")
+    ranged = lo is not None
     if rows == 0 or view.r * view.l == 0:
         out.zero_()  # the max over no positions is 0, as in the reference
         if count:
             counts.zero_()
+        if ranged:  # and the min / max over nothing are the identities
+            lo.fill_(float("inf"))
+            hi.fill_(float("-inf"))
         return
     # Under the interpreter the kernels run CPU tensors (and CUDA ones, slowly, through host copies).
     interpret = interpreting(OP, _rows_kernel)
@@ -165,11 +187,16 @@ def channel_absmax_triton(x: torch.Tensor, view: View4, out: torch.Tensor, count
         meta = dict(BLOCK_C=block_c, BLOCK_P=block_p)
 
     part_max, part_count = partial_buffer(out, splits), partial_buffer(counts, splits)
+    part_lo, part_hi = partial_buffer(lo, splits), partial_buffer(hi, splits)
     kernel[grid](
-        x, part_max, part_count if count else part_max,  # unused pointer when not counting
-        *sizes, per_split, COUNT=count, num_warps=4, **meta,
+        x, part_max, part_count if count else part_max,  # unused pointers when not counting / no range
+        part_lo if ranged else part_max, part_hi if ranged else part_max,
+        *sizes, per_split, COUNT=count, RANGE=ranged, num_warps=4, **meta,
     )
     if splits > 1:
         torch.amax(part_max, dim=0, out=out)  # amax propagates a split's NaN
         if count:
             torch.sum(part_count, dim=0, out=counts)
+        if ranged:  # a split that saw NaN wrote NaN: amin / amax propagate it
+            torch.amin(part_lo, dim=0, out=lo)
+            torch.amax(part_hi, dim=0, out=hi)
