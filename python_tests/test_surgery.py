@@ -303,8 +303,20 @@ class HardCodedViewNet(nn.Module):
         return self.fc(self.relu(self.bn(self.conv(x))).view(-1, 4 * 6 * 6))
 
 
+class RollNet(nn.Module):
+    """torch.roll along channels: an op the channel analysis does not map."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu = nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.roll(self.relu(self.bn1(self.conv1(x))), 1, 1))
+
+
 @pytest.mark.parametrize("cls, layer, shape, node", [
-    (ChannelShuffleNet, "conv1", (2, 3, 4, 4), "'view'"),
+    (RollNet, "conv1", (2, 3, 4, 4), "'roll'"),
     (HardCodedViewNet, "conv", (2, 1, 8, 8), "'view'"),
 ])
 def test_unsupported_model_is_refused_untouched(cls, layer, shape, node):
@@ -315,8 +327,28 @@ def test_unsupported_model_is_refused_untouched(cls, layer, shape, node):
     plan = PrunePlan.from_gamma(model)
     assert plan.layers[layer].removed == [2]
     with pytest.raises(UnsupportedModelError, match=rf"channel 2 of '{layer}'.*{node}"):
-        prune_model(model, plan, shape)
+        prune_model(model, plan, shape, strict=True)
     assert_unchanged(model, before)
+    # The default is a partial plan: the channel is kept, and the report names the op.
+    pruned, report = prune_model(model, plan, shape)
+    assert report.removed == 0 and report.requested == 1
+    assert node in report.layers[layer].kept[2] and report.kept_by_cause() == {"unmapped op": 1}
+    assert any(node in label for label in report.unmapped)
+    assert_unchanged(model, before)
+
+
+def test_channel_shuffle_ties_the_shuffled_channels():
+    """A channel shuffle (view -> transpose -> view) is mapped: channel i of every group goes together."""
+    torch.manual_seed(0)
+    model = randomize_bn(ChannelShuffleNet()).eval()
+    make_constant(model.bn1, [2], -1.0)
+    pruned, report = prune_model(model, PrunePlan.from_gamma(model), (2, 3, 4, 4))
+    assert report.removed == 0 and "tied" in report.layers["conv1"].kept[2] and "conv1[6]" in report.layers["conv1"].kept[2]
+    make_constant(model.bn1, [2, 6], -1.0)
+    x = torch.randn(2, 3, 4, 4)
+    pruned, report = prune_model(model, PrunePlan.from_gamma(model), x)
+    assert report.removed == 2 and pruned.conv1.out_channels == 6
+    assert_same_outputs(model, pruned, x)
 
 
 class DataDependentNet(nn.Module):
@@ -329,7 +361,7 @@ class DataDependentNet(nn.Module):
 
 
 def test_untraceable_model_is_refused():
-    with pytest.raises(UnsupportedModelError, match="DataDependentNet cannot be traced by torch.fx"):
+    with pytest.raises(UnsupportedModelError, match="torch.fx cannot trace DataDependentNet"):
         prune_model(DataDependentNet(), PrunePlan.from_dead_masks({"conv": torch.tensor([True, False])}), (1, 1, 4, 4))
 
 
@@ -346,7 +378,7 @@ def test_grouped_conv_loses_only_whole_groups():
     assert_same_outputs(net, pruned, x)
     assert (pruned[3].in_channels, pruned[3].out_channels, pruned[3].groups) == (6, 6, 3)
     assert pruned[0].out_channels == 6 and pruned[6].in_channels == 6
-    assert list(report.layers["0"].kept) == [5] and "whole groups" in report.layers["0"].kept[5]
+    assert list(report.layers["0"].kept) == [5] and "same number of input channels" in report.layers["0"].kept[5]
 
 
 def test_example_inputs_are_checked():

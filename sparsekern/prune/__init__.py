@@ -14,6 +14,8 @@
   concatenations, depthwise convs, flatten -> Linear); ``kinds.py``: what each op does to channels;
 - ``surgery.py``: exact surgery and its PruneReport, by ``removal.py`` (which channels go, what
   folds), ``edits.py`` (the module edits) and ``verify.py`` (node-by-node verification);
+- ``registry.py``: ``register_channel_op`` / ``ChannelHandler``: what your own modules and ops do
+  to channels (identity, elementwise, channelwise, producer, opaque);
 - ``fold.py``: BatchNorm folding for inference; ``flops.py``: params and MACs / FLOPs;
 - ``implicit.py``: the exact plan of implicit sparsity; ``compare.py``: a pruned model's logits
   against its original over a dataset; ``baselines.py``: L1-norm and Network Slimming plans.
@@ -28,8 +30,10 @@ from sparsekern.prune.criteria import (
 )
 from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
 from sparsekern.prune.fold import fold_bn, foldable_pairs
+from sparsekern.errors import UntraceableModelError
 from sparsekern.prune.graph import ChannelGraph, UnsupportedModelError, analyze_dependencies
 from sparsekern.prune.plan import LayerPlan, ManifestError, PrunePlan
+from sparsekern.prune.registry import ChannelHandler, register_channel_op, unregister_channel_op
 from sparsekern.prune.surgery import LayerSurgery, PruneReport, PruneVerificationError, prune_model
 
 __all__ = [
@@ -41,6 +45,10 @@ __all__ = [
     "LayerSurgery",
     "PruneVerificationError",
     "UnsupportedModelError",
+    "UntraceableModelError",
+    "register_channel_op",
+    "unregister_channel_op",
+    "ChannelHandler",
     "ChannelGraph",
     "analyze_dependencies",
     "fold_bn",

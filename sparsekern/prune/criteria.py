@@ -37,7 +37,7 @@ from typing import Any, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from sparsekern._types import CONVS, LINEARS
+from sparsekern._types import BATCH_NORMS, CONVS, LINEARS
 from sparsekern.prune.graph import ChannelGraph
 from sparsekern.prune.kinds import PRODUCER
 from sparsekern.prune.surgery import example_batch
@@ -114,10 +114,18 @@ def _gamma_scores(graph: ChannelGraph) -> dict:
     return scores
 
 
-def bn_gamma_scores(model: nn.Module) -> dict:
+def bn_gamma_scores(model: nn.Module, *, leaf_modules=(), concrete_args=None) -> dict:
     """``{layer: |gamma| of the BN after it}`` for every Conv/Linear followed by a BN in its
-    unit (Liu et al. 2017, "Network Slimming"); the channel graph pairs them."""
-    return _gamma_scores(ChannelGraph(model))
+    unit (Liu et al. 2017, "Network Slimming"); the channel graph pairs them (a norm-act module,
+    timm's ``BatchNormAct2d``, is a BN). ``leaf_modules`` / ``concrete_args``: how to trace."""
+    return _gamma_scores(ChannelGraph(model, leaf_modules=leaf_modules, concrete_args=concrete_args))
+
+
+def unused_batch_norms(graph: ChannelGraph) -> list:
+    """Names of the BatchNorm modules of ``graph`` that are in no Conv/Linear unit (after a grouped
+    conv, an add, a concat, an op it cannot map...): gamma criteria cannot use them."""
+    used = {graph.chain_bn(layer).module_name for layer in graph.chains if graph.chain_bn(layer) is not None}
+    return [name for name, m in graph.modules.items() if isinstance(m, BATCH_NORMS) and name not in used]
 
 
 def unit_layers(model: nn.Module) -> list:
@@ -206,16 +214,18 @@ class ConstantGamma(ExactCriterion):
     """
 
     threshold: float = 1e-3
+    leaf_modules: tuple = ()
+    concrete_args: Optional[dict] = field(default=None, hash=False, compare=False)
     name: ClassVar[str] = "constant_gamma"
 
     def __post_init__(self):
         check_threshold(self.threshold)
 
     def scores(self, model: nn.Module) -> dict:
-        return bn_gamma_scores(model)
+        return bn_gamma_scores(model, leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
 
     def marked(self, model: nn.Module) -> dict:
-        graph = ChannelGraph(model)
+        graph = ChannelGraph(model, leaf_modules=self.leaf_modules, concrete_args=self.concrete_args)
         marked = {}
         for layer, gamma in _gamma_scores(graph).items():
             values, notes = {}, []

@@ -2,8 +2,11 @@
 touches (``compute_edits``), and writing them into a model (``apply_edits``).
 
 A producer loses its removed output channels and its removed input channels, and takes the
-folded constants of the removed inputs into its bias; a grouped conv loses whole groups; a BN
-loses the entries of removed channels. Channels-last weights stay channels-last.
+folded constants of the removed inputs into its bias; a grouped conv loses whole groups and the
+same number of input channels in each group it keeps (their constants folded into the bias of
+that group's outputs); a BN (or norm-act module) loses the entries of removed channels; a
+registered module is edited by its handler (``registry.ChannelHandler.prune``).
+Channels-last weights stay channels-last.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from torch import nn
 
 from sparsekern._types import LINEARS
 from sparsekern.prune.graph import ChannelGraph
-from sparsekern.prune.kinds import CHANNELWISE, GROUPED, PRODUCER
+from sparsekern.prune.kinds import CHANNELWISE, GROUPED, PERCHANNEL, PRODUCER
 from sparsekern.prune.removal import Removal
 
 
@@ -27,10 +30,14 @@ def compute_edits(graph: ChannelGraph, removal: Removal) -> dict:
     """module name -> {attribute: new value}: new weights/buffers and sizes after surgery."""
     removed, edits = removal.removed, {}
     for info in graph.infos:
-        if info.kind == PRODUCER:
+        if info.kind == PRODUCER and "handler" in info.detail:
+            edit = _handler_edit(graph, info, removed, removal.folds.get(info.module_name, []))
+        elif info.kind == PRODUCER:
             edit = _layer_edit(graph, info, removed, removal.folds.get(info.module_name, []))
         elif info.kind == GROUPED:
-            edit = _grouped_edit(info, removed)
+            edit = _grouped_edit(graph, info, removed, removal.folds.get(info.module_name, []))
+        elif info.kind == PERCHANNEL and info.channels is not None:
+            edit = _handler_edit(graph, info, removed, [])
         elif info.kind == CHANNELWISE and info.channels is not None:
             edit = _bn_edit(info, removed)
         else:
@@ -72,21 +79,50 @@ def _layer_edit(graph, info, removed: set, folds: list) -> dict:
     return edit
 
 
-def _grouped_edit(info, removed: set) -> dict:
-    module = info.detail["module"]
-    per_in, per_out = module.in_channels // module.groups, module.out_channels // module.groups
-    kept_groups = [g for g in range(module.groups) if info.channels[g * per_out] not in removed]
-    if len(kept_groups) == module.groups:
+def _handler_edit(graph, info, removed: set, folds: list) -> dict:
+    """A registered module: its handler folds constants and edits it (see ``registry.py``)."""
+    kept_out = [c for c, a in enumerate(info.channels) if a not in removed]
+    source = graph.info[info.inputs[0]].channels if info.inputs else []
+    kept_in = [p for p, a in enumerate(source) if a not in removed]
+    if len(kept_out) == len(info.channels) and len(kept_in) == len(source) and not folds:
         return {}
+    return {"__handler__": (info.detail["handler"], kept_in, kept_out, list(folds))}
+
+
+def _grouped_edit(graph, info, removed: set, folds: list) -> dict:
+    module = info.detail["module"]
+    groups = module.groups
+    per_in, per_out = module.in_channels // groups, module.out_channels // groups
+    kept_groups = [g for g in range(groups) if info.channels[g * per_out] not in removed]
+    source = graph.info[info.inputs[0]].channels
+    kept_in = {g: [i for i in range(per_in) if source[g * per_in + i] not in removed] for g in kept_groups}
+    if len(kept_groups) == groups and all(len(k) == per_in for k in kept_in.values()) and not folds:
+        return {}
+    weight = module.weight.detach()
+    bias = None if module.bias is None else module.bias.detach().double().clone()
+    if folds:  # bias[o] += k * sum of the kernel of o over the removed input it reads
+        bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) if bias is None else bias
+        for p, v in folds:
+            g, i = divmod(p, per_in)
+            rows = slice(g * per_out, (g + 1) * per_out)
+            bias[rows] += v * weight[rows, i].double().flatten(1).sum(1)
     kept_out = [g * per_out + j for g in kept_groups for j in range(per_out)]
+    new_weight = _index(weight, 0, kept_out)
+    per_kept = len(kept_in[kept_groups[0]]) if kept_groups else per_in
+    if per_kept != per_in:  # the same input channels per group go (_group_count_conflicts); index each group's
+        rows = [new_weight[k * per_out:(k + 1) * per_out].index_select(
+            1, torch.tensor(kept_in[g], dtype=torch.long, device=weight.device)) for k, g in enumerate(kept_groups)]
+        new_weight = torch.cat(rows, 0)
+        if weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous():
+            new_weight = new_weight.contiguous(memory_format=torch.channels_last)
     edit = {
-        "weight": _index(module.weight.detach(), 0, kept_out),
+        "weight": new_weight,
         "groups": len(kept_groups),
-        "in_channels": len(kept_groups) * per_in,
+        "in_channels": len(kept_groups) * per_kept,
         "out_channels": len(kept_out),
     }
-    if module.bias is not None:
-        edit["bias"] = _index(module.bias.detach(), 0, kept_out)
+    if bias is not None:
+        edit["bias"] = bias.index_select(0, torch.tensor(kept_out, device=bias.device)).to(weight.dtype)
     return edit
 
 
@@ -107,6 +143,12 @@ def apply_edits(model: nn.Module, edits: dict) -> None:
     """Write ``edits`` (from :func:`compute_edits`) into ``model``'s modules."""
     for name, changes in edits.items():
         module = model.get_submodule(name)
+        if "__handler__" in changes:
+            handler, kept_in, kept_out, folds = changes["__handler__"]
+            for position, value in folds:
+                handler.fold(module, position, value)
+            handler.prune(module, list(kept_in), list(kept_out))
+            continue
         for attr, value in changes.items():
             if isinstance(value, torch.Tensor) and attr in module._parameters:
                 old = module._parameters[attr]

@@ -11,6 +11,9 @@ it had none) and the BN becomes ``nn.Identity``. Computed in float64 and rounded
 weights' dtype, so the folded model matches the eval-mode original to fp32 rounding. The
 weight keeps its memory format (channels_last stays channels_last).
 
+A norm-then-activation module (timm's ``BatchNormAct2d``, ``_types.norm_act_activation``) is
+folded the same way and replaced by its activation (its ``drop`` is an identity in eval mode).
+
 Not folded (left as they are): BNs without running statistics (they normalise with batch
 statistics even in eval), BNs whose input is not a Conv/Linear output read by that BN alone
 (pre-activation BNs in DenseNet, a BN after a residual add), and modules called more than once.
@@ -22,13 +25,14 @@ import copy
 import torch
 from torch import nn
 
-from sparsekern._types import BATCH_NORMS, PRODUCERS
+from sparsekern._types import BATCH_NORMS, PRODUCERS, norm_act_activation
 from sparsekern.prune.graph import trace
 
 
-def foldable_pairs(model: nn.Module) -> list:
-    """``[(layer name, bn name)]`` of the Conv/Linear -> BN pairs ``fold_bn`` folds."""
-    gm = trace(model)
+def foldable_pairs(model: nn.Module, *, leaf_modules=(), concrete_args=None) -> list:
+    """``[(layer name, bn name)]`` of the Conv/Linear -> BN pairs ``fold_bn`` folds
+    (``leaf_modules`` / ``concrete_args``: how to trace, as in ``prune_model``)."""
+    gm = trace(model, leaf_modules, concrete_args)
     modules = dict(model.named_modules())
     calls: dict = {}
     for node in gm.graph.nodes:
@@ -67,7 +71,7 @@ def _fold_into(layer: nn.Module, bn: nn.Module) -> None:
     layer.bias = nn.Parameter(bias.to(w.dtype), requires_grad=layer.weight.requires_grad)
 
 
-def fold_bn(model: nn.Module) -> nn.Module:
+def fold_bn(model: nn.Module, *, leaf_modules=(), concrete_args=None) -> nn.Module:
     """A copy of ``model`` with every foldable BN folded into the layer before it and replaced
     by ``nn.Identity`` (see the module docstring). Equal to ``model.eval()`` up to fp32 rounding;
     the copy keeps the original's train/eval flags. Raises UnsupportedModelError if the model
@@ -75,8 +79,10 @@ def fold_bn(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"fold_bn: expected an nn.Module, got {type(model).__name__}")
     folded = copy.deepcopy(model)
-    for layer_name, bn_name in foldable_pairs(folded):
-        _fold_into(folded.get_submodule(layer_name), folded.get_submodule(bn_name))
+    for layer_name, bn_name in foldable_pairs(folded, leaf_modules=leaf_modules, concrete_args=concrete_args):
+        bn = folded.get_submodule(bn_name)
+        _fold_into(folded.get_submodule(layer_name), bn)
+        act = norm_act_activation(bn)
         parent, _, attr = bn_name.rpartition(".")
-        setattr(folded.get_submodule(parent) if parent else folded, attr, nn.Identity())
+        setattr(folded.get_submodule(parent) if parent else folded, attr, nn.Identity() if act is None else act)
     return folded

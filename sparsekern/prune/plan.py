@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import operator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,14 +198,33 @@ class PrunePlan:
                    source=f"{criterion.name}(threshold={criterion.threshold:g})", notes=notes)
 
     @classmethod
-    def from_gamma(cls, model: nn.Module, threshold: float = 1e-3, *, input_shape=None) -> "PrunePlan":
+    def from_gamma(cls, model: nn.Module, threshold: float = 1e-3, *, input_shape=None, leaf_modules=(),
+                   concrete_args=None) -> "PrunePlan":
         """Channels whose BN has |gamma| < ``threshold`` (compared in float64): the exact plan of
         :class:`~sparsekern.prune.criteria.ConstantGamma` (see there). Such a channel's unit
-        outputs beta through the rest of its private chain, e.g. relu(beta); a channel whose chain
+        outputs beta through the rest of its private chain, e.g. relu(beta) (a norm-act module
+        such as timm's ``BatchNormAct2d`` is the BN and its activation); a channel whose chain
         does not keep a constant (e.g. a zero-padded average pool) is left out, with a note.
+        BatchNorms in no Conv/Linear unit (after a depthwise conv, an add...) are counted in a
+        note; a model with BatchNorms none of which is usable warns (never a silent empty plan).
+        ``leaf_modules`` / ``concrete_args``: how to trace (``sparsekern._fx.trace_graph``).
         """
-        plan = cls.from_criterion(ConstantGamma(threshold), model, input_shape=input_shape)
+        criterion = ConstantGamma(threshold, tuple(leaf_modules or ()), concrete_args)
+        plan = cls.from_criterion(criterion, model, input_shape=input_shape)
         plan.source = f"from_gamma(threshold={threshold:g})"
+        graph = criteria.ChannelGraph(model, leaf_modules=leaf_modules, concrete_args=concrete_args)
+        unused = criteria.unused_batch_norms(graph)
+        if unused and not plan.layers:
+            note = (f"from_gamma: none of the model's {len(unused)} BatchNorm layers follows a Conv/Linear in a unit "
+                    f"the channel analysis can map (e.g. {unused[0]!r}), so the plan is empty; a norm module with "
+                    "its activation inside needs sparsekern._types.register_norm_act")
+            warnings.warn(note, stacklevel=2)
+            plan.notes.append(note)
+        elif unused:
+            plan.notes.append(f"from_gamma: {len(unused)} BatchNorm layers are in no Conv/Linear unit (after a grouped "
+                              f"conv, an add, a concat...) and were not used, e.g. {unused[0]!r}")
+        if plan.layers and not plan.num_removed:
+            plan.notes.append(f"from_gamma: no channel has |gamma| < {threshold:g}")
         return plan
 
     @classmethod
@@ -233,9 +253,11 @@ class PrunePlan:
 
     # --- use -------------------------------------------------------------------------------
     def apply(self, model: nn.Module, example_inputs=None, *, inplace: bool = False, verify: bool = True,
-              atol_rel: float = 1e-4) -> nn.Module:
-        """The pruned model (a new one unless ``inplace``); see ``prune_model`` for the rest."""
-        pruned, _ = prune_model(model, self, example_inputs, verify=verify, atol_rel=atol_rel, inplace=inplace)
+              atol_rel: float = 1e-4, **options) -> nn.Module:
+        """The pruned model (a new one unless ``inplace``); see ``prune_model`` for the rest
+        (``options``: strict, ignored_layers, leaf_modules, concrete_args)."""
+        pruned, _ = prune_model(model, self, example_inputs, verify=verify, atol_rel=atol_rel, inplace=inplace,
+                                **options)
         return pruned
 
     @property

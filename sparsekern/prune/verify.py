@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from sparsekern.prune.graph import ChannelGraph, trace
+from sparsekern.prune.graph import ChannelGraph
 from sparsekern.prune.removal import Removal
 
 
@@ -26,7 +26,7 @@ def planned_values(graph: ChannelGraph, removal: Removal, requests: dict) -> dic
     for chain in graph.chains.values():
         end = chain[-1]
         channels = graph.info[end].channels or []
-        positions = [p for p, a in enumerate(channels) if a in removal.removed]
+        positions = [p for p, a in enumerate(channels) if a in removal.removed and a in requests]
         if positions:
             out[end] = (
                 torch.tensor(positions, dtype=torch.long),
@@ -96,7 +96,7 @@ def verify_pruned(graph: ChannelGraph, pruned: nn.Module, inputs: tuple, removal
     Returns (max abs diff of the outputs, its tolerance, problem or ''). Comparing every node,
     not only the logits, catches a broken fold even where a later saturation would hide it.
     """
-    new_gm = trace(pruned)
+    new_gm = graph.retrace(pruned)
     ref_nodes, new_nodes = list(graph.gm.graph.nodes), list(new_gm.graph.nodes)
     if [(n.op, n.target) for n in ref_nodes] != [(n.op, n.target) for n in new_nodes]:
         raise AssertionError("the pruned model traces to a different graph than the original")
@@ -156,6 +156,9 @@ def _deviations(graph, node, actual: torch.Tensor, positions, values, atol_rel: 
 def _divergence(info, expected: torch.Tensor, got, removed: set, atol_rel: float) -> str:
     """'' if the pruned node output equals the reference's kept channels, else a message."""
     kept = [p for p, a in enumerate(info.channels) if a not in removed]
+    if "grid" in info.detail:  # a channel dim split in two (channel shuffle): compare it flattened
+        expected = expected.flatten(1, 2)
+        got = got.flatten(1, 2) if isinstance(got, torch.Tensor) and got.dim() == expected.dim() + 1 else got
     kept_ref = expected.index_select(1, torch.tensor(kept, dtype=torch.long, device=expected.device))
     if not isinstance(got, torch.Tensor) or kept_ref.shape != got.shape:
         shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
