@@ -20,7 +20,9 @@ partial one resumes from its checkpoint. With ``workers > 1`` each run is a subp
 the CPU threads are split between the workers; each worker's run writes ``<run>/progress.json``
 and the sweep draws one progress line per worker from it (``progress.py``). Every run holds
 its directory's lock: a run that another live process is training is reported as failed,
-naming that process, and the others go on. ``sweep_summary.json`` groups the runs that
+naming that process, and the others go on. With ``launcher="submitit"`` the pending runs are
+one job array on a scheduler instead (Slurm; submitit's local executor in the tests), with the
+same run directories and summary (``launchers.py``). ``sweep_summary.json`` groups the runs that
 differ only in their seed and gives mean and sample standard deviation (ddof=1; None for a
 single seed) of the test error and the sparsity numbers, in total and per layer.
 """
@@ -37,6 +39,7 @@ from pathlib import Path
 from sparsekern.report.tables import mean_std
 from sparsekern.train.checkpoint import RunLockedError, atomic_write_text, ensure_unlocked
 from sparsekern.train.config import NOT_IDENTITY, ConfigError, RunConfig, config_fields, dumps_toml, load_toml
+from sparsekern.train.launchers import LAUNCHERS, run_with_submitit
 from sparsekern.train.loop import read_result, run_files, train
 from sparsekern.train.progress import PROGRESS_FILE, PROGRESS_FILE_ENV, ProgressConsole, read_progress_file
 
@@ -97,14 +100,21 @@ def write_spec(sweep_dir, base: dict, grid: dict) -> None:
 
 
 def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = False, progress: bool = True,
-             log=print) -> list[dict]:
+             log=print, launcher: str = "local", sweep_dir=None, cluster: str = "auto",
+             slurm: dict | None = None) -> list[dict]:
     """Run every config (skipping finished ones); one status dict per config, in order.
 
     A status has ``run_id``, ``run_dir``, ``status`` (done | skipped | failed) and ``error``.
-    A failed run does not stop the others.
+    A failed run does not stop the others. ``launcher="submitit"`` sends the pending runs to a
+    scheduler as one job array (``launchers.py``; ``sweep_dir`` holds its files, ``cluster``
+    and ``slurm`` say where and how); ``workers`` applies to the local launcher only.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    if launcher not in LAUNCHERS:
+        raise ConfigError(f"unknown launcher {launcher!r}; expected one of {', '.join(LAUNCHERS)}")
+    if launcher == "submitit" and sweep_dir is None:
+        raise ValueError("run_many: launcher='submitit' needs sweep_dir (where its job files go)")
     statuses, pending = [], []
     for config in configs:
         status = {"run_id": config.run_id(), "run_dir": str(config.run_dir()), "status": "pending", "error": None}
@@ -114,8 +124,10 @@ def run_many(configs: list[RunConfig], *, workers: int = 1, restart: bool = Fals
         else:
             pending.append((config, status))
     log(f"{len(configs)} runs: {len(configs) - len(pending)} already complete, {len(pending)} to run"
-        + (f" with {workers} workers" if workers > 1 and pending else ""))
-    if workers == 1:
+        + (f" with {workers} workers" if workers > 1 and pending and launcher == "local" else ""))
+    if launcher == "submitit":
+        run_with_submitit(pending, sweep_dir, restart=restart, cluster=cluster, slurm=slurm, log=log)
+    elif workers == 1:
         for config, status in pending:
             try:
                 train(config, restart=restart, progress=progress, log=log)
@@ -292,11 +304,14 @@ def write_summary(sweep_dir, statuses: list[dict], labels: dict | None = None) -
 
 
 def run_sweep(sweep_dir, base: dict, grid: dict, *, workers: int = 1, restart: bool = False,
-              progress: bool = True, log=print) -> dict:
-    """Expand, run (resumably) and summarise a sweep; returns the summary."""
+              progress: bool = True, log=print, launcher: str = "local", cluster: str = "auto",
+              slurm: dict | None = None) -> dict:
+    """Expand, run (resumably) and summarise a sweep; returns the summary. ``launcher``,
+    ``cluster`` and ``slurm``: see :func:`run_many`."""
     configs = expand_grid(base, grid, sweep_dir)
     write_spec(sweep_dir, base, grid)
-    statuses = run_many(configs, workers=workers, restart=restart, progress=progress, log=log)
+    statuses = run_many(configs, workers=workers, restart=restart, progress=progress, log=log,
+                        launcher=launcher, sweep_dir=sweep_dir, cluster=cluster, slurm=slurm)
     summary = write_summary(sweep_dir, statuses)
     log(f"{Path(sweep_dir) / SUMMARY_FILE}: {len(summary['groups'])} groups"
         + (f", {len(summary['failed'])} failed runs" if summary["failed"] else ""))
