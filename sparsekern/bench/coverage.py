@@ -32,6 +32,8 @@ from torch import nn
 
 from sparsekern._types import BATCH_NORMS, norm_act_activation
 from sparsekern.prune import PrunePlan, prune_model
+from sparsekern.stats.analyze import analyze
+from sparsekern.stats.features import find_features
 
 DEAD_FRACTION = 0.12
 CONSTANT_FRACTION = 0.06
@@ -204,9 +206,6 @@ def coverage_row(spec, input_size: int = 64, *, batch: int = 2, seed: int = 0,
 
 def _measure(spec, builder, input_size: int, seed: int) -> dict:
     """Features the tracker finds, and whether one ``analyze`` pass runs (float32)."""
-    from sparsekern.stats.analyze import analyze
-    from sparsekern.stats.features import find_features
-
     out = {"features": 0, "activations": {}, "analyze_error": None}
     try:
         model = (builder or (lambda: build_model(spec)))().eval()
