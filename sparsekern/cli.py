@@ -5,11 +5,14 @@
     sparsekern sweep --config sweep.toml --out sweeps/t1 --workers 2
     sparsekern report sweeps/t1
     sparsekern analyze runs/<run id> --split train --json stats.json
+    sparsekern analyze --model timm:resnet18 --model-args num_classes=10 --weights r18.safetensors \
+        --data imagefolder:photos --input-size 64         # any model: torchvision:, timm:, package.module:factory
     sparsekern demo [--full] [--out DIR]
     sparsekern keep-ratio --out runs/keep-ratio     # Split LBI keep-ratio table (sparsekern.experiments)
     sparsekern cges-vs-l2 --out runs/cges-vs-l2
     sparsekern compare-methods --out runs/method-table   # implicit vs L1-norm, Slimming, CGES, Split LBI
     sparsekern prune runs/<run id> --by activation      # exact removal of dead filters (sparsekern.cli_prune)
+    sparsekern prune --model torchvision:resnet50 --weights r50.pth --data imagefolder:val --out pruned --onnx p.onnx
     sparsekern bench runs/<run id>/pruned-activation    # dense vs pruned speed
     sparsekern harvest runs/<run id> --slimming-run runs/<id>   # vs L1-norm pruning, Network Slimming
     sparsekern info
@@ -24,6 +27,11 @@ subcommand becomes one line ``sparsekern <cmd>: error: <message>`` on stderr and
 130. ``sparsekern --debug <cmd>`` or ``SPARSEKERN_DEBUG=1`` re-raises instead, with the traceback.
 Counts given as flags are checked by ``positive_int`` / ``int_at_least``, directories by
 ``existing_directory``, devices (present on this machine) by ``available_device``.
+
+A model from elsewhere instead of a run directory (``analyze``, ``prune``, ``bench``):
+``add_model_flags`` adds ``--model`` / ``--model-args`` / ``--weights`` / ``--seed`` / ``--data`` /
+``--input-size``; ``external_model_from_args`` builds the model (``sparsekern.models.external``) and
+``external_data_from_args`` its corpus (``sparsekern.data.specs``), sized and normalised for it.
 """
 from __future__ import annotations
 
@@ -34,10 +42,14 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from sparsekern._backend import backends
 from sparsekern._flags import add_config_flags, comma_list, config_overrides, field_kind
 from sparsekern.data import first_samples, get_dataset, make_loader
+from sparsekern.data.specs import DATA_FORMS, load_data, parse_data_spec
 from sparsekern.errors import ConfigError, SparsekernError
+from sparsekern.models.external import SPEC_FORMS, ExternalModel, load_external
 from sparsekern.experiments import check_here, log_to_stderr
 from sparsekern.stats.analyze import analyze
 from sparsekern.train.config import RunConfig
@@ -90,6 +102,84 @@ def available_device(text: str) -> str:
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def input_size(text: str):
+    """An argparse type: ``N`` (N x N) or ``HxW``, positive."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(p) for p in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected N or HxW with positive integers, got {text!r}")
+    return values[0] if len(values) == 1 or values[0] == values[1] else values
+
+
+# ---------------------------------------------------------------------- a model from elsewhere
+MODEL_FLAGS = ("model_args", "weights", "data", "input_size")
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model, --model-args, --weights, --seed, --data, --input-size: a model from elsewhere."""
+    group = p.add_argument_group("a model from elsewhere (instead of a run directory)")
+    group.add_argument("--model", metavar="SPEC", help=f"{SPEC_FORMS} (e.g. torchvision:resnet50, timm:resnet18, "
+                                                       "mypkg.nets:build); never downloads weights")
+    group.add_argument("--model-args", metavar="K=V,...",
+                       help="keyword arguments of the model's builder, as Python literals (e.g. num_classes=10)")
+    group.add_argument("--weights", metavar="FILE",
+                       help="local .pth / .pt (torch.load(weights_only=True): tensors only, no pickles) or "
+                            ".safetensors; a state dict or one under state_dict / model / model_state, loaded "
+                            "strictly. Without it the model is randomly initialised")
+    group.add_argument("--seed", type=int, default=0, help="torch seed of the random initialisation (default 0)")
+    group.add_argument("--data", metavar="SPEC", help=f"corpus: {DATA_FORMS} (--data-root: where "
+                                                                       "Fashion-MNIST is)")
+    group.add_argument("--input-size", type=input_size, metavar="N|HxW",
+                       help="input size (default: timm's data config of the model, else 224)")
+
+
+def external_model_from_args(args, command: str) -> ExternalModel | None:
+    """The --model of ``args`` built, its --weights loaded (None without --model; the other model
+    flags without --model are a ConfigError; --model needs --data, checked first). Says on stderr
+    when the weights are random."""
+    if args.model is None:
+        _check_no_model_flags(args)
+        return None
+    if args.data is None:
+        raise ConfigError(f"--model needs --data: the corpus to measure on ({DATA_FORMS})")
+    parse_data_spec(args.data)  # a bad --data fails before the model is built
+    torch.manual_seed(args.seed)
+    ext = load_external(args.model, args.model_args, args.weights, args.input_size)
+    if args.weights is None:
+        print(f"sparsekern {command}: no --weights: {args.model} is randomly initialised (seed {args.seed})",
+              file=sys.stderr)
+    return ext
+
+
+def external_data_from_args(args, ext: ExternalModel, split: str):
+    """The --data corpus of ``args`` (split "train" or "test"), brought to ``ext``'s input."""
+    return load_data(parse_data_spec(args.data), train=split == "train", input_size=ext.input_size, mean=ext.mean,
+                     std=ext.std, interpolation=ext.interpolation, crop_pct=ext.crop_pct,
+                     root=getattr(args, "data_root", None), seed=args.seed)
+
+
+def _check_no_model_flags(args) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_FLAGS if getattr(args, name, None) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} go{'es' if len(given) == 1 else ''} with --model "
+                          "(a model from elsewhere); a run directory brings its own model and data")
+
+
+def check_one_source(args, positional: str, command: str) -> None:
+    """Exactly one of the run directory ``positional`` and --model (and no model flag without --model)."""
+    if args.model is None:
+        _check_no_model_flags(args)
+    given = getattr(args, positional) is not None
+    if given and args.model is not None:
+        raise ConfigError(f"give a run directory or --model, not both ({getattr(args, positional)} and "
+                          f"--model {args.model})")
+    if not given and args.model is None:
+        raise ConfigError(f"sparsekern {command} needs a run directory or --model SPEC ({SPEC_FORMS})")
 
 
 # ---------------------------------------------------------------------- config flags
@@ -192,9 +282,11 @@ def _cmd_report(args) -> int:
 
 
 def _add_analyze(subparsers) -> None:
-    p = subparsers.add_parser("analyze", help="per-layer sparsity of a trained checkpoint over a dataset",
-                              description="Measure every post-ReLU feature of a checkpoint over a corpus.")
-    p.add_argument("checkpoint", help="a run directory or its checkpoint.pt (config.toml must be beside it)")
+    p = subparsers.add_parser("analyze", help="per-layer sparsity of a trained checkpoint (or any model) over a dataset",
+                              description="Measure every post-ReLU feature of a checkpoint, or of a model from "
+                                          "elsewhere (--model), over a corpus.")
+    p.add_argument("checkpoint", nargs="?",
+                   help="a run directory or its checkpoint.pt (config.toml must be beside it); or use --model")
     p.add_argument("--dataset", help="dataset to measure on (default: the run's)")
     p.add_argument("--data-root", type=existing_directory, help="dataset directory (default: the run's)")
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: train)")
@@ -204,19 +296,31 @@ def _add_analyze(subparsers) -> None:
     p.add_argument("--device", type=available_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     p.add_argument("--no-progress", action="store_true")
+    add_model_flags(p)
     p.set_defaults(func=_cmd_analyze)
 
 
 def _cmd_analyze(args) -> int:
-    model, config = load_trained(args.checkpoint, args.device)
-    dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
-                          root=args.data_root or config.data_root)
+    check_one_source(args, "checkpoint", "analyze")
+    ext = external_model_from_args(args, "analyze")
+    if ext is None:
+        model, config = load_trained(args.checkpoint, args.device)
+        dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
+                              root=args.data_root or config.data_root)
+        source = {"checkpoint": str(args.checkpoint)}
+    else:
+        if args.dataset is not None:
+            raise ConfigError("--dataset names a run's dataset; with --model give the corpus with --data")
+        model = ext.model.to(resolve_device(args.device))
+        dataset = external_data_from_args(args, ext, args.split)
+        source = {"model": args.model, "model_args": args.model_args, "weights": ext.weights,
+                  "data": str(parse_data_spec(args.data)), "input_size": list(ext.input_size)}
     loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
     result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
     print(result)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"checkpoint": str(args.checkpoint), "split": args.split, **result.to_dict()}, fh, indent=1)
+            json.dump({**source, "split": args.split, **result.to_dict()}, fh, indent=1)
     return 0
 
 

@@ -3,6 +3,8 @@
     sparsekern prune runs/<run id> [--by activation|gamma|both] [--out DIR] [--manifest plan.json]
     sparsekern bench runs/<run id>/pruned-activation [--batch-sizes 1,256] [--repeat 5] [--layers] [--json speed.json]
     sparsekern bench runs/<run id> --manifest plan.json
+    sparsekern prune --model timm:resnet18 --weights r18.safetensors --data imagefolder:photos --out DIR [--onnx p.onnx]
+    sparsekern bench --model torchvision:resnet18 --weights r18.pth --data imagefolder:photos --by both
     sparsekern harvest runs/<run id> --slimming-run runs/<slimming run id> [--fine-tune-steps 1500]
 
 ``prune``: checkpoint -> analysis over the training corpus -> plan -> exact surgery, verified
@@ -12,6 +14,14 @@ folded and channels_last, plus the dense model with fused BN-ReLU; the source is
 output directory, a run directory with ``--manifest``, or a bare run directory (pruned in memory
 as ``prune`` would; ``sparsekern.bench``). ``harvest``: implicit sparsity versus L1-norm pruning and
 Network Slimming at the same keep ratio (``sparsekern.experiments.harvest``).
+
+``prune`` and ``bench`` also take a model from elsewhere instead of a run directory (``--model``,
+``--model-args``, ``--weights``, ``--data``, ``--input-size``: see ``sparsekern.cli.add_model_flags``):
+the corpus is ``--data``'s ``--split`` (``imagefolder:DIR``: ``DIR/train`` or ``DIR/val`` when they
+exist, else ``DIR``), the held-out comparison its other split. ``prune --model`` needs ``--out``;
+its directory holds the same files, and a ``dense_state_dict.pt`` when no weights file gave the
+original, so that ``bench DIR`` rebuilds both models. ``--onnx PATH`` also exports the pruned model
+to ONNX (``sparsekern.prune.export``) and checks onnxruntime's output against torch's.
 """
 from __future__ import annotations
 
@@ -20,7 +30,18 @@ import json
 import sys
 from pathlib import Path
 
-from sparsekern.cli import available_device, int_at_least, positive_int
+import torch
+
+from sparsekern.errors import ConfigError
+from sparsekern.cli import (
+    add_model_flags,
+    available_device,
+    check_one_source,
+    external_data_from_args,
+    external_model_from_args,
+    int_at_least,
+    positive_int,
+)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -60,15 +81,21 @@ def _plan_options(args) -> dict:
 
 # ---------------------------------------------------------------------- prune
 def add_prune(subparsers) -> None:
-    p = subparsers.add_parser("prune", help="remove a trained run's dead filters exactly; save manifest, weights, report",
-                              description="Analyse a checkpoint over its training corpus, remove the dead filters "
-                                          "exactly, verify, and save the manifest, pruned weights and a report.")
-    p.add_argument("run", help="a run directory or its checkpoint.pt (config.toml beside it)")
-    p.add_argument("--out", help="output directory (default: <run dir>/pruned-<by>)")
+    p = subparsers.add_parser("prune", help="remove a trained run's (or any model's) dead filters exactly; save "
+                                            "manifest, weights, report",
+                              description="Analyse a checkpoint over its training corpus (or a model from elsewhere "
+                                          "over --data), remove the dead filters exactly, verify, and save the "
+                                          "manifest, pruned weights and a report.")
+    p.add_argument("run", nargs="?", help="a run directory or its checkpoint.pt (config.toml beside it); or use --model")
+    p.add_argument("--out", help="output directory (default: <run dir>/pruned-<by>; required with --model)")
     p.add_argument("--manifest", metavar="PATH", help="also write the JSON manifest (the plan) here")
     p.add_argument("--test-samples", type=positive_int, help="compare original and pruned on the first N test images "
                                                     "(default: the run's test set)")
+    p.add_argument("--onnx", metavar="PATH", help="also export the pruned model to ONNX here (needs sparsekern[export]) "
+                                                  "and compare onnxruntime's output with torch's")
     _add_plan_flags(p)
+    p.add_argument("--data-root", help="with --model --data fashion-mnist: where Fashion-MNIST is")
+    add_model_flags(p)
     p.set_defaults(func=_cmd_prune)
 
 
@@ -81,19 +108,86 @@ def _cmd_prune(args) -> int:
     from sparsekern.prune import PruneVerificationError, UnsupportedModelError
     from sparsekern.experiments.harvest import FILES, prune_run
 
+    check_one_source(args, "run", "prune")
+    if args.model is not None and not args.out:
+        raise ConfigError("--out is required with --model (there is no run directory to write next to)")
     out = Path(args.out) if args.out else _run_dir(args.run) / f"pruned-{args.by}"
     try:
-        summary = prune_run(args.run, out, manifest=args.manifest, test_samples=args.test_samples,
-                            **_plan_options(args))
+        if args.model is None:
+            summary = prune_run(args.run, out, manifest=args.manifest, test_samples=args.test_samples,
+                                **_plan_options(args))
+        else:
+            summary = _prune_external(args, out)
+        if args.onnx:
+            summary["onnx"] = _export_onnx(args, out)
     except (PruneVerificationError, UnsupportedModelError) as exc:
         print(f"sparsekern prune: error: {exc}", file=sys.stderr)
         return 1
     held = summary["held_out"]
     print((out / FILES["markdown"]).read_text())
-    print(json.dumps({"out": str(out), "filters_removed_pct": summary["filters_removed_pct"],
-                      "flops_before": summary["flops_before"], "flops_after": summary["flops_after"],
-                      "test_agreement": held["agreement"], "max_rel_logit_diff": held["max_rel_logit_diff"]}))
+    printed = {"out": str(out), "filters_removed_pct": summary["filters_removed_pct"],
+               "flops_before": summary["flops_before"], "flops_after": summary["flops_after"],
+               "test_agreement": held["agreement"], "max_rel_logit_diff": held["max_rel_logit_diff"]}
+    if args.onnx:
+        printed["onnx"] = summary["onnx"]
+    print(json.dumps(printed))
     return 0
+
+
+def _external_corpus(args, ext):
+    """The analysed corpus of a model from elsewhere: the first --samples of --data's --split."""
+    from sparsekern.data import first_samples
+
+    return first_samples(external_data_from_args(args, ext, args.split), args.samples)
+
+
+def _prune_external(args, out: Path) -> dict:
+    """``prune --model``: build and load the model, prune it over --data, write ``out``."""
+    from sparsekern.experiments.harvest import prune_loaded, write_pruned
+    from sparsekern.train.loop import resolve_device
+
+    ext = external_model_from_args(args, "prune")
+    options = _plan_options(args)
+    model = ext.model.to(resolve_device(options["device"]))
+    corpus = _external_corpus(args, ext)
+    held_out = external_data_from_args(args, ext, "test" if args.split == "train" else "train")
+    done = prune_loaded(model, corpus, by=args.by, activation_threshold=args.activation_threshold,
+                        gamma_threshold=args.gamma_threshold, verify_samples=args.verify_samples,
+                        batch_size=args.batch_size, progress=not args.no_progress)
+    described = ext.describe()
+    extra = {}
+    if ext.weights is None:  # random weights: keep them, or the original could not be rebuilt
+        described["dense_state_dict"] = DENSE_STATE_DICT
+        extra[DENSE_STATE_DICT] = model.state_dict()
+    source = {"external": described, "model": args.model, "dataset": str(_data_spec(args)),
+              "source_title": f"weights {ext.weights}" if ext.weights else f"random initialisation, seed {args.seed}"}
+    return write_pruned(out, {**done, "test_set": held_out}, source, by=args.by,
+                        activation_threshold=args.activation_threshold, gamma_threshold=args.gamma_threshold,
+                        split=args.split, test_samples=args.test_samples, batch_size=args.batch_size,
+                        manifest=args.manifest, extra_files=extra)
+
+
+DENSE_STATE_DICT = "dense_state_dict.pt"
+
+
+def _data_spec(args):
+    from sparsekern.data.specs import parse_data_spec
+
+    return parse_data_spec(args.data)
+
+
+def _export_onnx(args, out: Path) -> dict:
+    """Export the pruned model saved in ``out`` to ``args.onnx`` and compare onnxruntime's output with
+    torch's on 8 seeded random inputs (both run the same pruned model, so any input checks the export)."""
+    from sparsekern.experiments.harvest import load_pruned
+    from sparsekern.prune.export import export_onnx, onnx_max_diff
+
+    _, pruned, plan = load_pruned(out, "cpu")
+    example = torch.randn((2,) + tuple(plan.input_shape[1:]))
+    path = export_onnx(pruned, example, args.onnx)
+    inputs = torch.randn((8,) + tuple(plan.input_shape[1:]), generator=torch.Generator().manual_seed(0))
+    check = onnx_max_diff(path, pruned, inputs)
+    return {"path": str(path), **check}
 
 
 # ---------------------------------------------------------------------- bench
@@ -102,8 +196,8 @@ def add_bench(subparsers) -> None:
                               description="Time the dense and the pruned model side by side (both BN-folded, "
                                           "channels_last; plus the dense model with fused BN-ReLU), eager and "
                                           "torch.compile, and check 1 - t_pruned/t_dense >= 0.7 * (1 - FLOPs ratio).")
-    p.add_argument("source", help="a `sparsekern prune` output directory, or a run directory (pruned in memory, "
-                                  "or with --manifest)")
+    p.add_argument("source", nargs="?", help="a `sparsekern prune` output directory, or a run directory (pruned in "
+                                             "memory, or with --manifest); or use --model")
     p.add_argument("--manifest", metavar="PATH", help="apply this manifest to the run's model")
     p.add_argument("--batch-sizes", type=_int_list, default=(1, 256), help="comma-separated (default 1,256)")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float32 on CPU, float16 on CUDA")
@@ -121,6 +215,8 @@ def add_bench(subparsers) -> None:
                         "by side, to see where time does not follow FLOPs")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
     _add_plan_flags(p)
+    p.add_argument("--data-root", help="with --model --data fashion-mnist: where Fashion-MNIST is")
+    add_model_flags(p)
     p.set_defaults(func=_cmd_bench)
 
 
@@ -129,6 +225,7 @@ def _cmd_bench(args) -> int:
     from sparsekern.bench.speed import repeat_summary
     from sparsekern.report.speed import repeat_markdown, speed_markdown
 
+    check_one_source(args, "source", "bench")
     try:
         if args.repeat == 1:
             results = [_bench_once(args)]
@@ -141,7 +238,7 @@ def _cmd_bench(args) -> int:
         result = results[0]
         print(speed_markdown(result))
     else:
-        result = {"source": str(args.source), "summary": repeat_summary(results), "runs": results}
+        result = {"source": _bench_source(args), "summary": repeat_summary(results), "runs": results}
         print(repeat_markdown(result["summary"]))
     if results[0].get("layers"):
         print(results[0]["layers_markdown"])
@@ -160,13 +257,16 @@ def _bench_once(args) -> dict:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    dense, pruned, sample_shape = dense_and_pruned(args.source, manifest=args.manifest, **_plan_options(args))
+    if args.model is None:
+        dense, pruned, sample_shape = dense_and_pruned(args.source, manifest=args.manifest, **_plan_options(args))
+    else:
+        dense, pruned, sample_shape = _external_dense_and_pruned(args)
     device = next(dense.parameters()).device
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     result = speed_comparison(dense, pruned, sample_shape, batch_sizes=args.batch_sizes, device=device, dtype=dtype,
                               compile=not args.no_compile, fused=not args.no_fused, rounds=args.rounds,
                               log=lambda m: print(m, file=sys.stderr))
-    result["source"] = str(args.source)
+    result["source"] = _bench_source(args)
     if args.layers:
         batch = max(args.batch_sizes)
         dtype = getattr(torch, result["dtype"])
@@ -176,6 +276,25 @@ def _bench_once(args) -> dict:
             result["layers"] = layer_profile(models, (batch,) + tuple(result["sample_shape"]), rounds=args.rounds)
         result["layers_markdown"] = f"Per layer, batch {batch}:\n\n" + profile_markdown(result["layers"], batch)
     return result
+
+
+def _bench_source(args) -> str:
+    return str(args.source) if args.model is None else f"{args.model} ({args.weights or 'random weights'})"
+
+
+def _external_dense_and_pruned(args) -> tuple:
+    """``bench --model``: the model and its pruned copy (by --manifest, or the plan flags over --data)."""
+    from sparsekern.experiments.harvest import dense_and_pruned_loaded
+    from sparsekern.train.loop import resolve_device
+
+    ext = external_model_from_args(args, "bench")
+    model = ext.model.to(resolve_device(args.device))
+    corpus = _external_corpus(args, ext)
+    options = {} if args.manifest else {"by": args.by, "activation_threshold": args.activation_threshold,
+                                        "gamma_threshold": args.gamma_threshold, "batch_size": args.batch_size,
+                                        "progress": not args.no_progress}
+    return dense_and_pruned_loaded(model, corpus, manifest=args.manifest, verify_samples=args.verify_samples,
+                                   **options)
 
 
 def _bench_in_fresh_processes(args) -> list:

@@ -86,3 +86,24 @@ class RunLockedError(CheckpointError):
 
 class TrainingDivergedError(SparsekernError, RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------- models, weights and data from elsewhere
+class MissingDependencyError(SparsekernError, ImportError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+class ModelSpecError(SparsekernError, ValueError):
+    """A model spec (``--model``, ``--model-args``) that builds no model: an unknown source, name or
+    factory, arguments the factory refuses, or a factory that returns no ``nn.Module``."""
+
+
+class WeightsError(SparsekernError, ValueError):
+    """A weights file that cannot be used: missing, of an unknown format, holding pickled Python
+    objects instead of tensors only, holding no state dict, or not fitting the model (the message
+    lists missing / unexpected keys and shape mismatches)."""
+
+
+class DataError(SparsekernError, ValueError):
+    """A corpus that cannot be used: an unknown ``--data`` spec, an image folder with no images in
+    it, or an image file that cannot be read (the message names the folder or file)."""

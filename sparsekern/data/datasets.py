@@ -9,6 +9,7 @@ fast path when it can, is deterministic given ``seed`` and shards across ranks.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from typing import Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from sparsekern.errors import DataError
 
 DATA_ENV = "SPARSEKERN_DATA"
 
@@ -156,17 +159,67 @@ class InMemoryImageDataset(Dataset):
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
+    def slice(self, start: int, stop: int) -> "InMemoryImageDataset":
+        """Samples ``start`` to ``stop`` over views of the stored corpus, with the same normalisation
+        and augmentation (what :func:`sample_range` returns; a subclass that batches differently
+        overrides it)."""
+        return InMemoryImageDataset(
+            self.images[start:stop], self.labels[start:stop], mean=self.mean, std=self.std,
+            num_classes=self.info.num_classes, augment=self.augment, crop_padding=self.crop_padding,
+            classes=self.classes,
+        )
+
+
+class ResizedImageDataset(InMemoryImageDataset):
+    """An in-memory uint8 corpus brought to a model's input per batch: scaled to [0, 1], resized to
+    ``size`` (H, W) with ``interpolation`` (bilinear / bicubic antialiased, or nearest; clamped to
+    [0, 1]), a single channel repeated to ``channels``, then normalised with the model's per-channel
+    ``mean`` / ``std``. No augmentation. Used for Fashion-MNIST (1 x 28 x 28) fed to ImageNet models."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, size: Tuple[int, int], channels: int,
+                 mean: Union[float, Sequence[float]], std: Union[float, Sequence[float]], num_classes: int,
+                 interpolation: str = "bilinear", classes: Optional[Sequence[str]] = None):
+        super().__init__(images, labels, mean=0.0, std=1.0, num_classes=num_classes, classes=classes)
+        if images.shape[1] not in (1, channels):
+            raise ValueError(f"cannot make {channels}-channel inputs of {images.shape[1]}-channel images")
+        if interpolation not in ("bilinear", "bicubic", "nearest"):
+            raise ValueError(f"interpolation must be bilinear, bicubic or nearest, got {interpolation!r}")
+        self.size = (int(size[0]), int(size[1]))
+        self.channels = channels
+        self.interpolation = interpolation
+        self.mean, self.std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+        if not bool((self.std > 0).all()):
+            raise ValueError(f"std must be > 0 for every channel, got {self.std.tolist()}")
+        height, width = self.size
+        self.info = DatasetInfo(channels, num_classes, height if height == width else self.size)
+
+    def get_batch(
+        self, indices: torch.Tensor, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        indices = indices.to(self.images.device)
+        images = self.images[indices].float() / 255.0
+        if tuple(images.shape[-2:]) != self.size:
+            smooth = self.interpolation != "nearest"
+            images = F.interpolate(images, size=self.size, mode=self.interpolation, antialias=smooth,
+                                   **({"align_corners": False} if smooth else {})).clamp_(0.0, 1.0)
+        if images.shape[1] != self.channels:
+            images = images.expand(-1, self.channels, -1, -1)
+        mean, std = self.mean.view(1, -1, 1, 1), self.std.view(1, -1, 1, 1)
+        return (images - mean) / std, self.labels[indices]
+
+    def slice(self, start: int, stop: int) -> "ResizedImageDataset":
+        return ResizedImageDataset(self.images[start:stop], self.labels[start:stop], size=self.size,
+                                   channels=self.channels, mean=self.mean, std=self.std,
+                                   num_classes=self.info.num_classes, interpolation=self.interpolation,
+                                   classes=self.classes)
+
 
 def sample_range(dataset, start: int, stop: int):
     """Samples ``start`` to ``stop`` of ``dataset``, in order, as a dataset with the same ``info``:
-    an InMemoryImageDataset over views of the stored corpus (same normalisation and
-    augmentation), or a Subset of any other dataset."""
+    an InMemoryImageDataset over views of the stored corpus (``dataset.slice``: same normalisation
+    and augmentation), or a Subset of any other dataset."""
     if isinstance(dataset, InMemoryImageDataset):
-        return InMemoryImageDataset(
-            dataset.images[start:stop], dataset.labels[start:stop], mean=dataset.mean, std=dataset.std,
-            num_classes=dataset.info.num_classes, augment=dataset.augment, crop_padding=dataset.crop_padding,
-            classes=dataset.classes,
-        )
+        return dataset.slice(start, stop)
     subset = Subset(dataset, range(start, stop))
     subset.info = dataset.info
     return subset
@@ -259,21 +312,29 @@ def load_image_folder(
     root: Union[str, Path],
     *,
     train: bool = True,
-    image_size: int = 224,
-    resize_size: int = 256,
+    image_size: Union[int, Tuple[int, int]] = 224,
+    resize_size: Union[int, Tuple[int, int]] = 256,
     augment: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    in_channels: int = 3,
+    interpolation: str = "bilinear",
 ):
     """An ImageNet-style corpus (one sub-folder per class) as ``torchvision.datasets.ImageFolder``.
 
     Uses ``root/train`` or ``root/val`` for the split when that sub-folder exists, else ``root``.
     Eval transform: Resize(resize_size) -> CenterCrop(image_size) -> normalise; with
-    ``augment``: RandomResizedCrop(image_size) -> horizontal flip -> normalise. The returned
-    dataset has an ``info`` attribute (:class:`DatasetInfo`).
+    ``augment``: RandomResizedCrop(image_size) -> horizontal flip -> normalise. Images are read as
+    RGB (grayscale ones repeated to 3 channels) or, with ``in_channels=1``, as grayscale;
+    ``interpolation`` is torchvision's (bilinear, bicubic, nearest). The returned dataset has an
+    ``info`` attribute (:class:`DatasetInfo`). A folder with no class sub-folder or no image is a
+    DataError naming it; an image that cannot be decoded is a DataError naming the file when it is
+    read.
     """
     from torchvision import datasets, transforms
 
+    if in_channels not in (1, 3):
+        raise ValueError(f"an image folder gives 1- or 3-channel images, not in_channels={in_channels!r}")
     base = Path(root).expanduser()
     split = base / ("train" if train else "val")
     folder = split if split.is_dir() else base
@@ -281,14 +342,40 @@ def load_image_folder(
         raise dataset_not_found(
             f"image folder {folder}", [folder], "It must hold one sub-folder of images per class."
         )
+    mode = transforms.InterpolationMode(interpolation)
     if augment:
-        steps = [transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip()]
+        steps = [transforms.RandomResizedCrop(image_size, interpolation=mode), transforms.RandomHorizontalFlip()]
     else:
-        steps = [transforms.Resize(resize_size), transforms.CenterCrop(image_size)]
+        steps = [transforms.Resize(resize_size, interpolation=mode), transforms.CenterCrop(image_size)]
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
-    dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps))
-    dataset.info = DatasetInfo(3, len(dataset.classes), image_size)
+    loader = functools.partial(read_image, mode="RGB" if in_channels == 3 else "L")
+    try:
+        dataset = datasets.ImageFolder(str(folder), transform=transforms.Compose(steps), loader=loader)
+    except FileNotFoundError as exc:  # torchvision: no class folder, or no file with an image extension
+        raise DataError(f"image folder {folder} holds no images ({_first_line(exc)}); it must hold one "
+                        "sub-folder per class with image files in it (DIR/CLASS/IMAGE.jpg)") from None
+    except OSError as exc:  # e.g. a folder that cannot be listed
+        raise DataError(f"image folder {folder} cannot be read ({exc})") from None
+    size = image_size if isinstance(image_size, int) or image_size[0] != image_size[1] else image_size[0]
+    dataset.info = DatasetInfo(in_channels, len(dataset.classes), size if isinstance(size, int) else tuple(size))
     return dataset
+
+
+def read_image(path: str, mode: str = "RGB"):
+    """One image file as a PIL image in ``mode``; a file PIL cannot decode is a DataError naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            image = Image.open(fh)
+            return image.convert(mode)
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError (an OSError), truncated
+        raise DataError(f"image {path} cannot be read ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
 
 
 class TensorBatchLoader:

@@ -9,6 +9,8 @@
   plan (``sparsekern.prune.implicit.implicit_plan``) -> exact surgery -> verification on held-out
   data -> manifest, pruned state_dict, report (JSON and markdown); :func:`load_pruned` reads it
   back, :func:`dense_and_pruned` gets the pair to time (``sparsekern bench``) from either.
+  :func:`prune_loaded` / :func:`write_pruned` / :func:`dense_and_pruned_loaded` are the same
+  steps for a model already in memory (``sparsekern prune --model``: torchvision, timm, a factory).
 - :func:`compare_methods` / :func:`harvest_run`: implicit sparsity versus L1-norm filter pruning and
   Network Slimming at the same keep ratio (% filters removed, params, FLOPs, accuracy before and
   after fine-tuning, optionally measured speed).
@@ -28,6 +30,7 @@ from torch import nn
 from sparsekern.bench.speed import inference_model
 from sparsekern.bench.timing import time_models
 from sparsekern.data import first_samples, make_loader, run_dataset
+from sparsekern.models.external import load_external, load_weights, read_state_dict
 from sparsekern.prune.baselines import l1_norm_plan, slimming_plan, unit_layers
 from sparsekern.prune.compare import compare_logits, unit_keep_ratio
 from sparsekern.prune.flops import count_flops, count_params
@@ -64,6 +67,24 @@ def _check_count(name: str, value) -> None:
 # --- a run directory -> a pruned model on disk ----------------------------------------------------
 
 
+def prune_loaded(model: nn.Module, corpus, *, by: str = "activation", activation_threshold: float = 1e-12,
+                 gamma_threshold: float = 1e-3, verify_samples: int = 256, batch_size: int = 500,
+                 progress: bool = False) -> dict:
+    """Prune a model in memory by the channels it leaves dead over ``corpus`` (a dataset, already
+    limited to the images to analyse): {"model", "pruned", "plan", "report", "corpus"}.
+
+    The plan comes from ``implicit_plan``; surgery verifies the pruned model node by node against
+    the original on the first ``verify_samples`` images of ``corpus``.
+    """
+    _check_count("verify_samples", verify_samples)
+    shape = (2,) + tuple(first_batch(corpus, 1).shape[1:])
+    plan = implicit_plan(model, make_loader(corpus, batch_size, shuffle=False), by=by,
+                         activation_threshold=activation_threshold, gamma_threshold=gamma_threshold,
+                         input_shape=shape, progress=progress)
+    pruned, report = prune_model(model, plan, first_batch(corpus, verify_samples))
+    return {"model": model, "pruned": pruned, "plan": plan, "report": report, "corpus": corpus}
+
+
 def prune_trained(run_dir, *, by: str = "activation", activation_threshold: float = 1e-12,
                   gamma_threshold: float = 1e-3, split: str = "train", samples: Optional[int] = None,
                   verify_samples: int = 256, batch_size: int = 500, device: str = "auto",
@@ -83,13 +104,50 @@ def prune_trained(run_dir, *, by: str = "activation", activation_threshold: floa
     target = resolve_device(device)
     test_set = run_dataset(config, "test", target)
     corpus = first_samples(run_dataset(config, "train", target) if split == "train" else test_set, samples)
-    shape = (2,) + tuple(first_batch(corpus, 1).shape[1:])
-    plan = implicit_plan(model, make_loader(corpus, batch_size, shuffle=False), by=by,
-                         activation_threshold=activation_threshold, gamma_threshold=gamma_threshold,
-                         input_shape=shape, progress=progress)
-    pruned, report = prune_model(model, plan, first_batch(corpus, verify_samples))
-    return {"model": model, "config": config, "pruned": pruned, "plan": plan, "report": report,
-            "corpus": corpus, "test_set": test_set}
+    done = prune_loaded(model, corpus, by=by, activation_threshold=activation_threshold,
+                        gamma_threshold=gamma_threshold, verify_samples=verify_samples, batch_size=batch_size,
+                        progress=progress)
+    return {**done, "config": config, "test_set": test_set}
+
+
+def write_pruned(out_dir, done: dict, source: dict, *, by: str, activation_threshold: float, gamma_threshold: float,
+                 split: str, test_samples: Optional[int] = None, batch_size: int = 500,
+                 manifest: Optional[str] = None, extra_files: Optional[dict] = None) -> dict:
+    """Compare a :func:`prune_loaded` result with its original over ``done["test_set"]`` (first
+    ``test_samples``) and write it to ``out_dir`` (see ``FILES``; ``extra_files``: more name ->
+    state dict to save there); returns the report dict, which starts with ``source``: where the
+    model came from ({"run_dir", "model", "dataset"} of a run, or {"external": ..., "model",
+    "dataset"}, what :func:`load_pruned` rebuilds it from) and ``source_title`` for the markdown."""
+    _check_count("test_samples", test_samples)
+    model, pruned, plan, report = done["model"], done["pruned"], done["plan"], done["report"]
+    held_out = compare_logits(model, pruned, first_samples(done["test_set"], test_samples), batch_size=batch_size)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.save(out / FILES["manifest"])
+    if manifest is not None:
+        plan.save(manifest)
+    torch.save(pruned.state_dict(), out / FILES["state_dict"])
+    for name, state in (extra_files or {}).items():
+        torch.save(state, out / name)
+    layers = unit_layers(model)
+    source = dict(source)
+    title = source.pop("source_title", None)
+    summary = {
+        **source,
+        "by": by, "activation_threshold": activation_threshold, "gamma_threshold": gamma_threshold,
+        "corpus": {"split": split, "samples": len(done["corpus"])},
+        "filters": sum(report.layers[n].channels_before for n in layers),
+        "filters_removed_pct": 100.0 * (1.0 - unit_keep_ratio(report, layers)),
+        "flops_before": report.flops_before, "flops_after": report.flops_after,
+        "surgery": report.to_dict(),
+        "held_out": {"split": "test", **held_out},
+        "plan_notes": plan.notes,
+    }
+    (out / FILES["report"]).write_text(json.dumps(summary, indent=1) + "\n")
+    titled = summary if title is None else {**summary, "run_dir": title}
+    (out / FILES["markdown"]).write_text(prune_markdown(titled, report.summary()))
+    return summary
 
 
 def prune_run(run_dir, out_dir, *, by: str = "activation", activation_threshold: float = 1e-12,
@@ -108,38 +166,20 @@ def prune_run(run_dir, out_dir, *, by: str = "activation", activation_threshold:
     done = prune_trained(run_dir, by=by, activation_threshold=activation_threshold, gamma_threshold=gamma_threshold,
                          split=split, samples=samples, verify_samples=verify_samples, batch_size=batch_size,
                          device=device, progress=progress)
-    model, pruned, plan, report = done["model"], done["pruned"], done["plan"], done["report"]
-    held_out = compare_logits(model, pruned, first_samples(done["test_set"], test_samples), batch_size=batch_size)
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / FILES["manifest"])
-    if manifest is not None:
-        plan.save(manifest)
-    torch.save(pruned.state_dict(), out / FILES["state_dict"])
-    layers = unit_layers(model)
     run_path = Path(run_dir).resolve()
-    summary = {
-        "run_dir": str(run_path if run_path.is_dir() else run_path.parent),
-        "model": done["config"].model, "dataset": done["config"].dataset,
-        "by": by, "activation_threshold": activation_threshold, "gamma_threshold": gamma_threshold,
-        "corpus": {"split": split, "samples": len(done["corpus"])},
-        "filters": sum(report.layers[n].channels_before for n in layers),
-        "filters_removed_pct": 100.0 * (1.0 - unit_keep_ratio(report, layers)),
-        "flops_before": report.flops_before, "flops_after": report.flops_after,
-        "surgery": report.to_dict(),
-        "held_out": {"split": "test", **held_out},
-        "plan_notes": plan.notes,
-    }
-    (out / FILES["report"]).write_text(json.dumps(summary, indent=1) + "\n")
-    (out / FILES["markdown"]).write_text(prune_markdown(summary, report.summary()))
-    return summary
+    source = {"run_dir": str(run_path if run_path.is_dir() else run_path.parent),
+              "model": done["config"].model, "dataset": done["config"].dataset}
+    return write_pruned(out_dir, done, source, by=by, activation_threshold=activation_threshold,
+                        gamma_threshold=gamma_threshold, split=split, test_samples=test_samples,
+                        batch_size=batch_size, manifest=manifest)
 
 
 def load_pruned(prune_dir, device: str = "auto") -> tuple:
-    """(original model, pruned model, PrunePlan) from a directory written by :func:`prune_run`: the
-    run's model rebuilt from its checkpoint, the manifest applied to it, the saved pruned weights
-    loaded (a manifest that does not fit those weights fails with the mismatching shapes)."""
+    """(original model, pruned model, PrunePlan) from a directory written by :func:`prune_run` (or
+    :func:`write_pruned`): the original rebuilt (a run's model from its checkpoint; a model from
+    elsewhere from its spec, weights file or saved dense state dict), the manifest applied to it,
+    the saved pruned weights loaded (a manifest that does not fit those weights fails with the
+    mismatching shapes)."""
     prune_dir = Path(prune_dir)
     files = {key: prune_dir / name for key, name in FILES.items()}
     missing = [str(files[k]) for k in ("manifest", "state_dict", "report") if not files[k].is_file()]
@@ -147,13 +187,40 @@ def load_pruned(prune_dir, device: str = "auto") -> tuple:
         raise FileNotFoundError(f"{prune_dir}: not a `sparsekern prune` output directory "
                                 f"(missing {', '.join(missing)})")
     summary = json.loads(files["report"].read_text())
-    model, _ = load_trained(summary["run_dir"], device)
+    if summary.get("external"):
+        model = load_external_original(summary["external"], prune_dir).to(resolve_device(device))
+    else:
+        model, _ = load_trained(summary["run_dir"], device)
     plan = PrunePlan.load(files["manifest"])
     # verify=False: the saved weights are the verified ones; the manifest only gives the shapes here.
     pruned, _ = prune_model(model, plan, verify=False)
     state = torch.load(files["state_dict"], map_location=next(model.parameters()).device, weights_only=True)
     pruned.load_state_dict(state)
     return model, pruned.eval(), plan
+
+
+def load_external_original(described: dict, prune_dir) -> nn.Module:
+    """The original model of an external prune (``summary["external"]``: :meth:`ExternalModel.describe`
+    plus ``dense_state_dict``, the file in ``prune_dir`` holding its weights when no weights file did)."""
+    dense_file = described.get("dense_state_dict")
+    model = load_external(described["spec"], described.get("model_args") or None,
+                          weights=None if dense_file else described.get("weights")).model
+    if dense_file:
+        load_weights(model, read_state_dict(Path(prune_dir) / dense_file), f"{Path(prune_dir) / dense_file}")
+    return model.eval()
+
+
+def dense_and_pruned_loaded(model: nn.Module, corpus, *, manifest=None, **plan_options) -> tuple:
+    """(dense model, pruned model, one input's shape) for timing a model in memory: pruned with
+    ``manifest`` (verified on the first ``verify_samples`` images of ``corpus``) or, without one, by
+    :func:`prune_loaded` over ``corpus`` with ``plan_options``."""
+    if manifest is not None:
+        verify_samples = plan_options.get("verify_samples", 256)
+        batch = first_batch(corpus, verify_samples)
+        pruned, _ = prune_model(model, PrunePlan.load(manifest), batch)
+        return model, pruned, tuple(batch.shape[1:])
+    done = prune_loaded(model, corpus, **plan_options)
+    return done["model"], done["pruned"], tuple(done["plan"].input_shape[1:])
 
 
 def dense_and_pruned(source, *, manifest=None, device: str = "auto", **plan_options) -> tuple:
