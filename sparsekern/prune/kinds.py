@@ -268,8 +268,10 @@ def classify(node: torch.fx.Node, modules: dict) -> tuple[str, dict]:
         if target in _SHUFFLE_FUNCTIONS:
             return SHUFFLE, {"groups": _arg(node, 1, "groups")}
         if target is F.layer_norm:
-            return MIXING, {"normalized_dims": len(as_tuple(_arg(node, 1, "normalized_shape", ()))),
-                            "what": "layer_norm"}
+            shape = _arg(node, 1, "normalized_shape", ())
+            # A computed shape (x.shape[1:]) may cover the channel dim: count it as mixing.
+            dims = None if _has_node(shape) else len(as_tuple(shape))
+            return MIXING, {"normalized_dims": dims, "what": "layer_norm"}
         if target is F.group_norm:
             return MIXING, {"normalized_dims": None, "what": "group_norm"}
         if target is getattr:
@@ -339,7 +341,7 @@ def constant_through(info, position: int, value: Optional[float]) -> Optional[fl
     if kind == PERCHANNEL:
         if value is None:
             return None
-        return info.detail["handler"].constant(info.detail["module"], position, value, info.detail["in_shape"])
+        return info.detail["handler"].constant(info.detail["module"], position, value, info.detail.get("in_shape"))
     if value is None:
         return None
     if kind in (IDENTITY, TRANSPOSE, SHUFFLE):

@@ -81,9 +81,17 @@ class ChannelHandler:
             return None
         param = next((p for p in module.parameters()), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float64
+        if shape is None:  # a graph built without example inputs: guess (1, C, 1, 1) from the parameters
+            sizes = [getattr(module, n).shape[0] for n in self.params if getattr(module, n, None) is not None]
+            if not sizes:
+                return None
+            shape = (1, sizes[0], 1, 1)
         probe = torch.full((1, shape[1]) + (1,) * (len(shape) - 2), value, dtype=dtype)
-        with torch.no_grad():
-            out = module(probe)
+        try:
+            with torch.no_grad():
+                out = module(probe)
+        except Exception:  # the module wants another shape: say "not constant"
+            return None
         if not isinstance(out, torch.Tensor) or out.shape != probe.shape:
             return None
         return float(out[0, channel].reshape(-1)[0].double())
