@@ -10,6 +10,10 @@ Names: ``fashion_mnist`` (default of the project), ``cifar10``, ``cifar100``, ``
 (an ImageFolder tree with 1000 classes), ``imagefolder`` (any ImageFolder tree; ``root``
 required), ``synthetic``. Hyphens and case are ignored (``Fashion-MNIST`` works). Nothing is
 ever downloaded: a missing corpus raises FileNotFoundError saying how to get it.
+
+For a model from elsewhere, :mod:`sparsekern.data.specs` reads a command line's ``--data``
+(``fashion-mnist``, ``imagefolder:DIR``, ``synthetic[:N]``) and brings it to the model's input size,
+channels and normalisation (``load_data``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from sparsekern.data.datasets import (
     DATA_ENV,
     DatasetInfo,
     InMemoryImageDataset,
+    ResizedImageDataset,
     SyntheticDataset,
     TensorBatchLoader,
     dataset_not_found,
@@ -34,6 +39,7 @@ from sparsekern.data.datasets import (
     set_loader_epoch,
 )
 from sparsekern.data.fashion_mnist import FashionMNIST, load_fashion_mnist, read_idx
+from sparsekern.data.specs import DataSpec, load_data, parse_data_spec
 
 _INFO = {
     "fashion_mnist": DatasetInfo(1, 10, 28),
@@ -131,6 +137,8 @@ __all__ = [
     "DatasetInfo",
     "FashionMNIST",
     "InMemoryImageDataset",
+    "DataSpec",
+    "ResizedImageDataset",
     "SyntheticDataset",
     "TensorBatchLoader",
     "dataset_info",
@@ -138,8 +146,10 @@ __all__ = [
     "get_dataset",
     "load_cifar",
     "load_fashion_mnist",
+    "load_data",
     "load_image_folder",
     "make_loader",
+    "parse_data_spec",
     "read_idx",
     "run_dataset",
     "sample_range",
