@@ -511,7 +511,19 @@ def test_state_dict_format_1_loads_and_is_what_state_dict_writes(mode, tmp_path)
         fed.set_reference_max(torch.tensor([2.0, 4.0]))
     fed.update(torch.tensor([[0.0, -4.0], [2.0, 0.002]]))
     written = fed.state_dict()
-    assert written.keys() == saved.keys()
+    # Since the value range is kept, state_dict adds its three fields; a state without them (an
+    # older checkpoint) loads with the range unknown.
+    assert written.keys() == saved.keys() | {"value_min", "value_max", "range_samples"}
+    assert written["range_samples"] == 2
+    assert written["value_min"].tolist() == [0.0, -4.0]
+    assert written["value_max"].tolist() == [2.0, pytest.approx(0.002)]
+    assert not loaded.has_range
+    with pytest.raises(ValueError, match="2 of 2 samples came through update_reduced.*value range is unknown"):
+        loaded.constant_mask()
+    with_range = dict(saved, value_min=written["value_min"], value_max=written["value_max"], range_samples=2)
+    again = ChannelStats(selectivity=base, memmap_path=tmp_path / "again.f32" if base == "memmap" else None)
+    again.load_state_dict(with_range)
+    assert again.has_range and again.constant_mask().tolist() == [False, False]
     for key, value in saved.items():
         if key == "memmap_path":
             assert np.fromfile(written[key], dtype=np.float32).tolist() == np.fromfile(value, dtype=np.float32).tolist()

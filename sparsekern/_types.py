@@ -26,11 +26,38 @@ PRODUCERS: tuple[type, ...] = CONVS + LINEARS
 
 # Activations the tracker measures, with their names in reports (module forms; their functional
 # forms, in-place ones included, are in ``MEASURED_ACTIVATION_FUNCTIONS``, their Tensor methods
-# in ``MEASURED_ACTIVATION_METHODS``). Subclasses count as their base.
-MEASURED_ACTIVATIONS: dict[type, str] = {nn.ReLU: "relu", nn.ReLU6: "relu6"}
-MEASURED_ACTIVATION_FUNCTIONS: dict = {F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu",
-                                       F.relu6: "relu6"}
+# in ``MEASURED_ACTIVATION_METHODS``). Subclasses count as their base; the first match wins, so
+# ReLU6 (a Hardtanh subclass) comes before Hardtanh. ``register_activation`` adds a class; timm's
+# own activation classes are registered on first use. Gates (Sigmoid, Hardsigmoid, Tanh) are not
+# features: they scale another tensor rather than make a feature map.
+MEASURED_ACTIVATIONS: dict[type, str] = {
+    nn.ReLU: "relu", nn.ReLU6: "relu6", nn.LeakyReLU: "leaky_relu", nn.Hardswish: "hardswish", nn.SiLU: "silu",
+    nn.GELU: "gelu", nn.Mish: "mish", nn.ELU: "elu", nn.CELU: "celu", nn.SELU: "selu", nn.Hardtanh: "hardtanh",
+    nn.PReLU: "prelu", nn.Softplus: "softplus",
+}
+MEASURED_ACTIVATION_FUNCTIONS: dict = {
+    F.relu: "relu", F.relu_: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
+    F.leaky_relu: "leaky_relu", F.leaky_relu_: "leaky_relu", F.hardswish: "hardswish", F.silu: "silu",
+    F.gelu: "gelu", F.mish: "mish", F.elu: "elu", F.elu_: "elu", F.celu: "celu", F.celu_: "celu",
+    torch.celu: "celu", torch.celu_: "celu", F.selu: "selu", F.selu_: "selu", torch.selu: "selu",
+    torch.selu_: "selu", F.hardtanh: "hardtanh", F.hardtanh_: "hardtanh", F.softplus: "softplus",
+}
 MEASURED_ACTIVATION_METHODS: dict[str, str] = {"relu": "relu", "relu_": "relu"}
+
+# How a tracker applies a functional activation itself (on a copy of its producer's output),
+# and the names of the functional's arguments after the input, in order (positional arguments
+# of a call are bound to these names; "inplace" is dropped: the copy is the tracker's own).
+ACTIVATION_FUNCTIONS: dict[str, object] = {
+    "relu": torch.relu, "relu6": F.relu6, "leaky_relu": F.leaky_relu, "hardswish": F.hardswish, "silu": F.silu,
+    "gelu": F.gelu, "mish": F.mish, "elu": F.elu, "celu": F.celu, "selu": F.selu, "hardtanh": F.hardtanh,
+    "softplus": F.softplus,
+}
+ACTIVATION_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "relu": ("inplace",), "relu6": ("inplace",), "leaky_relu": ("negative_slope", "inplace"),
+    "hardswish": ("inplace",), "silu": ("inplace",), "gelu": ("approximate",), "mish": ("inplace",),
+    "elu": ("alpha", "inplace"), "celu": ("alpha", "inplace"), "selu": ("inplace",),
+    "hardtanh": ("min_val", "max_val", "inplace"), "softplus": ("beta", "threshold"),
+}
 
 # Elementwise activation modules: one output element from one input element, channels kept.
 ELEMENTWISE_ACTIVATIONS: tuple[type, ...] = (
@@ -43,8 +70,51 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, BATCH_NORMS)
 
 
+def register_activation(cls: type, name: str) -> None:
+    """Declare module class ``cls`` an elementwise activation the tracker measures, called
+    ``name`` in reports (e.g. ``register_activation(MySwish, "silu")``). Its features are hooked
+    on the module's output, so no functional form is needed."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_activation: {cls!r} is not an nn.Module subclass")
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"register_activation: name must be a short identifier like 'silu', got {name!r}")
+    MEASURED_ACTIVATIONS[cls] = name
+
+
+def activation_names() -> frozenset:
+    """Every activation name a feature may carry (built-in and registered)."""
+    return frozenset(MEASURED_ACTIVATIONS.values()) | frozenset(ACTIVATION_FUNCTIONS)
+
+
+# timm's own activation classes (timm.layers.activations / activations_me), by report name.
+_TIMM_ACTIVATIONS = {
+    "GELU": "gelu", "GELUTanh": "gelu_tanh", "QuickGELU": "quick_gelu", "Swish": "silu", "Mish": "mish",
+    "HardSwish": "hardswish", "HardMish": "hard_mish", "SwishMe": "silu", "MishMe": "mish",
+    "HardSwishMe": "hardswish", "HardMishMe": "hard_mish",
+}
+_TIMM_ACTIVATIONS_CHECKED = False
+
+
+def _register_timm_activations() -> None:
+    global _TIMM_ACTIVATIONS_CHECKED
+    if _TIMM_ACTIVATIONS_CHECKED:
+        return
+    _TIMM_ACTIVATIONS_CHECKED = True
+    for module_name in ("timm.layers.activations", "timm.layers.activations_me"):
+        try:
+            module = __import__(module_name, fromlist=["_"])  # optional dependency
+        except Exception:
+            continue
+        for cls_name, name in _TIMM_ACTIVATIONS.items():
+            cls = getattr(module, cls_name, None)
+            if isinstance(cls, type) and issubclass(cls, nn.Module):
+                MEASURED_ACTIVATIONS.setdefault(cls, name)
+
+
 def measured_activation(module: nn.Module) -> str | None:
-    """The report name of a measured activation module ("relu", "relu6"), or None."""
+    """The report name of a measured activation module ("relu", "silu", "gelu", ...), or None."""
+    if type(module).__module__.startswith("timm"):
+        _register_timm_activations()
     for cls, name in MEASURED_ACTIVATIONS.items():
         if isinstance(module, cls):
             return name

@@ -24,7 +24,11 @@ Selectivity (fraction of samples with m[n, c] / max_n m[n, c] < t) needs the cor
 
 Distributed: when torch.distributed is initialised, each rank analyses the shard its loader
 yields (give it a DistributedSampler) and the statistics are all-reduced after every pass, so
-every rank returns the statistics of the whole corpus.
+every rank returns the statistics of the whole corpus: exactly those of one process analysing
+the same samples. The copies a DistributedSampler pads a shard with are not measured (each
+sample counts once), samples that drop_last leaves out are counted and warned about, a rank
+whose shard is empty still joins every collective, and any other sampler is trusted to give
+the ranks disjoint shards (``sparsekern.stats.sharding``).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ from sparsekern.errors import CorpusChangedError
 from sparsekern.stats.channel_stats import ChannelStats
 from sparsekern.stats.features import Feature, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report
+from sparsekern.stats.sharding import Shard, align_channels, totals
 from sparsekern.stats.stores import MODES
 from sparsekern.stats.tracker import SparsityTracker
 
@@ -51,8 +56,10 @@ _AMP_DTYPES = (torch.float16, torch.bfloat16)
 class AnalysisResult:
     """What ``analyze`` measured: one ChannelStats per feature, the report, and the throughput.
 
-    ``num_images`` is the corpus size (all ranks); ``images_per_second`` counts every image of
-    every pass on every rank over the wall-clock time of the whole analysis.
+    ``num_images`` is the number of corpus samples measured (all ranks, each sample once: the
+    copies a DistributedSampler pads a shard with are not measured); ``dropped_images`` those
+    that drop_last left out (``sparsekern.stats.sharding``); ``images_per_second`` counts every
+    image of every pass on every rank over the wall-clock time of the whole analysis.
     """
 
     features: list[Feature]
@@ -63,6 +70,7 @@ class AnalysisResult:
     num_images: int
     seconds: float
     images_per_second: float
+    dropped_images: int = 0
 
     def to_dict(self) -> dict:
         """The report's numbers plus how the analysis ran (JSON-able)."""
@@ -70,6 +78,7 @@ class AnalysisResult:
             "selectivity": self.selectivity,
             "passes": self.passes,
             "num_images": self.num_images,
+            "dropped_images": self.dropped_images,
             "seconds": self.seconds,
             "images_per_second": self.images_per_second,
             "report": self.report.to_dict(),
@@ -96,14 +105,17 @@ def analyze(
     activation_thresholds=(1e-12, 1e-4),
     gamma_thresholds=(1e-3, 1e-2),
     selectivity_threshold: float = 1e-3,
+    constant_thresholds=(1e-6,),
+    leaf_modules=(),
 ) -> AnalysisResult:
-    """Measure every post-ReLU feature of ``model`` over the batches of ``loader``.
+    """Measure every post-activation feature of ``model`` over the batches of ``loader``.
 
     ``device``: where the inputs go (default: the model's device; the model is never moved).
     ``selectivity``: "two-pass" | "exact" | "histogram" | "memmap" | "none" (module docstring).
     ``max_batches``: stop each pass after this many batches. ``amp_dtype``: run the forward
     under ``torch.autocast`` with float16 / bfloat16. ``features``: as for SparsityTracker.
-    The thresholds are those of the report (``SparsityTracker.report``).
+    The thresholds are those of the report (``SparsityTracker.report``). ``leaf_modules``: as for
+    ``SparsityTracker`` (modules torch.fx must not trace into).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"analyze: expected an nn.Module, got {type(model).__name__}")
@@ -117,7 +129,7 @@ def analyze(
     device = _resolve_device(network, device)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     show = progress and (not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0)
-    run = _PassRunner(model, loader, device, max_batches, amp_dtype, show)
+    run = _PassRunner(model, loader, device, max_batches, amp_dtype, show, distributed)
 
     modes = [(m, m.training) for m in network.modules()]
     network.eval()
@@ -126,7 +138,7 @@ def analyze(
         with torch.no_grad():
             if selectivity == "two-pass":
                 with SparsityTracker(network, selectivity="none", features=features, backend=backend,
-                                     checksums=True) as first:
+                                     checksums=True, leaf_modules=leaf_modules) as first:
                     run("pass 1/2 (corpus max)")
                 _all_reduce(first, distributed)
                 references = {name: _reference(s) for name, s in first.stats.items()}
@@ -138,7 +150,8 @@ def analyze(
                 _all_reduce(tracker, distributed)
                 _agree(_corpus_change(run.batch_sizes, first, tracker), distributed, device)
             else:
-                with SparsityTracker(network, selectivity=selectivity, features=features, backend=backend) as tracker:
+                with SparsityTracker(network, selectivity=selectivity, features=features, backend=backend,
+                                     leaf_modules=leaf_modules) as tracker:
                     run("analyze")
                 _all_reduce(tracker, distributed)
     finally:
@@ -148,19 +161,17 @@ def analyze(
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
 
-    images = sum(run.batch_sizes[0])  # every pass saw these (checked for two-pass)
-    if distributed:
-        total = torch.tensor(images, dtype=torch.int64, device=_comm_device(device))
-        dist.all_reduce(total)
-        images = int(total.item())
+    # Pass 1's samples over all ranks (every pass saw these: checked for two-pass), and the dropped ones.
+    images, dropped = totals(run.shard, run.complete, distributed, device)
     report = build_report(
         network, tracker.features, tracker.stats,
         activation_thresholds=activation_thresholds, gamma_thresholds=gamma_thresholds,
         selectivity_threshold=None if selectivity == "none" else selectivity_threshold,
+        constant_thresholds=constant_thresholds,
     )
     return AnalysisResult(
         features=tracker.features, stats=tracker.stats, report=report, selectivity=selectivity,
-        passes=run.passes, num_images=images, seconds=seconds,
+        passes=run.passes, num_images=images, seconds=seconds, dropped_images=dropped,
         images_per_second=images * run.passes / seconds if seconds > 0 else float("inf"),
     )
 
@@ -168,21 +179,31 @@ def analyze(
 class _PassRunner:
     """Runs the model over the loader once per call (one pass), recording every batch's size."""
 
-    def __init__(self, model, loader, device, max_batches, amp_dtype, show):
+    def __init__(self, model, loader, device, max_batches, amp_dtype, show, distributed=False):
         self.model, self.loader, self.device = model, loader, device
         self.max_batches, self.amp_dtype, self.show = max_batches, amp_dtype, show
-        self.batch_sizes: list[list[int]] = []  # per pass, per batch
+        self.batch_sizes: list[list[int]] = []  # per pass, per measured (non-empty) batch
+        # Which samples of each batch count (DistributedSampler padding: sharding.py); a rank may
+        # measure none when distributed (its stats are aligned with the others' before reducing).
+        self.shard, self.distributed, self.complete = Shard(loader), distributed, True
 
     @property
     def passes(self) -> int:
         return len(self.batch_sizes)
 
     def __call__(self, description: str) -> None:
-        sizes = []
+        sizes, batches = [], 0
+        self.shard.start_pass()
         with tqdm(total=_total_images(self.loader, self.max_batches), desc=description, unit="img",
                   unit_scale=True, disable=not self.show, dynamic_ncols=True) as bar:
             for batch in self.loader:
-                x = _inputs_of(batch).to(self.device, non_blocking=True)
+                batches += 1
+                x = self.shard.keep(_inputs_of(batch))
+                if x.shape[0] == 0:  # only copies of samples measured elsewhere
+                    if batches == self.max_batches:
+                        break
+                    continue
+                x = x.to(self.device, non_blocking=True)
                 if self.amp_dtype is None:
                     self.model(x)
                 else:
@@ -190,9 +211,11 @@ class _PassRunner:
                         self.model(x)
                 sizes.append(x.shape[0])
                 bar.update(x.shape[0])
-                if len(sizes) == self.max_batches:
+                if batches == self.max_batches:
                     break
-        if not sizes:
+        if not self.batch_sizes:  # whether pass 1 ran to the loader's end (else nothing counts as dropped)
+            self.complete = batches != self.max_batches
+        if not sizes and not self.distributed:
             again = " on its second pass (two-pass needs a re-iterable loader, not a generator)" if self.passes else ""
             raise ValueError(f"analyze: the loader yielded no batches{again}")
         self.batch_sizes.append(sizes)
@@ -243,6 +266,7 @@ def _comm_device(device: torch.device) -> torch.device:
 
 
 def _all_reduce(tracker: SparsityTracker, distributed: bool) -> None:
+    align_channels(tracker.stats, distributed)
     if distributed:
         for s in tracker.stats.values():
             s.all_reduce()

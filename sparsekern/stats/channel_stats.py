@@ -11,6 +11,20 @@ ask for the numbers that SCIENCE.md section 1 defines, for every channel c:
                        a channel whose corpus max is 0 (never active) has selectivity 1.0:
                        0/0 is undefined, and a feature that never fires is as selective as it gets
     apoz[c]          = 1 - (#elements > 0) / (#elements)              (Hu et al. 2016; post-ReLU inputs)
+    value_min[c], value_max[c] = min / max over the corpus of a[n, c, ...] (signed; NaN samples ignored)
+    constant_mask(t)[c] = value_max[c] - value_min[c] <= t            (float64; t = 1e-6)
+
+"Constant by activation" holds for any activation function: a channel whose output never varies
+over the corpus (a BN with gamma = 0 before SiLU outputs silu(beta) everywhere). Its default
+threshold, 1e-6, is an absolute tolerance of a few float32 rounding steps of values up to ~4: an
+exactly constant pre-activation can still come out of a vectorised and a scalar path of one
+activation kernel one ulp apart. A dead ReLU channel (corpus max < 1e-12) is also constant.
+
+The range is always kept: ``update`` gets it from the same kernel pass as the max |a|
+(``ops.channel_absmax.channel_extrema``: two more vector min / max per element of a
+memory-bound pass, and 8 bytes per channel of state), so it costs no extra launch or read.
+Samples fed through ``update_reduced`` (per-sample maxima only) carry no range: the constant
+mask is then unknown, as APoZ is without positive counts.
 
 NaN / Inf are counted per channel on the device and reported, never turned into "dead" or
 "active": the metrics raise NonFiniteActivationError naming the channels unless asked with
@@ -49,10 +63,10 @@ import torch.distributed as dist
 from sparsekern._backend import BACKENDS
 from sparsekern._layout import check_activation
 from sparsekern.errors import NonFiniteActivationError, StateDictError
-from sparsekern.ops.channel_absmax import channel_absmax
+from sparsekern.ops.channel_absmax import channel_extrema
 from sparsekern.stats.checks import HEADER_FIELDS, check_header, check_reduced
 from sparsekern.stats.checksums import BatchChecksums
-from sparsekern.stats.counters import CHANNEL_FIELDS, ChannelCounters
+from sparsekern.stats.counters import CHANNEL_FIELDS, RANGE_STATE_FIELDS, ChannelCounters, RangeCounters
 from sparsekern.stats.stores import MAX_MANTISSA_BITS, MODES, Collective, TwoPassCounter, make_store, same_reference
 
 __all__ = ["ChannelStats", "SelectivityResult", "MODES", "NonFiniteActivationError", "StateDictError"]
@@ -144,6 +158,8 @@ class ChannelStats:
         self._elements = 0  # positions counted for APoZ (sum over samples of positions per sample)
         self._apoz_samples = 0  # samples that came with positive counts
         self._counters: ChannelCounters | None = None  # None until the channel count and device are known
+        self._range: RangeCounters | None = None  # allocated with the counters
+        self._range_samples = 0  # samples that came with their min / max (all those of update())
         self._store.clear()
         self._two_pass: TwoPassCounter | None = None
         self._checksums = BatchChecksums()
@@ -157,8 +173,10 @@ class ChannelStats:
         self._device = device
         if state is None:
             self._counters = ChannelCounters(num_channels, device)
+            self._range = RangeCounters(num_channels, device)
         else:
             self._counters = ChannelCounters.from_state(state, device)
+            self._range = RangeCounters.from_state(state, device)
         self._store.start(num_channels, device, state)
 
     def _check_compatible(self, num_channels: int, device: torch.device, where: str) -> None:
@@ -194,15 +212,18 @@ class ChannelStats:
 
     # ------------------------------------------------------------------ updates
     def update(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of activations x (N, C, ...): one channel_absmax pass with counts."""
+        """Accumulate one batch of activations x (N, C, ...): one kernel pass for the max |a|, the
+        positive counts and the min / max (``channel_extrema``)."""
         where = "ChannelStats.update"
         check_activation(x, where)
         n, c = x.shape[0], x.shape[1]
         self._check_compatible(c, x.device, where)
         if n == 0:
             return
-        m, positive = channel_absmax(x, count_positive=True, backend=self.backend)
-        self._accumulate(m, positive, math.prod(x.shape[2:]))
+        r = channel_extrema(x, count_positive=True, backend=self.backend)
+        self._accumulate(r.absmax, r.positive, math.prod(x.shape[2:]))
+        self._range.add(r.minimum, r.maximum)
+        self._range_samples += n
 
     def update_reduced(
         self, m: torch.Tensor, positive: torch.Tensor | None = None, elements_per_sample: int | None = None
@@ -369,6 +390,58 @@ class ChannelStats:
         exact = not bool((error > 0).any())
         return SelectivityResult(value=value, error_bound=error, exact=exact, mode=mode, threshold=t)
 
+    @property
+    def value_min(self) -> torch.Tensor:
+        """(C,) float32 min over the corpus of the activation values (signed), NaN samples ignored;
+        +inf before any sample with a range."""
+        return self._range_tensor("value_min", float("inf"))
+
+    @property
+    def value_max(self) -> torch.Tensor:
+        """(C,) float32 max over the corpus of the activation values (signed), NaN samples ignored;
+        -inf before any sample with a range."""
+        return self._range_tensor("value_max", float("-inf"))
+
+    def _range_tensor(self, name: str, identity: float) -> torch.Tensor:
+        if self._range is not None:
+            return getattr(self._range, name).clone()
+        if self._num_channels is None:
+            raise ValueError(f"ChannelStats.{name}: no data yet and num_channels unknown")
+        return torch.full((self._num_channels,), identity, device=self._device or torch.device("cpu"))
+
+    @property
+    def has_range(self) -> bool:
+        """Whether every sample came with its min / max (``constant_mask`` can answer)."""
+        return self.num_samples > 0 and self._range_samples == self.num_samples
+
+    def value_range(self, on_nan: str = "raise") -> torch.Tensor:
+        """(C,) float64 value_max - value_min over the corpus. Channels that saw NaN or Inf raise
+        NonFiniteActivationError, or with on_nan="exclude" get NaN."""
+        self._require_range("value_range")
+        bad = self.nonfinite_mask()
+        self._check_nonfinite(bad, on_nan, "value_range")
+        spread = self._range.value_max.to(torch.float64) - self._range.value_min.to(torch.float64)
+        return torch.where(bad, float("nan"), spread)
+
+    def constant_mask(self, threshold: float = 1e-6, on_nan: str = "raise") -> torch.Tensor:
+        """(C,) bool "constant by activation": value_max - value_min <= threshold (float64), for
+        any activation. Channels that saw NaN / Inf raise, or with on_nan="exclude" are reported
+        as not constant (``nonfinite_mask()`` says why)."""
+        t = float(threshold)
+        if not (math.isfinite(t) and t >= 0):
+            raise ValueError(f"ChannelStats.constant_mask: threshold must be a finite number >= 0, got {threshold!r}")
+        spread = self.value_range(on_nan)
+        return ~torch.isnan(spread) & (spread <= t)
+
+    def _require_range(self, what: str) -> None:
+        self._require_samples(what)
+        if self._range_samples != self.num_samples:
+            raise ValueError(
+                f"ChannelStats.{what}: {self.num_samples - self._range_samples} of {self.num_samples} samples came "
+                "through update_reduced() (or a state saved before ranges were kept), which carries no min / max, "
+                "so the value range is unknown"
+            )
+
     def apoz(self, on_nan: str = "raise") -> torch.Tensor:
         """(C,) float64 average percentage of zeros, 1 - positives / elements (post-ReLU inputs).
 
@@ -411,6 +484,8 @@ class ChannelStats:
         self._store.check_merge(other._store, where)
         self._ensure_state(other._num_channels, self._device or other._device)
         self._counters.merge(other._counters)
+        self._range.merge(other._range)
+        self._range_samples += other._range_samples
         self._store.merge(other._store)
         if self._two_pass is not None:
             self._two_pass.merge(other._two_pass)
@@ -439,17 +514,19 @@ class ChannelStats:
         collective, totals = Collective.start(
             group, self._device,
             [self._num_channels, MODES.index(self.mode), self.histogram_mantissa_bits, thresholds],
-            [self.num_samples, self._elements, self._apoz_samples, pass2_samples],
+            [self.num_samples, self._elements, self._apoz_samples, pass2_samples, self._range_samples],
             "channels, mode, mantissa bits, two-pass thresholds", where,
         )
         self._ensure_state(self._num_channels, self._device or collective.device)
         if two_pass is not None:
             two_pass.check_ranks_agree(collective, where)
         self._counters.all_reduce(collective)
+        self._range.all_reduce(collective)
         if two_pass is not None:
             two_pass.all_reduce(collective, totals[3])
         self._store.all_reduce(collective)
         self.num_samples, self._elements, self._apoz_samples = totals[:3]
+        self._range_samples = totals[4]
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
@@ -467,6 +544,7 @@ class ChannelStats:
         if self._counters is None:
             return sd
         sd.update(self._counters.state_dict())
+        sd.update(self._range.state_dict(), range_samples=self._range_samples)
         sd.update(self._store.state_dict())
         if self._two_pass is not None:
             sd.update(self._two_pass.state_dict())
@@ -485,6 +563,8 @@ class ChannelStats:
         if "max" in sd:
             expected |= set(CHANNEL_FIELDS) | set(self._store.fields)
             expected |= set(TwoPassCounter.fields) if "reference" in sd else set()
+            # The range fields come all together, or not at all (a state saved before they existed).
+            expected |= set(RANGE_STATE_FIELDS) if set(RANGE_STATE_FIELDS) & set(sd) else set()
         unknown, absent = sorted(set(sd) - expected), sorted(expected - set(sd))
         if unknown:
             hint = " (two-pass fields come with 'reference')" if set(unknown) & set(TwoPassCounter.fields) else ""
@@ -499,6 +579,8 @@ class ChannelStats:
         if c is None:
             raise StateDictError(f"{where}: field 'num_channels' is None but the state holds statistics")
         fields = ChannelCounters.check_state(sd, c, n, elements, where)
+        if "range_samples" in sd:
+            RangeCounters.check_state(sd, fields, c, n, where)
         self._store.check_state(sd, fields, c, n, where)
         if "reference" in sd:
             TwoPassCounter.check_state(sd, fields, c, n, where)
@@ -522,6 +604,7 @@ class ChannelStats:
         if "reference" in sd:
             self._two_pass = TwoPassCounter.from_state(sd, device)
         self.num_samples, self._elements, self._apoz_samples = sd["num_samples"], sd["elements"], sd["apoz_samples"]
+        self._range_samples = sd.get("range_samples", 0)
 
     def reset(self) -> None:
         """Forget every sample and the two-pass reference (back to the constructor's state)."""
@@ -529,9 +612,11 @@ class ChannelStats:
 
     # ------------------------------------------------------------------ report
     def summary(
-        self, dead_thresholds=(1e-12, 1e-4), selectivity_threshold: float = 1e-3, per_channel: bool = True
+        self, dead_thresholds=(1e-12, 1e-4), selectivity_threshold: float = 1e-3, per_channel: bool = True,
+        constant_thresholds=(1e-6,),
     ) -> dict:
-        """JSON-able numbers: fraction of dead channels at each threshold, selectivity, APoZ.
+        """JSON-able numbers: fraction of dead channels at each threshold, of constant ones at each
+        constant threshold (None without a range), selectivity, APoZ.
 
         Never raises for NaN / Inf: those channels are listed under "nonfinite_channels",
         counted as not dead, and their per-channel values are None. Metrics that these stats
@@ -556,6 +641,18 @@ class ChannelStats:
             out["dead_count"][key] = int(dead.sum())
             out["dead_fraction"][key] = int(dead.sum()) / c
             channels[f"dead@{key}"] = dead.tolist()
+        if self.has_range:
+            out["constant_count"], out["constant_fraction"] = {}, {}
+            channels["value_min"] = [_json_float(v) for v in self._range.value_min.tolist()]
+            channels["value_max"] = [_json_float(v) for v in self._range.value_max.tolist()]
+            for t in constant_thresholds:
+                constant = self.constant_mask(t, on_nan="exclude")
+                key = f"{t:g}"
+                out["constant_count"][key] = int(constant.sum())
+                out["constant_fraction"][key] = int(constant.sum()) / c
+                channels[f"constant@{key}"] = constant.tolist()
+        else:
+            out["constant_count"] = out["constant_fraction"] = None
         if self._has_selectivity(float(selectivity_threshold)):
             sel = self.selectivity(selectivity_threshold, on_nan="exclude")
             good = ~torch.isnan(sel.value)

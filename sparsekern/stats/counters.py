@@ -1,11 +1,13 @@
 """The per-channel accumulators every selectivity mode has: the corpus max and the NaN / Inf /
-positive counts (~29 bytes a channel), with their update, merge, distributed reduction and state."""
+positive counts (~29 bytes a channel), and the corpus min / max of the values (8 bytes a channel,
+``RangeCounters``), with their update, merge, distributed reduction and state."""
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
-from sparsekern.stats.checks import require, state_tensor
+from sparsekern.errors import StateDictError
+from sparsekern.stats.checks import require, state_count, state_tensor
 from sparsekern.stats.stores import Collective
 
 # The state-dict fields of the counters, with their dtypes; each of shape (C,).
@@ -85,3 +87,65 @@ class ChannelCounters:
         if n == 0:
             require(mx == 0, where, "field 'max' must be 0 while num_samples is 0", mx)
         return f
+
+
+# The state-dict fields of the value range, each (C,) float32, plus the int ``range_samples``.
+# Optional in a state: checkpoints written before the range existed lack all three.
+RANGE_FIELDS = {"value_min": torch.float32, "value_max": torch.float32}
+RANGE_STATE_FIELDS = (*RANGE_FIELDS, "range_samples")
+
+
+class RangeCounters:
+    """The corpus min and max of the activation values per channel (signed, NaN samples ignored):
+    ``value_min`` starts at +inf and ``value_max`` at -inf, the identities, so merging is exact."""
+
+    def __init__(self, num_channels: int, device: torch.device):
+        self.value_min = torch.full((num_channels,), float("inf"), dtype=torch.float32, device=device)
+        self.value_max = torch.full((num_channels,), float("-inf"), dtype=torch.float32, device=device)
+
+    def add(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Fold in per-sample minima / maxima (N, C float32; NaN for a sample that saw NaN). Device ops only."""
+        nan = torch.isnan(lo) | torch.isnan(hi)
+        torch.minimum(self.value_min, torch.where(nan, float("inf"), lo).amin(dim=0), out=self.value_min)
+        torch.maximum(self.value_max, torch.where(nan, float("-inf"), hi).amax(dim=0), out=self.value_max)
+
+    def merge(self, other: "RangeCounters") -> None:
+        device = self.value_min.device
+        torch.minimum(self.value_min, other.value_min.to(device), out=self.value_min)
+        torch.maximum(self.value_max, other.value_max.to(device), out=self.value_max)
+
+    def all_reduce(self, collective: Collective) -> None:
+        collective.reduce_(self.value_min, dist.ReduceOp.MIN)
+        collective.reduce_(self.value_max, dist.ReduceOp.MAX)
+
+    def state_dict(self) -> dict:
+        return {key: getattr(self, key).clone() for key in RANGE_FIELDS}
+
+    @classmethod
+    def from_state(cls, sd: dict, device: torch.device) -> "RangeCounters":
+        ranges = cls(sd["max"].shape[0], device)
+        if "value_min" in sd:
+            for key in RANGE_FIELDS:
+                getattr(ranges, key).copy_(sd[key])
+        return ranges
+
+    @staticmethod
+    def check_state(sd: dict, counters: dict, num_channels: int, num_samples: int, where: str) -> int:
+        """The range fields of ``sd`` checked (types, shapes, against each other, the sample count
+        and the corpus max |a| in ``counters``); returns range_samples."""
+        k = state_count(sd, "range_samples", where)
+        if k > num_samples:
+            raise StateDictError(f"{where}: field 'range_samples' ({k}) must be <= num_samples ({num_samples})")
+        f = {key: state_tensor(sd, key, dtype, (num_channels,), where) for key, dtype in RANGE_FIELDS.items()}
+        lo, hi, mx = f["value_min"], f["value_max"], counters["max"]
+        require(~torch.isnan(lo) & ~torch.isnan(hi), where, "fields 'value_min' / 'value_max' must not be NaN "
+                "(NaN samples never enter the range)", torch.where(torch.isnan(lo), lo, hi))
+        untouched = (lo == float("inf")) & (hi == float("-inf"))
+        if k == 0:
+            require(untouched, where, "fields 'value_min' / 'value_max' must be +inf / -inf while range_samples "
+                    "is 0", lo)
+        require(untouched | (lo <= hi), where, "field 'value_min' must be <= 'value_max'", lo)
+        bound = torch.maximum(-lo, hi)
+        require(untouched | (bound <= mx), where, "max(-'value_min', 'value_max') must be <= 'max' (the corpus "
+                "max |a|)", bound)
+        return k

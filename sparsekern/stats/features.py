@@ -1,23 +1,40 @@
-"""Find the post-ReLU features of a model: the tensors whose channels can be "dead".
+"""Find the post-activation features of a model: the tensors whose channels can be "dead" or
+"constant".
 
-A feature is one place in the forward pass where a ReLU (or ReLU6) produces a feature map
-(N, C, ...). For each one we record what feeds it, so a report can relate the activation
+A feature is one place in the forward pass where an elementwise activation produces a feature
+map (N, C, ...). For each one we record what feeds it, so a report can relate the activation
 statistics to the BatchNorm scale (gamma) and the filter that produce it:
 
-    kind "bn"        ReLU(BN(...)), usually Conv -> BN -> ReLU (or Linear -> BN -> ReLU)
-    kind "conv"      ReLU(Conv(...)) without BN
-    kind "linear"    ReLU(Linear(...))
-    kind "residual"  ReLU(a + b), e.g. ResNet's `relu(bn2(conv2(x)) + identity)`
-    kind "other"     ReLU of anything else (a pooling, a concatenation...)
+    kind "bn"        act(BN(...)), usually Conv -> BN -> act (or Linear -> BN -> act); also a
+                     norm-then-activation module (timm's BatchNormAct2d, FusedBNReLU, any class
+                     registered with ``_types.register_norm_act``), whose BN is the module itself
+    kind "conv"      act(Conv(...)) without BN
+    kind "linear"    act(Linear(...)); its channels are the last dim (``channel_dim = -1``), which
+                     for an (N, C) output is dim 1 as before, and for a channels-last MLP
+                     (ConvNeXt's Linear on (N, H, W, C)) the real channels
+    kind "residual"  act(a + b), e.g. ResNet's `relu(bn2(conv2(x)) + identity)`
+    kind "other"     act of anything else (a pooling, a concatenation, a LayerNorm / GroupNorm...)
 
-Only ReLU and ReLU6 count (modules nn.ReLU / nn.ReLU6, and F.relu, torch.relu, Tensor.relu,
-relu_ and F.relu6): they output exact zeros, which is what makes a channel dead. LeakyReLU,
-GELU, SiLU, Hardswish... never output a constant 0 for a whole range, so they are not features.
+The activations are those of ``sparsekern._types``: ReLU, ReLU6, LeakyReLU, Hardswish, SiLU,
+GELU, Mish, ELU, CELU, SELU, Hardtanh, PReLU, Softplus as modules (subclasses, timm's own classes
+and ``register_activation``-ed ones included), as functionals (F.silu, F.gelu, F.leaky_relu,
+in-place forms such as F.hardtanh_ ...) and as Tensor methods where torch has them (relu,
+relu_). ``Feature.activation`` names it. ReLU and ReLU6 output exact zeros, which is what makes
+a channel dead; for any activation a channel can be constant (``ChannelStats.constant_mask``).
+Gates (Sigmoid, Hardsigmoid, Tanh) are not features.
 
-Discovery traces the model with ``torch.fx`` (the model itself is not modified) and walks the
-graph. When tracing fails (data-dependent control flow), it falls back to every nn.ReLU /
-nn.ReLU6 module, one feature per call of the module (the calls are numbered at run time), and
-pairs each with the nearest BN registered before it; it warns when it does that.
+"Norm then activation" means a BatchNorm (a per-channel affine of per-channel statistics, so a
+|gamma| ~ 0 channel outputs the constant act(beta), and foldable into the conv before it). A
+LayerNorm or GroupNorm normalises across channels: an activation right after one is kind
+"other" (a LayerNorm's channels are its last dim); in ConvNeXt the GELU follows the MLP's first
+conv / Linear (kind "conv" / "linear"), with the LayerNorm before that layer.
+
+Discovery traces the model with ``sparsekern._fx.trace_graph`` (the model itself is not
+modified; ``leaf_modules`` keeps modules torch.fx cannot trace as opaque nodes) and walks the
+graph. When tracing fails (data-dependent control flow), it falls back to every activation
+module (and norm-then-activation module), one feature per call of the module (the calls are
+numbered at run time), and pairs each with the nearest BN registered before it; it warns when it
+does that, with the tracing error (which names the failing module and suggests leaf_modules).
 """
 from __future__ import annotations
 
@@ -28,10 +45,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
+from sparsekern._fx import trace_graph
 from sparsekern._types import (
-    ALL_CONVS, BATCH_NORMS, LINEARS, MEASURED_ACTIVATION_FUNCTIONS, MEASURED_ACTIVATION_METHODS, measured_activation,
+    ACTIVATION_FUNCTIONS, ACTIVATION_PARAMETERS, ALL_CONVS, BATCH_NORMS, LINEARS, MEASURED_ACTIVATION_FUNCTIONS,
+    MEASURED_ACTIVATION_METHODS, activation_names, measured_activation, norm_act_activation,
 )
+from sparsekern.errors import UntraceableModelError
 from sparsekern.ops.bn_relu import FusedBNReLU
 
 KINDS = ("bn", "conv", "linear", "residual", "other")
@@ -43,10 +64,30 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 _ADD_METHODS = ("add", "add_")
 
 
+# relu(relu6(x)) is the same feature again; other activations of an activation are new features.
+_IDEMPOTENT = ("relu", "relu6")
+
+
 def _function_name(function) -> str:
-    """A functional ReLU as a feature's ``relu_target`` names it: "F.relu", "torch.relu_"..."""
-    prefix = "F" if getattr(function, "__module__", None) == "torch.nn.functional" else "torch"
-    return f"{prefix}.{function.__name__}"
+    """A functional activation as a feature's ``relu_target`` names it: "F.relu", "torch.relu_"..."""
+    name = function.__name__
+    prefix = "F" if getattr(F, name, None) is function else "torch"
+    return f"{prefix}.{name}"
+
+
+def _norm_act_name(module: nn.Module) -> str | None:
+    """The activation name of a norm-then-activation module whose activation is measured, else None."""
+    act = norm_act_activation(module)
+    return None if act is None else measured_activation(act)
+
+
+def _is_plain_norm(module: nn.Module) -> bool:
+    """A BatchNorm whose output is the norm's own: a plain one, or a norm-act module whose
+    activation is an identity (timm's ``apply_act=False``)."""
+    if not isinstance(module, BATCH_NORMS):
+        return False
+    act = norm_act_activation(module)
+    return act is None or isinstance(act, nn.Identity)
 
 
 @dataclass(frozen=True)
@@ -55,17 +96,22 @@ class Feature:
 
     name: stable, readable layer name (the BN's qualified name, or the container that holds
         exactly this Conv-BN-ReLU unit, e.g. "features.c1"; "<block>.residual" for residuals).
-    relu_target: qualified name of the ReLU module, or the functional call ("F.relu", ...).
-    producer_module_name: the module whose output the ReLU consumes (None when that is not a
-        module output, e.g. a residual add).
+    relu_target: qualified name of the activation module (or norm-act module), or the functional
+        call ("F.relu", "F.silu", ...).
+    producer_module_name: the module whose output the activation consumes (None when that is not
+        a module output, e.g. a residual add).
     bn_module_name / layer_module_name: the BN and the Conv/Linear that produce the feature.
     kind: one of KINDS.
     call_index: which call (0-based, within one forward of the model) of the hooked module
         this feature is: the ReLU module's call, or the producer's call for a functional ReLU.
         None only for fallback features, whose calls are numbered at run time.
-    activation: "relu" or "relu6".
-    functional: True when the ReLU is a function call, so a tracker must hook the producer
-        module and apply the activation itself.
+    activation: its name, one of ``_types.activation_names()`` ("relu", "silu", "gelu", ...).
+    functional: True when the activation is a function call, so a tracker must hook the producer
+        module and apply the activation itself (``apply``).
+    activation_args: for a functional activation, its constant arguments after the input as
+        sorted (name, value) pairs, e.g. (("negative_slope", 0.2),); () for modules.
+    channel_dim: the dim of the activation tensor holding the channels: 1, or -1 (the last) for
+        a Linear's or LayerNorm's output.
     """
 
     name: str
@@ -77,15 +123,35 @@ class Feature:
     call_index: int | None
     activation: str = "relu"
     functional: bool = False
+    activation_args: tuple = ()
+    channel_dim: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"Feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.activation not in ("relu", "relu6"):
-            raise ValueError(f"Feature {self.name!r}: activation must be 'relu' or 'relu6', got {self.activation!r}")
+        if self.activation not in activation_names():
+            raise ValueError(f"Feature {self.name!r}: activation must be one of {sorted(activation_names())}, "
+                             f"got {self.activation!r}")
         if self.functional and self.producer_module_name is None:
-            raise ValueError(f"Feature {self.name!r}: a functional ReLU is measured on its producer module, "
+            raise ValueError(f"Feature {self.name!r}: a functional activation is measured on its producer module, "
                              "so producer_module_name is required")
+        if self.functional and self.activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"Feature {self.name!r}: activation {self.activation!r} has no functional form to "
+                             f"apply; expected one of {sorted(ACTIVATION_FUNCTIONS)}")
+        args = self.activation_args
+        if isinstance(args, list):  # a state dict that went through JSON
+            args = tuple(tuple(pair) for pair in args)
+        if not isinstance(args, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in args
+        ):
+            raise ValueError(f"Feature {self.name!r}: activation_args must be (name, value) pairs, got {args!r}")
+        object.__setattr__(self, "activation_args", tuple(sorted(args)))
+        if self.channel_dim not in (1, -1) or isinstance(self.channel_dim, bool):
+            raise ValueError(f"Feature {self.name!r}: channel_dim must be 1 or -1, got {self.channel_dim!r}")
+
+    def apply(self, y: torch.Tensor) -> torch.Tensor:
+        """The activation of a functional feature applied to its producer's output (a new tensor)."""
+        return ACTIVATION_FUNCTIONS[self.activation](y, **dict(self.activation_args))
 
     @property
     def hook_module_name(self) -> str:
@@ -93,12 +159,11 @@ class Feature:
         return self.producer_module_name if self.functional else self.relu_target
 
 
-class _Tracer(torch.fx.Tracer):
-    """Default leaves (torch.nn modules) plus ReLU subclasses and fused BN+ReLU modules: their
-    output is a feature, so they must stay one node of the graph."""
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return measured_activation(m) is not None or isinstance(m, FusedBNReLU) or super().is_leaf_module(m, qualname)
+def _feature_leaf(m: nn.Module, qualname: str) -> bool:
+    """Activation modules (subclasses and registered ones too) and fused BN+ReLU modules: their
+    output is a feature, so they stay one node of the graph (``_fx.LeafTracer`` already keeps
+    registered norm-act modules)."""
+    return measured_activation(m) is not None or isinstance(m, FusedBNReLU)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -108,18 +173,22 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def find_features(model: nn.Module) -> list[Feature]:
-    """Every ReLU-family feature of ``model``, in forward order (see the module docstring)."""
+def find_features(model: nn.Module, *, leaf_modules=()) -> list[Feature]:
+    """Every activation feature of ``model``, in forward order (see the module docstring).
+
+    ``leaf_modules``: module classes or qualified names torch.fx should not trace into (see
+    ``sparsekern._fx``); activations inside them are not seen, their outputs can feed features.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"find_features: expected an nn.Module, got {type(model).__name__}")
     model = unwrap_model(model)
     try:
-        graph = _Tracer().trace(model)
-    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...) for dynamic code
+        graph = trace_graph(model, leaf_modules, is_leaf=_feature_leaf).graph
+    except UntraceableModelError as exc:
         warnings.warn(
-            f"find_features: torch.fx could not trace {type(model).__name__} ({type(exc).__name__}: {exc}). "
-            "Falling back to hooking every nn.ReLU / nn.ReLU6 module, one feature per call, each paired "
-            "with the nearest BatchNorm registered before it; functional relu calls are not measured.",
+            f"find_features: torch.fx could not trace {type(model).__name__}: {exc}. Falling back to hooking every activation module (and norm-then-activation "
+            "module), one feature per call, each paired with the nearest BatchNorm registered before it; "
+            "functional activation calls are not measured.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -130,19 +199,40 @@ def find_features(model: nn.Module) -> list[Feature]:
 # --- traced graph -------------------------------------------------------------------------
 
 
-def _relu_of(node: torch.fx.Node, modules: dict[str, nn.Module]):
-    """(relu_target, activation, functional) if ``node`` is a ReLU-family op, else None."""
+class _NotConstant(Exception):
+    """A functional activation's argument is not a constant of the graph."""
+
+
+def _activation_args(node: torch.fx.Node, activation: str) -> tuple:
+    """The constant arguments after the input of a functional activation call, as (name, value)
+    pairs without "inplace"; _NotConstant if one is computed in the graph."""
+    names = ACTIVATION_PARAMETERS.get(activation, ())
+    bound = dict(zip(names, node.args[1:]))
+    bound.update((k, v) for k, v in node.kwargs.items() if k != "input")
+    bound.pop("inplace", None)
+    for value in bound.values():
+        if isinstance(value, torch.fx.Node) or not isinstance(value, (int, float, str, bool, type(None))):
+            raise _NotConstant
+    return tuple(sorted(bound.items()))
+
+
+def _activation_of(node: torch.fx.Node, modules: dict[str, nn.Module]):
+    """(target, activation, functional, norm_act) if ``node`` is a measured activation, else None;
+    norm_act is True for a module that is a BatchNorm and its activation at once."""
     if node.op == "call_module":
         m = modules[node.target]
         activation = measured_activation(m)
         if activation is not None:
-            return node.target, activation, False
+            return node.target, activation, False, False
         if isinstance(m, FusedBNReLU):
-            return node.target, "relu", False
+            return node.target, "relu", False, True
+        activation = _norm_act_name(m)
+        if activation is not None:
+            return node.target, activation, False, True
     elif node.op == "call_function" and node.target in MEASURED_ACTIVATION_FUNCTIONS:
-        return _function_name(node.target), MEASURED_ACTIVATION_FUNCTIONS[node.target], True
+        return _function_name(node.target), MEASURED_ACTIVATION_FUNCTIONS[node.target], True, False
     elif node.op == "call_method" and node.target in MEASURED_ACTIVATION_METHODS:
-        return f"Tensor.{node.target}", MEASURED_ACTIVATION_METHODS[node.target], True
+        return f"Tensor.{node.target}", MEASURED_ACTIVATION_METHODS[node.target], True, False
     return None
 
 
@@ -176,30 +266,47 @@ def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Featur
     found: list[dict] = []
     seen_hooks: set[tuple[str, int]] = set()
     for node in graph.nodes:
-        relu = _relu_of(node, modules)
-        if relu is None:
+        found_here = _activation_of(node, modules)
+        if found_here is None:
             continue
-        relu_target, activation, functional = relu
+        relu_target, activation, functional, norm_act = found_here
         src = node.args[0] if node.args else node.kwargs.get("input")
         if not isinstance(src, torch.fx.Node):
             continue
-        if _relu_of(src, modules) is not None:
+        before = _activation_of(src, modules)
+        if before is not None and before[1] in _IDEMPOTENT and activation in _IDEMPOTENT:
             continue  # relu(relu(x)) is the same feature again
+        args = ()
+        if functional:
+            try:
+                args = _activation_args(node, activation)
+            except _NotConstant:
+                warnings.warn(
+                    f"find_features: {relu_target} in {node.format_node()!r} takes an argument computed in the "
+                    "graph, so the tracker cannot apply it; this feature is not measured.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                continue
         producer = src.target if src.op == "call_module" else None
-        fused = not functional and isinstance(modules[relu_target], FusedBNReLU)
         bn = layer = None
-        if fused:
+        channel_dim = 1
+        if norm_act:
             kind, bn, layer = "bn", relu_target, _layer_feeding(node, modules)
-        elif producer is not None and isinstance(modules[producer], BATCH_NORMS):
+        elif producer is not None and _is_plain_norm(modules[producer]):
             kind, bn, layer = "bn", producer, _layer_feeding(src, modules)
         elif producer is not None and isinstance(modules[producer], ALL_CONVS):
             kind, layer = "conv", producer
         elif producer is not None and isinstance(modules[producer], LINEARS):
-            kind, layer = "linear", producer
+            kind, layer, channel_dim = "linear", producer, -1
+        elif producer is not None and isinstance(modules[producer], nn.LayerNorm):
+            kind, channel_dim = "other", -1  # LayerNorm normalises (and keeps its channels in) the last dim
         elif _is_add(src):
             kind = "residual"
             for arg in src.args:
                 bn = _module_node(arg, modules, BATCH_NORMS)
+                if bn is not None and not _is_plain_norm(modules[bn]):
+                    bn = None  # a norm-act module's output is its activation's, not a BN's
                 if bn is not None:
                     layer = _layer_feeding(arg, modules)
                     break
@@ -227,7 +334,7 @@ def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Featur
             dict(
                 relu_target=relu_target, producer_module_name=producer, bn_module_name=bn,
                 layer_module_name=layer, kind=kind, call_index=call_index,
-                activation=activation, functional=functional,
+                activation=activation, functional=functional, activation_args=args, channel_dim=channel_dim,
             )
         )
     return _name_features(found)
@@ -297,28 +404,42 @@ def _name_features(found: list[dict]) -> list[Feature]:
 
 
 def _features_by_registration(model: nn.Module) -> list[Feature]:
-    """One fallback feature per ReLU module; BN / layer = the nearest ones registered before it
-    and after the previous ReLU (so a BN is never paired with two ReLUs)."""
+    """One fallback feature per activation module (or norm-then-activation module, its own BN);
+    BN / layer = the nearest ones registered before it and after the previous activation (so a
+    BN is never paired with two activations)."""
     found: list[dict] = []
     bn = layer = None
+    inside_norm_act: set[int] = set()  # the activation modules of norm-act modules: seen through them
     for name, m in model.named_modules():
-        if isinstance(m, BATCH_NORMS):
+        norm_act = _norm_act_name(m) if isinstance(m, BATCH_NORMS) else None
+        if isinstance(m, FusedBNReLU):
+            norm_act = "relu"
+        activation = None if id(m) in inside_norm_act else measured_activation(m)
+        if norm_act is not None:
+            inside_norm_act.add(id(norm_act_activation(m)))
+            activation, bn = norm_act, name
+        elif isinstance(m, BATCH_NORMS):
             bn = name
+            continue
         elif isinstance(m, _LAYERS):
             layer, bn = name, None  # a BN registered before this layer belongs to an earlier unit
-        elif measured_activation(m) is not None:
-            if bn is not None:
-                kind = "bn"
-            elif layer is not None:
-                kind = "conv" if isinstance(model.get_submodule(layer), ALL_CONVS) else "linear"
-            else:
-                kind = "other"
-            found.append(
-                dict(
-                    relu_target=name, producer_module_name=None, bn_module_name=bn,
-                    layer_module_name=layer, kind=kind, call_index=None,
-                    activation=measured_activation(m), functional=False,
-                )
+            continue
+        if activation is None:
+            continue
+        channel_dim = 1
+        if bn is not None:
+            kind = "bn"
+        elif layer is not None:
+            linear = not isinstance(model.get_submodule(layer), ALL_CONVS)
+            kind, channel_dim = ("linear", -1) if linear else ("conv", 1)
+        else:
+            kind = "other"
+        found.append(
+            dict(
+                relu_target=name, producer_module_name=None, bn_module_name=bn,
+                layer_module_name=layer, kind=kind, call_index=None,
+                activation=activation, functional=False, channel_dim=channel_dim,
             )
-            bn = layer = None
+        )
+        bn = layer = None
     return _name_features(found)

@@ -6,6 +6,10 @@ Built from one ChannelStats per feature (``build_report``) or from the BN scales
     channels, samples, NaN/Inf channels
     inactive by activation   channels with corpus max of the post-ReLU map < t   (per threshold t)
     inactive by |gamma|      channels with |BN weight| < t                        (per threshold t)
+    constant by activation   channels whose output never varies: corpus max a - corpus min a <= t,
+                             for any activation (per constant threshold t; next to the gamma-based
+                             constants: |gamma| ~ 0 makes the BN output the constant beta)
+    activation               the feature's activation function ("relu", "silu", "gelu", ...)
     selectivity              distribution over the live channels (quantiles, 10-bin histogram,
                              largest error bound); dead channels are left out because their
                              selectivity is 1 by definition and they are counted above already
@@ -52,11 +56,15 @@ class LayerSparsity:
     apoz_mean: float | None = None
     gamma: dict | None = None  # {"min", "median", "max"} of the BN weight (signed)
     beta: dict | None = None  # the same of the BN bias
+    activation: str | None = None  # the feature's activation ("relu", "silu", ...); None: not a feature
+    constant_by_activation: dict[float, int] | None = None  # None: the value range is unknown
+    constant_channels: list[int] | None = None  # channels constant at the first constant threshold
 
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "kind": self.kind,
+            "activation": self.activation,
             "bn_module_name": self.bn_module_name,
             "layer_module_name": self.layer_module_name,
             "channels": self.channels,
@@ -64,6 +72,8 @@ class LayerSparsity:
             "nonfinite_channels": self.nonfinite_channels,
             "inactive_by_activation": _counts_to_list(self.inactive_by_activation, self.channels),
             "inactive_by_gamma": _counts_to_list(self.inactive_by_gamma, self.channels),
+            "constant_by_activation": _counts_to_list(self.constant_by_activation, self.channels),
+            "constant_channels": self.constant_channels,
             "selectivity": self.selectivity,
             "apoz_mean": self.apoz_mean,
             "gamma": self.gamma,
@@ -78,10 +88,12 @@ class SparsityReport:
     layers: list[LayerSparsity]
     activation_thresholds: tuple[float, ...]
     gamma_thresholds: tuple[float, ...]
+    constant_thresholds: tuple[float, ...] = ()
     totals: dict = field(init=False)
 
     def __post_init__(self):
-        self.totals = _totals(self.layers, self.activation_thresholds, self.gamma_thresholds)
+        self.totals = _totals(self.layers, self.activation_thresholds, self.gamma_thresholds,
+                              self.constant_thresholds)
 
     def layer(self, name: str) -> LayerSparsity:
         """The report of the layer called ``name``."""
@@ -93,12 +105,14 @@ class SparsityReport:
     def to_dict(self) -> dict:
         """Everything as plain JSON types (threshold-keyed counts become lists of records)."""
         totals = dict(self.totals)
-        for key in ("inactive_by_activation", "inactive_by_gamma"):
-            denominator = totals["channels"] if key == "inactive_by_activation" else totals["channels_with_gamma"]
-            totals[key] = _counts_to_list(totals[key], denominator)
+        denominators = {"inactive_by_activation": "channels", "inactive_by_gamma": "channels_with_gamma",
+                        "constant_by_activation": "channels_with_range"}
+        for key, denominator in denominators.items():
+            totals[key] = _counts_to_list(totals[key], totals[denominator])
         return {
             "activation_thresholds": list(self.activation_thresholds),
             "gamma_thresholds": list(self.gamma_thresholds),
+            "constant_thresholds": list(self.constant_thresholds),
             "layers": [layer.to_dict() for layer in self.layers],
             "totals": totals,
         }
@@ -139,16 +153,19 @@ class SparsityReport:
 
 
 def build_report(model: nn.Module, features, stats: dict, *, activation_thresholds=(1e-12, 1e-4),
-                 gamma_thresholds=(1e-3, 1e-2), selectivity_threshold: float | None = 1e-3) -> SparsityReport:
+                 gamma_thresholds=(1e-3, 1e-2), selectivity_threshold: float | None = 1e-3,
+                 constant_thresholds=(1e-6,)) -> SparsityReport:
     """A SparsityReport from one ChannelStats per feature (``stats[feature.name]``).
 
     ``selectivity_threshold=None`` leaves selectivity out (stats that keep no per-sample
     maxima cannot give it). BN scales are read from ``model`` (the module named by each
     feature's ``bn_module_name``). Reading numbers back to the host happens here, not while
-    the statistics are collected.
+    the statistics are collected. ``constant_thresholds``: the "constant by activation" counts
+    (``ChannelStats.constant_mask``), for stats that kept the value range of every sample.
     """
     activation_thresholds = _thresholds(activation_thresholds, "activation_thresholds")
     gamma_thresholds = _thresholds(gamma_thresholds, "gamma_thresholds")
+    constant_thresholds = _thresholds(constant_thresholds, "constant_thresholds", allow_zero=True)
     layers = []
     for feature in features:
         s = stats[feature.name]
@@ -158,7 +175,7 @@ def build_report(model: nn.Module, features, stats: dict, *, activation_threshol
             layer_module_name=feature.layer_module_name,
             channels=s.num_channels if s.num_channels is not None else (None if gamma is None else gamma.numel()),
             num_samples=s.num_samples,
-            gamma=_spread(gamma), beta=_spread(beta),
+            gamma=_spread(gamma), beta=_spread(beta), activation=getattr(feature, "activation", None),
         )
         # A residual feature with gamma = 0 still carries the identity branch, so the scale of
         # the BN feeding the sum says nothing about whether the feature is inactive.
@@ -169,13 +186,17 @@ def build_report(model: nn.Module, features, stats: dict, *, activation_threshol
             layer.inactive_by_activation = {
                 t: int(s.dead_mask(t, on_nan="exclude").sum()) for t in activation_thresholds
             }
+            if s.has_range:
+                masks = {t: s.constant_mask(t, on_nan="exclude") for t in constant_thresholds}
+                layer.constant_by_activation = {t: int(mask.sum()) for t, mask in masks.items()}
+                layer.constant_channels = masks[constant_thresholds[0]].nonzero().flatten().tolist()
             apoz = s.apoz(on_nan="exclude")
             layer.apoz_mean = None if bool(torch.isnan(apoz).all()) else apoz.nanmean().item()
             if selectivity_threshold is not None:
                 dead = s.dead_mask(activation_thresholds[0], on_nan="exclude")
                 layer.selectivity = _selectivity_summary(s.selectivity(selectivity_threshold, on_nan="exclude"), dead)
         layers.append(layer)
-    return SparsityReport(layers, activation_thresholds, gamma_thresholds)
+    return SparsityReport(layers, activation_thresholds, gamma_thresholds, constant_thresholds)
 
 
 def gamma_sparsity(model: nn.Module, thresholds=(1e-3, 1e-2)) -> SparsityReport:
@@ -202,10 +223,12 @@ def gamma_sparsity(model: nn.Module, thresholds=(1e-3, 1e-2)) -> SparsityReport:
     return SparsityReport(layers, (), thresholds)
 
 
-def _thresholds(values, what: str) -> tuple[float, ...]:
+def _thresholds(values, what: str, allow_zero: bool = False) -> tuple[float, ...]:
     values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else (values,)))
-    if not values or any(not (math.isfinite(v) and v > 0) for v in values):
-        raise ValueError(f"{what} must be positive finite numbers, got {values}")
+    low = (lambda v: v >= 0) if allow_zero else (lambda v: v > 0)
+    if not values or any(not (math.isfinite(v) and low(v)) for v in values):
+        kind = "finite numbers >= 0" if allow_zero else "positive finite numbers"
+        raise ValueError(f"{what} must be {kind}, got {values}")
     return values
 
 
@@ -247,13 +270,18 @@ def _selectivity_summary(result, dead: torch.Tensor) -> dict:
     return summary
 
 
-def _totals(layers, activation_thresholds, gamma_thresholds) -> dict:
+def _totals(layers, activation_thresholds, gamma_thresholds, constant_thresholds=()) -> dict:
     measured = [l for l in layers if l.inactive_by_activation is not None]
     with_gamma = [l for l in layers if l.inactive_by_gamma is not None]
+    with_range = [l for l in layers if l.constant_by_activation is not None]
     return {
         "layers": len(layers),
         "channels": sum(l.channels for l in measured),
         "channels_with_gamma": sum(l.channels for l in with_gamma),
+        "channels_with_range": sum(l.channels for l in with_range),
+        "constant_by_activation": (
+            {t: sum(l.constant_by_activation[t] for l in with_range) for t in constant_thresholds} if with_range else None
+        ),
         "nonfinite_channels": sum(l.nonfinite_channels for l in measured),
         "inactive_by_activation": (
             {t: sum(l.inactive_by_activation[t] for l in measured) for t in activation_thresholds} if measured else None
@@ -292,18 +320,20 @@ def _fmt_spread(s: dict | None) -> str:
 
 
 def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
-    act, gam = report.activation_thresholds, report.gamma_thresholds
-    header = ["layer", "kind", "ch", "samples"] + (["NaN/Inf"] if act else [])
+    act, gam, const = report.activation_thresholds, report.gamma_thresholds, report.constant_thresholds
+    header = ["layer", "kind"] + (["act"] if act else []) + ["ch", "samples"] + (["NaN/Inf"] if act else [])
     header += [f"act<{t:g}" for t in act] + [f"|gamma|<{t:g}" for t in gam]
+    header += [f"const<={t:g}" for t in const]
     if act:
         header += ["selectivity med [p25, p75] +-err", "APoZ"]
     header += ["gamma min/med/max", "beta min/med/max"]
     rows = []
     for l in report.layers:
-        row = [l.name, l.kind, _fmt(l.channels, "d"), str(l.num_samples)]
+        row = [l.name, l.kind] + ([l.activation or "-"] if act else []) + [_fmt(l.channels, "d"), str(l.num_samples)]
         row += [_fmt(l.nonfinite_channels, "d")] if act else []
         row += [_fmt_count(l.inactive_by_activation, t, l.channels) for t in act]
         row += [_fmt_count(l.inactive_by_gamma, t, l.channels) for t in gam]
+        row += [_fmt_count(l.constant_by_activation, t, l.channels) for t in const]
         if act:
             s = l.selectivity
             if s is None or s["quantiles"] is None:
@@ -315,11 +345,12 @@ def _table_cells(report: SparsityReport) -> tuple[list[str], list[list[str]]]:
         row += [_fmt_spread(l.gamma), _fmt_spread(l.beta)]
         rows.append(row)
     t = report.totals
-    total = ["total", "", str(t["channels"] or t["channels_with_gamma"]), ""]
+    total = ["total", ""] + (["-"] if act else []) + [str(t["channels"] or t["channels_with_gamma"]), ""]
     if act:
         total.append("-" if t["inactive_by_activation"] is None else str(t["nonfinite_channels"]))
     total += [_fmt_count(t["inactive_by_activation"], x, t["channels"]) for x in act]
     total += [_fmt_count(t["inactive_by_gamma"], x, t["channels_with_gamma"]) for x in gam]
+    total += [_fmt_count(t["constant_by_activation"], x, t["channels_with_range"]) for x in const]
     total += ["", ""] if act else []
     total += ["", ""]
     rows.append(total)

@@ -1,6 +1,6 @@
-"""SparsityTracker: measure the post-ReLU features of a model while it trains.
+"""SparsityTracker: measure the post-activation features of a model while it trains.
 
-    tracker = SparsityTracker(model)              # hooks every BN -> ReLU feature
+    tracker = SparsityTracker(model)              # hooks every BN -> activation feature
     for epoch in range(epochs):
         tracker.reset()                           # epoch-wise statistics
         for x, y in loader:
@@ -11,9 +11,14 @@ Forward hooks feed one ChannelStats per feature (see ``sparsekern.stats.features
 
 * a ReLU module is hooked directly; its output is the post-ReLU map (in-place or not: the
   hook runs before anything downstream can change it);
-* a functional ReLU (``F.relu(self.bn(x))``) is measured by hooking the producer module
-  (BN / conv / linear) and applying the ReLU to a copy of its output: the model's own tensors
-  are never modified;
+* a functional activation (``F.relu(self.bn(x))``, ``F.silu``, ``F.leaky_relu(x, 0.2)``...) is
+  measured by hooking the producer module (BN / conv / linear) and applying the activation, with
+  the call's constant arguments, to a copy of its output: the model's own tensors are never
+  modified;
+* a norm-then-activation module (timm's BatchNormAct2d) is hooked directly: its output is the
+  activation's;
+* a feature whose channels are the last dim (a Linear's output, ``Feature.channel_dim == -1``)
+  is measured with that dim moved to dim 1 (a view, no copy);
 * a ReLU module used several times per forward (torchvision's BasicBlock) has one feature per
   call: a forward pre-hook on the model resets a per-forward call counter, and the counter
   says which feature a call belongs to. Calling a submodule directly, outside the model's own
@@ -29,15 +34,12 @@ import os
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sparsekern.errors import StateDictError
 from sparsekern.stats.channel_stats import ChannelStats
 from sparsekern.stats.features import Feature, find_features, unwrap_model
 from sparsekern.stats.report_table import SparsityReport, build_report, gamma_sparsity
 from sparsekern.stats.stores import MODES
-
-_ACTIVATIONS = {"relu": torch.relu, "relu6": F.relu6}
 
 __all__ = ["SparsityTracker", "SparsityReport", "gamma_sparsity"]
 
@@ -53,10 +55,12 @@ class SparsityTracker:
     ``step()`` advances it (e.g. one optimizer step over several accumulated forwards).
     ``backend`` goes to ``channel_absmax``. ``checksums``: every ChannelStats keeps one checksum
     per measured forward (``ChannelStats.batch_checksums``; analyze compares two passes with them).
+    ``leaf_modules``: classes or qualified names of modules torch.fx must not trace into (passed to
+    ``find_features``; ignored when ``features`` is given).
     """
 
     def __init__(self, model: nn.Module, *, selectivity: str = "histogram", features=None, every: int = 1,
-                 backend: str = "auto", memmap_dir=None, checksums: bool = False):
+                 backend: str = "auto", memmap_dir=None, checksums: bool = False, leaf_modules=()):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SparsityTracker: expected an nn.Module, got {type(model).__name__}")
         if selectivity not in MODES:
@@ -72,10 +76,11 @@ class SparsityTracker:
         self.backend = backend
         self.checksums = checksums
         self.every = every
-        features = find_features(self.network) if features is None else list(features)
+        features = find_features(self.network, leaf_modules=leaf_modules) if features is None else list(features)
         if not features:
             raise ValueError(
-                f"SparsityTracker: {type(self.network).__name__} has no ReLU / ReLU6 feature to measure"
+                f"SparsityTracker: {type(self.network).__name__} has no activation feature to measure (no ReLU, "
+                "SiLU, GELU... after a layer; see sparsekern._types.register_activation for other classes)"
             )
         modules = dict(self.network.named_modules())
         for f in features:
@@ -142,7 +147,10 @@ class SparsityTracker:
             with torch.no_grad():
                 y = output.detach()
                 for f in features:
-                    self.stats[f.name].update(_ACTIVATIONS[f.activation](y) if f.functional else y)
+                    a = f.apply(y) if f.functional else y
+                    if f.channel_dim != 1 and a.dim() > 2:
+                        a = a.movedim(f.channel_dim, 1)  # channels last (a Linear's output): a view
+                    self.stats[f.name].update(a)
 
         return hook
 
@@ -182,8 +190,9 @@ class SparsityTracker:
     # --- results -------------------------------------------------------------------------
 
     def report(self, activation_thresholds=(1e-12, 1e-4), gamma_thresholds=(1e-3, 1e-2),
-               selectivity_threshold: float = 1e-3) -> SparsityReport:
-        """Per-layer and total sparsity of what was measured (see ``SparsityReport``).
+               selectivity_threshold: float = 1e-3, constant_thresholds=(1e-6,)) -> SparsityReport:
+        """Per-layer and total sparsity of what was measured (see ``SparsityReport``), with each
+        feature's activation and its "constant by activation" counts.
 
         Selectivity is left out with ``selectivity="none"``.
         """
@@ -191,6 +200,7 @@ class SparsityTracker:
             self.network, self.features, self.stats,
             activation_thresholds=activation_thresholds, gamma_thresholds=gamma_thresholds,
             selectivity_threshold=None if self.selectivity_mode == "none" else selectivity_threshold,
+            constant_thresholds=constant_thresholds,
         )
 
     def state_dict(self) -> dict:
