@@ -46,7 +46,7 @@ import torch
 
 from sparsekern._backend import backends
 from sparsekern._flags import add_config_flags, comma_list, config_overrides, field_kind
-from sparsekern.data import first_samples, get_dataset, make_loader
+from sparsekern.data import InMemoryImageDataset, first_samples, get_dataset, make_loader
 from sparsekern.data.specs import DATA_FORMS, load_data, parse_data_spec
 from sparsekern.errors import ConfigError, SparsekernError
 from sparsekern.models.external import SPEC_FORMS, ExternalModel, load_external
@@ -157,10 +157,15 @@ def external_model_from_args(args, command: str) -> ExternalModel | None:
 
 
 def external_data_from_args(args, ext: ExternalModel, split: str):
-    """The --data corpus of ``args`` (split "train" or "test"), brought to ``ext``'s input."""
-    return load_data(parse_data_spec(args.data), train=split == "train", input_size=ext.input_size, mean=ext.mean,
-                     std=ext.std, interpolation=ext.interpolation, crop_pct=ext.crop_pct,
-                     root=getattr(args, "data_root", None), seed=args.seed)
+    """The --data corpus of ``args`` (split "train" or "test"), brought to ``ext``'s input; an
+    in-memory one is moved to the model's device (batches are built there), as a run's is."""
+    dataset = load_data(parse_data_spec(args.data), train=split == "train", input_size=ext.input_size,
+                        mean=ext.mean, std=ext.std, interpolation=ext.interpolation, crop_pct=ext.crop_pct,
+                        root=getattr(args, "data_root", None), seed=args.seed)
+    parameter = next(ext.model.parameters(), None)
+    if isinstance(dataset, InMemoryImageDataset) and parameter is not None:
+        dataset.to(parameter.device)
+    return dataset
 
 
 def _check_no_model_flags(args) -> None:

@@ -81,7 +81,8 @@ def prune_loaded(model: nn.Module, corpus, *, by: str = "activation", activation
     plan = implicit_plan(model, make_loader(corpus, batch_size, shuffle=False), by=by,
                          activation_threshold=activation_threshold, gamma_threshold=gamma_threshold,
                          input_shape=shape, progress=progress)
-    pruned, report = prune_model(model, plan, first_batch(corpus, verify_samples))
+    device = next(model.parameters()).device  # a DataLoader's batches are on the CPU
+    pruned, report = prune_model(model, plan, first_batch(corpus, verify_samples).to(device))
     return {"model": model, "pruned": pruned, "plan": plan, "report": report, "corpus": corpus}
 
 
@@ -216,7 +217,7 @@ def dense_and_pruned_loaded(model: nn.Module, corpus, *, manifest=None, **plan_o
     :func:`prune_loaded` over ``corpus`` with ``plan_options``."""
     if manifest is not None:
         verify_samples = plan_options.get("verify_samples", 256)
-        batch = first_batch(corpus, verify_samples)
+        batch = first_batch(corpus, verify_samples).to(next(model.parameters()).device)
         pruned, _ = prune_model(model, PrunePlan.load(manifest), batch)
         return model, pruned, tuple(batch.shape[1:])
     done = prune_loaded(model, corpus, **plan_options)
