@@ -281,12 +281,15 @@ def _same_modules(model: nn.Module, work: nn.Module, ignored_layers):
 
 
 def _empty_plan_notes(model: nn.Module, plan, requests: dict) -> list:
-    """Never a silent empty plan: say (and warn) when a model with norm layers is asked for nothing."""
+    """Never a silent empty plan: say when a model with norm layers is asked for nothing, and warn
+    when the plan has no layer at all (its constructor found nothing it could use)."""
     if requests:
         return []
     norms = [n for n, m in model.named_modules() if isinstance(m, BATCH_NORMS)]
     if not norms:
         return []
+    if getattr(plan, "layers", None):
+        return [f"the plan removes no channel of its {len(plan.layers)} layers"]
     plan_notes = [n for n in getattr(plan, "notes", []) if n]
     note = (f"the plan removes no channel, though the model has {len(norms)} BatchNorm layers"
             + (f" ({plan_notes[0]})" if plan_notes else
