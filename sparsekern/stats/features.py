@@ -236,6 +236,15 @@ def _activation_of(node: torch.fx.Node, modules: dict[str, nn.Module]):
     return None
 
 
+def _through_identities(node, modules):
+    """The node an nn.Identity chain passes on (timm's ``norm_head = Identity()`` between a conv
+    and its activation): identities do not hide what produces a feature."""
+    while (isinstance(node, torch.fx.Node) and node.op == "call_module" and isinstance(modules[node.target], nn.Identity)
+           and node.args and isinstance(node.args[0], torch.fx.Node)):
+        node = node.args[0]
+    return node
+
+
 def _is_add(node: torch.fx.Node) -> bool:
     return (node.op == "call_function" and node.target in _ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in _ADD_METHODS
@@ -250,8 +259,8 @@ def _module_node(arg, modules, types) -> str | None:
 
 
 def _layer_feeding(node: torch.fx.Node, modules) -> str | None:
-    """The Conv/Linear whose output is the (first) input of ``node``, if any."""
-    return _module_node(node.args[0] if node.args else None, modules, _LAYERS)
+    """The Conv/Linear whose output is the (first) input of ``node`` (through identities), if any."""
+    return _module_node(_through_identities(node.args[0], modules) if node.args else None, modules, _LAYERS)
 
 
 def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Feature]:
@@ -270,7 +279,7 @@ def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Featur
         if found_here is None:
             continue
         relu_target, activation, functional, norm_act = found_here
-        src = node.args[0] if node.args else node.kwargs.get("input")
+        src = _through_identities(node.args[0] if node.args else node.kwargs.get("input"), modules)
         if not isinstance(src, torch.fx.Node):
             continue
         before = _activation_of(src, modules)
@@ -304,6 +313,7 @@ def _features_from_graph(model: nn.Module, graph: torch.fx.Graph) -> list[Featur
         elif _is_add(src):
             kind = "residual"
             for arg in src.args:
+                arg = _through_identities(arg, modules)
                 bn = _module_node(arg, modules, BATCH_NORMS)
                 if bn is not None and not _is_plain_norm(modules[bn]):
                     bn = None  # a norm-act module's output is its activation's, not a BN's
