@@ -82,3 +82,19 @@ def test_bad_launcher_options_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="cluster must be one of"):
         run_sweep(tmp_path, TINY_BASE, {"seed": [0]}, progress=False, log=lambda m: None, launcher="submitit",
                   cluster="pbs")
+
+
+@pytest.mark.slow
+def test_cli_sweep_with_the_submitit_launcher(tmp_path, capsys):
+    from sparsekern.cli import main
+
+    flags = ["--dataset", "synthetic", "--width", "0.125", "--batch-size", "8", "--num-train-samples", "32",
+             "--num-test-samples", "16", "--eval-batch-size", "32", "--steps", "4", "--eval-every", "2",
+             "--threads", "1", "--reg", "l2", "--reg-strength", "1e-3"]
+    code = main(["sweep", "--out", str(tmp_path), "--launcher", "submitit", "--cluster", "local", "--seeds", "0,1",
+                 "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "submitted 2 jobs to submitit's local executor" in err
+    summary = json.loads((tmp_path / "sweep_summary.json").read_text())
+    assert [r["status"] for r in summary["runs"]] == ["done", "done"] and summary["groups"][0]["seeds"] == [0, 1]

@@ -20,12 +20,14 @@ fi
   pytest pytest-benchmark tensorboard
 
 # The extras `timm` (timm models, .safetensors weights: `--model timm:NAME`, `--weights x.safetensors`) and
-# `export` (ONNX export and its onnxruntime check: `prune --onnx`), so the tests cover them. The torch and
+# `export` (ONNX export and its onnxruntime check: `prune --onnx`) and `cluster` (submitit: `sweep --launcher
+# submitit`), so the tests cover them. The torch and
 # torchvision already installed are named in the same command (their public version, without a +cu tag),
 # so that resolving timm's `torch` / `torchvision` requirements can never replace them.
 TORCH_PINS=$("$PY" -c "import torch, torchvision; print(f'torch=={torch.__version__.split(\"+\")[0]} torchvision=={torchvision.__version__.split(\"+\")[0]}')")
 # shellcheck disable=SC2086  # two words on purpose
-"$PY" -m pip install -q "timm>=1.0" "safetensors>=0.4" "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.3" $TORCH_PINS
+"$PY" -m pip install -q "timm>=1.0" "safetensors>=0.4" "onnx>=1.16" "onnxruntime>=1.18" "onnxscript>=0.3" \
+  "submitit>=1.5" $TORCH_PINS
 
 # Real Fashion-MNIST from Debian (the default dataset); skipped quietly where apt is absent.
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

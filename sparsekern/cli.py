@@ -236,12 +236,36 @@ def _add_sweep(subparsers) -> None:
     p.add_argument("--restart", action="store_true", help="rerun every run from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--report", action="store_true", help="also write the report when the sweep is done")
+    launch = p.add_argument_group("where the runs go")
+    launch.add_argument("--launcher", choices=("local", "submitit"), default="local",
+                        help="local: this machine (--workers processes); submitit: one job array on a scheduler "
+                             "(Slurm when sbatch is found, else submitit's local executor)")
+    launch.add_argument("--cluster", choices=("auto", "local", "slurm"), default="auto",
+                        help="submitit's executor (default auto)")
+    launch.add_argument("--slurm", type=slurm_options, default={}, metavar="KEY=VALUE,...",
+                        help="Slurm options for --launcher submitit, e.g. partition=gpu,time=240,gpus_per_node=1,"
+                             "cpus_per_task=8,mem_gb=32,array_parallelism=16")
     grid = p.add_argument_group("grid (comma-separated values; override [grid])")
     for flag, field in GRID_FLAGS.items():
         grid.add_argument("--" + flag.replace("_", "-"), dest=f"grid_{field}", default=argparse.SUPPRESS,
                           metavar="V1,V2", help=f"values of {field}")
     add_config_flags(p, RunConfig, RUN_FLAGS_TITLE, exclude=("out_dir", "name"))
     p.set_defaults(func=_cmd_sweep)
+
+
+def slurm_options(text: str) -> dict:
+    """``partition=gpu,time=240`` -> {"partition": "gpu", "time": 240} (numbers where they parse)."""
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise argparse.ArgumentTypeError(f"{item!r}: expected KEY=VALUE (e.g. partition=gpu)")
+        value = value.strip()
+        try:
+            options[key.strip()] = int(value)
+        except ValueError:
+            options[key.strip()] = value
+    return options
 
 
 def _grid_from_args(args) -> dict:
@@ -267,7 +291,8 @@ def _cmd_sweep(args) -> int:
     for config in expand_grid(base, grid, args.out):  # every run's config, before anything is written
         check_here(config.data_root, config.device, args.config or "command line")
     summary = run_sweep(args.out, base, grid, workers=args.workers, restart=args.restart,
-                        progress=not args.no_progress, log=log_to_stderr)
+                        progress=not args.no_progress, log=log_to_stderr, launcher=args.launcher,
+                        cluster=args.cluster, slurm=args.slurm)
     if args.report:
         write_report(args.out, log=log_to_stderr)
     return 1 if summary["failed"] else 0
