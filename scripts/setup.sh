@@ -19,7 +19,7 @@ fi
 "$PY" -m pip install -q "pybind11>=2.12" "cmake>=3.18" ninja "setuptools>=77" build numpy tqdm matplotlib \
   pytest pytest-benchmark tensorboard
 
-# The extras `timm` (timm models, .safetensors weights: `--model timm:NAME`, `--weights x.safetensors`) and
+# The extras `timm` (timm models, .safetensors weights: `--model timm:NAME`, `--weights x.safetensors`),
 # `export` (ONNX export and its onnxruntime check: `prune --onnx`) and `cluster` (submitit: `sweep --launcher
 # submitit`), so the tests cover them. The torch and
 # torchvision already installed are named in the same command (their public version, without a +cu tag),

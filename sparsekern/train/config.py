@@ -55,7 +55,12 @@ class RunConfig:
     reg: str = _opt("l2", "regulariser: none | l2 (penalty in the gradient) | wd (decoupled decay) | plug-ins")
     reg_strength: float = _opt(5e-4, "regularisation strength lambda (stored as 0 when reg=none)")
     reg_bn: bool = _opt(True, "also regularise BatchNorm gamma/beta (the paper does)")
-    batch_size: int = _opt(40, "mini-batch size")
+    batch_size: int = _opt(40, "mini-batch size: the samples of one optimizer step, over all ranks (the global batch; "
+                               "each of R ranks trains on batch_size / R of them, its BatchNorm batch)")
+    ranks: int | None = _opt(None, "data-parallel processes (None: 1); train() sets it from torchrun's WORLD_SIZE, "
+                                   "and a run resumes only with as many")
+    sync_bn: bool = _opt(False, "with several ranks, BatchNorm statistics over the global batch (SyncBatchNorm) "
+                                "rather than per rank")
     epochs: int = _opt(40, "training epochs (ignored when --steps is set)")
     steps: int | None = _opt(None, "step budget; overrides --epochs")
     lr_schedule: str = _opt("constant", f"one of {', '.join(LR_SCHEDULES)}")
@@ -79,6 +84,8 @@ class RunConfig:
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name)))
         if self.reg == "none":
             self.reg_strength = 0.0  # a strength means nothing without a regulariser; keep ids canonical
+        if self.ranks == 1:
+            self.ranks = None  # one process: the run id of a config written before ranks existed
         for name, default in SLBI_DEFAULTS.items():  # likewise the Split LBI options for other optimizers
             if self.optimizer not in SLBI_OPTIMIZERS:
                 setattr(self, name, None)
@@ -108,11 +115,15 @@ class RunConfig:
         need(list(self.lr_milestones) == sorted(self.lr_milestones), "lr_milestones", "must be increasing")
         for name in ("batch_size", "epochs", "eval_batch_size"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("steps", "eval_every", "num_train_samples", "num_test_samples", "analyze_samples", "threads"):
+        for name in ("steps", "eval_every", "num_train_samples", "num_test_samples", "analyze_samples", "threads",
+                     "ranks"):
             need(getattr(self, name) is None or getattr(self, name) >= 1, name, "must be >= 1 (or unset)")
         need(self.seed >= 0, "seed", "must be >= 0")
         need(self.device == "auto" or self.device == "cpu" or self.device.split(":")[0] == "cuda",
              "device", "expected auto, cpu, cuda or cuda:N")
+        if self.ranks is not None and self.batch_size % self.ranks:
+            raise ConfigError(f"batch_size={self.batch_size}: the global batch must split evenly between "
+                              f"ranks={self.ranks} (each rank trains on batch_size / ranks samples)")
         if self.reg != "none" and self.reg_strength == 0:
             raise ConfigError(f"reg_strength=0.0: must be > 0 when reg={self.reg!r} (use reg='none')")
         if self.name is not None:
@@ -163,10 +174,16 @@ class RunConfig:
     def identity(self) -> dict:
         """The fields that determine what the run computes (the run id is derived from these).
 
-        Unset optimizer options (the Split LBI ones of another optimizer) are left out, so run ids
-        written before those options existed stay valid."""
+        Unset optimizer options (the Split LBI ones of another optimizer), ``ranks`` of a single
+        process and ``sync_bn=False`` are left out, so run ids written before those options
+        existed stay valid."""
         return {k: v for k, v in self.to_dict().items()
-                if k not in NOT_IDENTITY and not (k in SLBI_DEFAULTS and v is None)}
+                if k not in NOT_IDENTITY and not (k in _UNSET_IDENTITY and v == _UNSET_IDENTITY[k])}
+
+    @property
+    def rank_batch_size(self) -> int:
+        """The samples each rank trains on per step (its BatchNorm batch): batch_size / ranks."""
+        return self.batch_size // (self.ranks or 1)
 
     def config_hash(self) -> str:
         blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
@@ -176,8 +193,9 @@ class RunConfig:
         """Readable and stable: ``basicnet-w0.5_fashion-mnist_adam-lr0.001_l2-0.0005_b40_k5000_s0_<hash>``."""
         budget = f"k{self.steps}" if self.steps is not None else f"e{self.epochs}"
         reg = "none" if self.reg == "none" else f"{self.reg}-{self.reg_strength:g}"
+        batch = f"b{self.batch_size}" + (f"r{self.ranks}" if self.ranks else "")
         return (f"{self.model}-w{self.width:g}_{self.dataset}_{self.optimizer}-lr{self.lr:g}_{reg}"
-                f"_b{self.batch_size}_{budget}_s{self.seed}_{self.config_hash()[:8]}")
+                f"_{batch}_{budget}_s{self.seed}_{self.config_hash()[:8]}")
 
     def run_dir(self) -> Path:
         return Path(self.out_dir) / (self.name or self.run_id())
@@ -185,6 +203,9 @@ class RunConfig:
 
 # Fields that say where/how a run executes, not what it computes.
 NOT_IDENTITY = frozenset({"data_root", "device", "out_dir", "name", "threads", "eval_batch_size"})
+
+# Fields left out of the identity while they have this value (options added after runs existed).
+_UNSET_IDENTITY = {**{name: None for name in SLBI_DEFAULTS}, "ranks": None, "sync_bn": False}
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 

@@ -35,6 +35,7 @@ cuts metrics.jsonl back to the checkpoint's step, so no eval point is ever logge
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern._denormals import flush_denormal_enabled, subnormal_count
-from sparsekern.data import dataset_info, first_samples, get_dataset, make_loader, run_dataset
+from sparsekern.data import dataset_info, first_samples, get_dataset, make_loader, run_dataset, sample_range
 from sparsekern.errors import ConfigError, TrainingDivergedError
 from sparsekern.models import build_model
 from sparsekern.stats.analyze import analyze
@@ -67,9 +68,10 @@ from sparsekern.train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
+from sparsekern.train import distributed
 from sparsekern.train.config import RunConfig
 from sparsekern.train.optim import Optimization
-from sparsekern.train.progress import CountingLoader, run_progress
+from sparsekern.train.progress import CountingLoader, RunProgress, run_progress
 
 ACTIVATION_THRESHOLDS = (1e-12, 1e-4)  # SCIENCE.md default, and the paper's looser check
 GAMMA_THRESHOLDS = (1e-3, 1e-2)
@@ -138,40 +140,84 @@ def train(config: RunConfig, *, restart: bool = False, stop_after: int | None = 
     interruption would; returns None then. The step is rounded up to the next eval point,
     since checkpoints are only taken there.
     """
-    config.run_dir().mkdir(parents=True, exist_ok=True)
-    with RunLock(config.run_dir()):  # held to the end: a second process of this run fails here
-        return _train_locked(config, restart, stop_after, progress, log)
+    with distributed.session(config.device) as context:
+        config = _bind_ranks(config, context)
+        if not context.is_main:  # rank 0 speaks for the run
+            progress, log = False, _quiet
+        config.run_dir().mkdir(parents=True, exist_ok=True)
+        lock = RunLock(config.run_dir())  # held to the end, by rank 0: a second job of this run fails here
+        context.on_main(lambda: lock.__enter__() and None)
+        try:
+            return _train_locked(config, restart, stop_after, progress, log, context)
+        finally:
+            if context.is_main:
+                lock.__exit__(None, None, None)
 
 
-def _train_locked(config: RunConfig, restart: bool, stop_after: int | None, progress: bool, log) -> dict | None:
+def _quiet(*args, **kwargs) -> None:
+    pass
+
+
+def _bind_ranks(config: RunConfig, context) -> RunConfig:
+    """The config with ``ranks`` from the launch (torchrun's WORLD_SIZE); a config that names
+    another number of ranks (a run started with another --nproc_per_node) is a ConfigError."""
+    if config.ranks is None and context.distributed:
+        return config.replace(ranks=context.world)
+    if (config.ranks or 1) != context.world:
+        raise ConfigError(f"ranks={config.ranks}: this run trains on {config.ranks} data-parallel processes, but "
+                          f"{context.world} were launched; use torchrun --nproc_per_node {config.ranks} (or "
+                          "another run directory)")
+    return config
+
+
+def _config_text(config: RunConfig) -> str:
+    text = config.to_toml()
+    if config.ranks:
+        bn = (f"BatchNorm batch {config.batch_size} (sync_bn)" if config.sync_bn
+              else f"BatchNorm batch {config.rank_batch_size} (per rank)")
+        text += (f"# global batch {config.batch_size} = {config.ranks} ranks x {config.rank_batch_size} samples; "
+                 f"{bn}\n")
+    return text
+
+
+def _train_locked(config: RunConfig, restart: bool, stop_after: int | None, progress: bool, log,
+                  context=distributed.Context()) -> dict | None:
     files = run_files(config.run_dir())
-    for path in remove_stale_temp_files(config.run_dir()):
-        log(f"{path}: removed (a temporary file of a process killed while writing)")
-    if restart:
-        for key in ("checkpoint", "previous_checkpoint", "metrics", "result"):
-            files[key].unlink(missing_ok=True)
-        shutil.rmtree(files["tensorboard"], ignore_errors=True)
-    result = read_result(config.run_dir())
+
+    def prepare():  # rank 0: the run directory's files
+        for path in remove_stale_temp_files(config.run_dir()):
+            log(f"{path}: removed (a temporary file of a process killed while writing)")
+        if restart:
+            for key in ("checkpoint", "previous_checkpoint", "metrics", "result"):
+                files[key].unlink(missing_ok=True)
+            shutil.rmtree(files["tensorboard"], ignore_errors=True)
+        result = read_result(config.run_dir())
+        if result is not None:
+            if result.get("config_hash") != config.config_hash():
+                raise CheckpointError(
+                    f"{files['result']}: result of a different configuration (hash {result.get('config_hash')} vs "
+                    f"{config.config_hash()}); rerun with --restart to discard it, or use another run directory."
+                )
+            log(f"{config.run_dir()}: already complete (test error {result['test_error']:.4f})")
+            return result
+        atomic_write_text(files["config"], _config_text(config))
+        return None
+
+    result = context.on_main(prepare)
     if result is not None:
-        if result.get("config_hash") != config.config_hash():
-            raise CheckpointError(
-                f"{files['result']}: result of a different configuration (hash {result.get('config_hash')} vs "
-                f"{config.config_hash()}); rerun with --restart to discard it, or use another run directory."
-            )
-        log(f"{config.run_dir()}: already complete (test error {result['test_error']:.4f})")
         return result
-    atomic_write_text(files["config"], config.to_toml())
-    return _Run(config, files, progress, log).execute(stop_after)
+    return _Run(config, files, progress, log, context).execute(stop_after)
 
 
 class _Run:
     """The state of one run while it trains (built fresh, then restored from a checkpoint)."""
 
-    def __init__(self, config: RunConfig, files: dict, progress: bool, log):
+    def __init__(self, config: RunConfig, files: dict, progress: bool, log, context=distributed.Context()):
         self.config, self.files, self.progress, self.log = config, files, progress, log
+        self.context = context
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        self.device = resolve_device(config.device)
+        self.device = context.device(resolve_device(config.device))
         _seed_everything(config.seed)
         self.train_set, self.test_set, self.analysis_set = _load_datasets(config, self.device)
         info = self.train_set.info
@@ -182,7 +228,12 @@ class _Run:
         self.total_steps = config.steps if config.steps is not None else config.epochs * self.steps_per_epoch
         self.eval_every = config.eval_every or self.steps_per_epoch
         self.model = build_run_model(config, info).to(self.device)
+        if context.distributed and config.sync_bn:
+            self.model = distributed.convert_sync_batchnorm(self.model, self.device)
         self.optimization = Optimization(config, self.model, self.total_steps)
+        # Training steps run through DDP (gradients averaged over ranks); everything else uses the model itself.
+        self.train_model = self.model if not context.distributed else torch.nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.step = 0
         self.train_seconds = 0.0
 
@@ -201,13 +252,17 @@ class _Run:
         }
 
     def _resume(self) -> None:
-        # Loaded to the CPU (RNG states must stay there); load_state_dict moves the rest to the device.
-        state, source = load_with_fallback(
-            self.files["checkpoint"], config_hash=self.config.config_hash(), config=self.config.identity(),
-            schedule=(self.total_steps, self.eval_every), map_location="cpu", warn=self.log)
-        if source != self.files["checkpoint"] and self.files["checkpoint"].exists():
-            # Kept for inspection but out of the rotation: the next save must not make it the previous one.
-            os.replace(self.files["checkpoint"], self.files["corrupt_checkpoint"])
+        def load():  # on rank 0, which hands the state to the other ranks
+            # Loaded to the CPU (RNG states must stay there); load_state_dict moves the rest to the device.
+            state, source = load_with_fallback(
+                self.files["checkpoint"], config_hash=self.config.config_hash(), config=self.config.identity(),
+                schedule=(self.total_steps, self.eval_every), map_location="cpu", warn=self.log)
+            if source != self.files["checkpoint"] and self.files["checkpoint"].exists():
+                # Kept for inspection but out of the rotation: the next save must not make it the previous one.
+                os.replace(self.files["checkpoint"], self.files["corrupt_checkpoint"])
+            return state
+
+        state = self.context.on_main(load)
         self.model.load_state_dict(state["model"])
         self.optimization.load_state_dict(state["optimization"])
         self.step, self.train_seconds = state["step"], state["train_seconds"]
@@ -235,19 +290,21 @@ class _Run:
 
     # ------------------------------------------------------------------ training
     def execute(self, stop_after: int | None) -> dict | None:
-        if self.files["checkpoint"].exists() or self.files["previous_checkpoint"].exists():
+        if self.context.broadcast(self.files["checkpoint"].exists() or self.files["previous_checkpoint"].exists()):
             self._resume()
-        self._truncate_metrics()
+        self.context.on_main(self._truncate_metrics)
         end = self.total_steps
         if stop_after is not None:  # only eval points are checkpointed: stop at the first one >= stop_after
             end = min(end, -(-stop_after // self.eval_every) * self.eval_every)
-        with run_progress(self.config.run_dir().name, self.progress) as self.report:
+        progress = (run_progress(self.config.run_dir().name, self.progress) if self.context.is_main
+                    else contextlib.nullcontext(RunProgress(self.config.run_dir().name, None)))
+        with progress as self.report:
             self._train(end)
             result = self._final_result() if self.step == self.total_steps else None
         if result is None:
             self.log(f"{self.config.run_dir()}: stopped at step {self.step}/{self.total_steps} (checkpointed)")
             return None
-        atomic_write_text(self.files["result"], json.dumps(result, indent=1) + "\n")
+        self.context.on_main(atomic_write_text, self.files["result"], json.dumps(result, indent=1) + "\n")
         return result
 
     def _train(self, end: int) -> None:
@@ -258,7 +315,7 @@ class _Run:
         # Events after the checkpointed step came from an attempt that did not reach its next
         # checkpoint: TensorBoard hides them (purge_step). The checkpointed step's own scalars were
         # written before that checkpoint and are not written again, so they stay.
-        self.writer = _tensorboard_writer(self.files["tensorboard"], purge_after=self.step)
+        self.writer = _tensorboard_writer(self.files["tensorboard"], purge_after=self.step) if self.context.is_main else None
         self.report.start("train", self.step, self.total_steps)
         try:
             self._train_until(end)
@@ -268,7 +325,7 @@ class _Run:
                 self.writer.close()
 
     def _train_until(self, end: int) -> None:
-        config, model, device = self.config, self.model, self.device
+        config, model, device = self.config, self.train_model, self.device
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
         seen = 0
@@ -276,8 +333,8 @@ class _Run:
         model.train()  # evaluate() restores this mode after every eval point
         while self.step < end:
             epoch, offset = divmod(self.step, self.steps_per_epoch)
-            batches = _train_batches(self.train_set, config, epoch)
-            for x, y in itertools.islice(batches, offset, None):
+            batches = _train_batches(self.train_set, config, epoch, self.context)
+            for x, y in itertools.islice(batches, offset, self.steps_per_epoch):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
@@ -294,6 +351,10 @@ class _Run:
                 if self.step % self.eval_every == 0 or self.step == self.total_steps:
                     steps = self.step - window_start
                     train_loss = (loss_sum / steps).item()  # the one host sync of the interval
+                    right = correct.item()
+                    if self.context.distributed:  # every rank's loss is the mean over its equal share
+                        loss_total, right, seen = self.context.sum([loss_sum.item(), right, seen], device)
+                        train_loss, seen = loss_total / (steps * self.context.world), int(seen)
                     elapsed = time.perf_counter() - clock
                     self.train_seconds += elapsed
                     if not math.isfinite(train_loss):
@@ -301,7 +362,7 @@ class _Run:
                             f"{self.config.run_dir()}: training loss is {train_loss} at step {self.step} "
                             f"(lr={config.lr}, optimizer={config.optimizer}); lower the learning rate"
                         )
-                    metrics = self._eval_point(train_loss, 1.0 - correct.item() / seen, seen, elapsed / steps)
+                    metrics = self._eval_point(train_loss, 1.0 - right / seen, seen, elapsed / steps)
                     self.report.evaluated(self.step, metrics["test_error"], metrics["total"]["dead_by_activation_pct"])
                     loss_sum.zero_()
                     correct.zero_()
@@ -312,10 +373,14 @@ class _Run:
     def _eval_point(self, train_loss: float, train_error: float, window_samples: int, seconds_per_step: float) -> dict:
         """Log the interval's metrics, start a fresh tracker window, checkpoint."""
 
+        distributed.reduce_tracker(self.tracker, self.context)  # every rank's window, summed
         report = self.tracker.report(ACTIVATION_THRESHOLDS, GAMMA_THRESHOLDS, SELECTIVITY_THRESHOLD)
         features = self.tracker.features
+        tracked = next(iter(self.tracker.stats.values())).num_samples
         self.tracker.remove()  # evaluation forwards must not count as training-stream samples
-        test_loss, test_error = evaluate(self.model, self.test_set, self.config.eval_batch_size, self.device)
+        distributed.broadcast_buffers(self.model, self.context, self.device)  # rank 0's BN statistics
+        test_loss, test_error = evaluate(self.model, self.test_set, self.config.eval_batch_size, self.device,
+                                         context=self.context)
         layers = _layer_rows(report, self.model, features)
         self._warn_nonfinite(report)
         metrics = {
@@ -327,11 +392,17 @@ class _Run:
             "test_loss": test_loss,
             "test_error": test_error,
             "window_samples": window_samples,
+            "tracked_samples": tracked,
             "seconds_per_step": seconds_per_step,
             "subnormal_weights": subnormal_count(self.model.parameters()),
             "layers": layers,
             "total": _totals(layers),
         }
+        self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode, features=features)
+        self.context.on_main(self._write_eval_point, metrics)  # the other ranks wait for the checkpoint
+        return metrics
+
+    def _write_eval_point(self, metrics: dict) -> None:
         with self.files["metrics"].open("a") as fh:
             fh.write(json.dumps(metrics) + "\n")
         self._subnormal_hint(metrics["subnormal_weights"])
@@ -341,9 +412,7 @@ class _Run:
             for key, value in metrics["total"].items():
                 if value is not None:
                     self.writer.add_scalar(f"sparsity/{key}", value, self.step)
-        self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode, features=features)
         save_checkpoint(self.files["checkpoint"], self._checkpoint_state())
-        return metrics
 
     def _warn_nonfinite(self, report) -> None:
         warning = report.nonfinite_warning()
@@ -364,10 +433,10 @@ class _Run:
     # ------------------------------------------------------------------ the end
     def _final_result(self) -> dict:
         """result.json: final test error, per-layer sparsity over the training corpus, BN params, selectivity."""
-        last = read_metrics(self.config.run_dir())[-1]
         passes = 2 if self.config.selectivity == "two-pass" else 1
-        self.report.start("analysis", 0, passes * len(self.analysis_set))
-        loader = CountingLoader(make_loader(self.analysis_set, self.config.eval_batch_size, shuffle=False),
+        corpus = rank_share(self.analysis_set, self.context)  # disjoint shares: analyze sums them
+        self.report.start("analysis", 0, passes * len(corpus))
+        loader = CountingLoader(make_loader(corpus, self.config.eval_batch_size, shuffle=False, rank=0, world_size=1),
                                 self.report.advance)
         analysis = analyze(self.model, loader, device=self.device, selectivity=self.config.selectivity,
                            progress=False, activation_thresholds=ACTIVATION_THRESHOLDS,
@@ -376,6 +445,10 @@ class _Run:
         self._warn_nonfinite(analysis.report)
         layers = _layer_rows(analysis.report, self.model, analysis.features, analysis.stats,
                              with_selectivity=self.config.selectivity != "none")
+        return self.context.on_main(self._result, layers, analysis)
+
+    def _result(self, layers: list[dict], analysis) -> dict:
+        last = read_metrics(self.config.run_dir())[-1]
         return {
             "run_id": self.config.run_id(),
             "config_hash": self.config.config_hash(),
@@ -383,6 +456,12 @@ class _Run:
             "steps": self.total_steps,
             "epochs": self.total_steps / self.steps_per_epoch,
             "train_samples": len(self.train_set),
+            # The global batch (one optimizer step) and each rank's share, which BatchNorm normalises
+            # over unless sync_bn: the paper's sparsity depends on the BN batch.
+            "batch": {"global": self.config.batch_size, "per_rank": self.config.rank_batch_size,
+                      "ranks": self.context.world, "sync_bn": self.config.sync_bn and self.context.distributed,
+                      "batchnorm": (self.config.batch_size if self.config.sync_bn and self.context.distributed
+                                    else self.config.rank_batch_size)},
             "test_samples": len(self.test_set),
             "analysis_samples": analysis.num_images,
             "device": str(self.device),
@@ -445,24 +524,43 @@ def load_trained(path, device: str = "auto") -> tuple[nn.Module, RunConfig]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device) -> tuple[float, float]:
-    """(mean cross-entropy, error rate) of ``model`` in eval mode over ``dataset``."""
+def evaluate(model: nn.Module, dataset, batch_size: int, device: torch.device,
+             context=None) -> tuple[float, float]:
+    """(mean cross-entropy, error rate) of ``model`` in eval mode over ``dataset``.
 
+    ``context`` (a ``distributed.Context`` of several ranks): each rank evaluates its contiguous
+    share of ``dataset`` and the sums are all-reduced, so the whole set counts once.
+    """
+    context = context or distributed.Context()
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     wrong = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
-    for x, y in make_loader(dataset, batch_size, shuffle=False):
+    for x, y in make_loader(rank_share(dataset, context), batch_size, shuffle=False, rank=0, world_size=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         logits = model(x)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         wrong += (logits.argmax(1) != y).sum()
         count += y.shape[0]
     model.train(was_training)
+    if context.distributed:
+        total_loss, total_wrong, count = context.sum([loss_sum.item(), wrong.item(), count], device)
+        if count == 0:
+            raise ValueError("evaluate: the test set is empty")
+        return total_loss / count, int(total_wrong) / count
     if count == 0:
         raise ValueError("evaluate: the test set is empty")
     return loss_sum.item() / count, wrong.item() / count
+
+
+def rank_share(dataset, context):
+    """This rank's contiguous share of ``dataset`` (samples r N / R to (r + 1) N / R): the ranks'
+    shares are disjoint and cover it once. The whole dataset for one process."""
+    if not context.distributed:
+        return dataset
+    n = len(dataset)
+    return sample_range(dataset, context.rank * n // context.world, (context.rank + 1) * n // context.world)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -482,11 +580,16 @@ def _load_datasets(config: RunConfig, device: torch.device):
     return train_set, test_set, analysis_set
 
 
-def _train_batches(dataset, config: RunConfig, epoch: int):
-    """Epoch ``epoch``'s batches: a shuffle that depends on (seed, epoch) only, last partial batch dropped."""
+def _train_batches(dataset, config: RunConfig, epoch: int, context=distributed.Context()):
+    """Epoch ``epoch``'s batches on this rank: a shuffle that depends on (seed, epoch) only, last
+    partial batch dropped. With R ranks, step k's global batch (samples k B to (k + 1) B of the
+    epoch's order) is dealt out between them, rank r taking every R-th sample from the r-th
+    (make_loader's sharding): batch_size / R samples each. The caller stops after len // B steps,
+    before any sample that the sharding pads with."""
 
-    return iter(make_loader(dataset, config.batch_size, shuffle=True, seed=config.seed * _SEED_STRIDE + epoch,
-                            drop_last=True))
+    return iter(make_loader(dataset, config.batch_size // context.world, shuffle=True,
+                            seed=config.seed * _SEED_STRIDE + epoch, drop_last=True, rank=context.rank,
+                            world_size=context.world))
 
 
 def _bn_of(model: nn.Module, feature):
