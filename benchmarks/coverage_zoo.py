@@ -38,27 +38,27 @@ def _pct(a, b) -> str:
 def table(rows: list) -> str:
     """The README's coverage table (markdown)."""
     lines = [
-        "| model | norm layers | planted | removed | MACs saved | exact | features | kept (reason: channels) |",
+        "| model | BatchNorms | planted | removed | MACs saved | exact | features | kept (reason: channels) |",
         "|---|---:|---:|---:|---:|:---:|---:|---|",
     ]
     for r in rows:
         if r.get("error"):
             status = f"error: {r['error'][:90]}"
         elif not r.get("planted"):
-            status = "no BatchNorm: nothing planted"
+            status = "no BatchNorm: nothing planted" + (f" ({r['norm_layers']} LayerNorm / GroupNorm)" if r.get("norm_layers") else "")
         else:
             status = "; ".join(f"{why}: {n}" for why, n in list(r["kept"].items())[:3]) or "-"
         saved = _pct(r.get("macs_before", 0) - r.get("macs_after", 0), r.get("macs_before", 0))
         ok = "yes" if exact(r) else ("-" if r.get("error") else "NO")
         removed = f"{r.get('removed', 0)} ({_pct(r.get('removed', 0), r.get('planted', 0))})"
         feats = r.get("features", 0) if not r.get("analyze_error") else f"error: {r['analyze_error'][:60]}"
-        lines.append(f"| {r['model']} | {r.get('norm_layers', '-')} | {r.get('planted', 0)} | {removed} | "
+        lines.append(f"| {r['model']} | {r.get('batch_norms', '-')} | {r.get('planted', 0)} | {removed} | "
                      f"{saved} | {ok} | {feats} | {status} |")
-    with_norm = [r for r in rows if r.get("norm_layers")]
+    with_norm = [r for r in rows if r.get("planted")]
     good = [r for r in with_norm if exact(r) and r.get("removed", 0) > 0]
     measured = [r for r in rows if r.get("features", 0) > 0 and not r.get("analyze_error")]
     lines.append("")
-    lines.append(f"Exact removal with removal > 0: {len(good)} of {len(with_norm)} models with a norm layer; "
+    lines.append(f"Exact removal with removal > 0: {len(good)} of {len(with_norm)} models with a BatchNorm; "
                  f"features measured (tracker + analyze): {len(measured)} of {len(rows)} models.")
     return "\n".join(lines)
 

@@ -407,10 +407,16 @@ def test_untraceable_module_named_and_leaf_modules_give_a_partial_plan():
     model = randomize(TwoPathNet())
     plant(model.a[1], dead=[1, 2])
     plant(model.b[1], dead=[0], constant=[3])
+    empty = PrunePlan.from_dead_masks({"a.0": torch.zeros(6, dtype=torch.bool)})
     with pytest.raises(UntraceableModelError, match=r"inside module 'opaque' \(Opaque\).*leaf_modules=\['opaque'\]"):
-        PrunePlan.from_gamma(model)
-    with pytest.raises(UntraceableModelError, match="opaque"):
-        prune_model(model, PrunePlan.from_dead_masks({"a.0": torch.zeros(6, dtype=torch.bool)}), (1, 3, 4, 4))
+        prune_model(model, empty, (1, 3, 4, 4), strict=True)
+    # Partial plans (the default): the submodule that cannot be traced is an opaque op, and the
+    # report says so; the result is what declaring it a leaf gives.
+    plan = PrunePlan.from_gamma(model)
+    pruned, report = prune_model(model, plan, (2, 3, 4, 4))
+    assert_exact(model, pruned, (2, 3, 4, 4))
+    assert report.removed == 2 and pruned.b[0].out_channels == 6
+    assert any("module 'opaque' (Opaque) cannot be traced" in n and "leaf_modules=['opaque']" in n for n in report.notes)
     plan, pruned, report = prune(model, (2, 3, 4, 4), leaf_modules=[Opaque])
     assert report.removed == 2 and pruned.a[0].out_channels == 4 and pruned.b[0].out_channels == 6
     assert causes(report, "b.0") == {"unmapped op"} and "module 'opaque'" in report.layers["b.0"].kept[0]

@@ -5,7 +5,8 @@ were chosen).
 Per model: no crash (a refused model raises a SparsekernError with a message, which the row
 records); the caller's model is never changed; whenever anything was removed, the pruned model
 equals the original on fresh float64 inputs (the reference is the original model itself). Over
-the zoo: exact removal with removal > 0 in at least 90% of the models that have a norm layer, and
+the zoo: exact removal with removal > 0 in at least 90% of the models that have a BatchNorm (where
+channels are planted: LayerNorm-only models such as ConvNeXt have none), and
 features measured by the tracker and ``analyze`` in at least 90% of all models.
 
 Float64 and relative differences make these checks independent of the CPU's rounding, so the
@@ -81,12 +82,13 @@ def test_zoo_coverage():
     if len(specs) < len(ZOO) // 2:
         pytest.skip("timm is not installed: the zoo's coverage figures need it")
     rows = [_row(s, n) for s, n in specs]
-    with_norm = [r for r in rows if r.get("norm_layers")]
+    # Channels are planted in BatchNorms (gamma = 0): the models with one are those with planted channels.
+    with_norm = [r for r in rows if r.get("planted")]
     good = [r["model"] for r in with_norm if exact(r, TOLERANCE) and r["removed"] > 0]
     bad = [f"{r['model']} ({r['error'] or ('removed 0' if not r.get('removed') else 'diff %.3g' % r['max_rel_diff'])})"
            for r in with_norm if r["model"] not in good]
     assert len(good) >= math.ceil(0.9 * len(with_norm)), (
-        f"exact removal in {len(good)} of {len(with_norm)} models with a norm layer; not: {bad}")
+        f"exact removal in {len(good)} of {len(with_norm)} models with a BatchNorm; not: {bad}")
     measured = [r["model"] for r in rows if r.get("features", 0) > 0 and r.get("analyze_error") is None]
     missing = [f"{r['model']} ({r.get('analyze_error')})" for r in rows if r["model"] not in measured]
     assert len(measured) >= math.ceil(0.9 * len(rows)), (

@@ -5,7 +5,9 @@
 flow) as one opaque node: the tracker does not look inside it, and surgery treats its output
 channels as fixed. Entries are module classes or qualified module names. ``concrete_args`` is
 passed to ``torch.fx.Tracer.trace`` (fix a Python argument, e.g. ``{"return_features": False}``).
-When tracing fails, the error names the module being traced at the failure and says what to do.
+When tracing fails, the error names the module being traced at the failure and says what to do;
+with ``opaque_untraceable=True`` such a module becomes a leaf instead (partial plans keep its
+channels and say so).
 """
 from __future__ import annotations
 
@@ -64,9 +66,33 @@ class LeafTracer(torch.fx.Tracer):
 
 
 def trace_graph(model: nn.Module, leaf_modules: Iterable = (), concrete_args: Optional[dict] = None,
-                is_leaf=None) -> torch.fx.GraphModule:
+                is_leaf=None, *, opaque_untraceable: bool = False) -> torch.fx.GraphModule:
     """A GraphModule of ``model`` (sharing its submodules), or UntraceableModelError saying
-    where tracing failed and what to do."""
+    where tracing failed and what to do.
+
+    ``opaque_untraceable``: when tracing fails inside a submodule (not the model's own forward),
+    trace again with that submodule as a leaf, as often as needed; the GraphModule's
+    ``meta["untraceable"]`` maps each such module's name to why it could not be traced, so a
+    caller that treats leaves as opaque ops (surgery's partial plans) can say what it kept.
+    """
+    leaves = list(normalize_leaf_modules(leaf_modules))
+    untraceable: dict[str, str] = {}
+    while True:
+        try:
+            gm = _trace_once(model, leaves, concrete_args, is_leaf)
+        except UntraceableModelError as exc:
+            failed = exc.failed_in
+            if not (opaque_untraceable and failed and failed not in untraceable and len(untraceable) < 64):
+                raise
+            untraceable[failed] = exc.cause
+            leaves.append(failed)
+            continue
+        gm.meta["untraceable"] = untraceable
+        gm.meta["leaf_modules"] = tuple(leaves)
+        return gm
+
+
+def _trace_once(model: nn.Module, leaf_modules, concrete_args, is_leaf) -> torch.fx.GraphModule:
     tracer = LeafTracer(leaf_modules, is_leaf)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
@@ -77,8 +103,9 @@ def trace_graph(model: nn.Module, leaf_modules: Iterable = (), concrete_args: Op
                 if failed else "pass concrete_args= for Python arguments that steer control flow, or "
                 "leaf_modules= for the submodules that cannot be traced")
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UntraceableModelError(
-            f"torch.fx cannot trace {type(model).__name__}{where} ({type(exc).__name__}: {first_line}); {hint}"
-        ) from exc
+        cause = f"{type(exc).__name__}: {first_line}"
+        error = UntraceableModelError(f"torch.fx cannot trace {type(model).__name__}{where} ({cause}); {hint}")
+        error.failed_in, error.cause = failed or None, cause
+        raise error from exc
     name = model.__class__.__name__
     return torch.fx.GraphModule(tracer.root, graph, name)

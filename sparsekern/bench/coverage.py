@@ -39,7 +39,9 @@ DEAD_FRACTION = 0.12
 CONSTANT_FRACTION = 0.06
 DEAD_BETA = -1.0
 CONSTANT_BETA = 0.3
-# Norm layers that count as "the model has a norm layer": BatchNorm (any), GroupNorm, LayerNorm.
+# Norm layers a row counts (BatchNorm of any kind, GroupNorm, LayerNorm). Channels are planted in
+# BatchNorms only (gamma = 0 makes a channel constant only there), so the coverage figures are
+# over the models with a BatchNorm.
 NORMS = BATCH_NORMS + (nn.GroupNorm, nn.LayerNorm)
 
 # The zoo: the smallest variant of every torchvision classification CNN family (the vision
@@ -173,6 +175,7 @@ def coverage_row(spec, input_size: int = 64, *, batch: int = 2, seed: int = 0,
         model = (builder or (lambda: build_model(spec)))().double().eval()
         row["params"] = sum(p.numel() for p in model.parameters())
         row["norm_layers"] = sum(isinstance(m, NORMS) for m in model.modules())
+        row["batch_norms"] = sum(isinstance(m, BATCH_NORMS) for m in model.modules())
         row["norm_act_layers"] = sum(norm_act_activation(m) is not None for m in model.modules())
         randomize_norms(model, seed)
         planted = plant(model, seed)

@@ -116,14 +116,16 @@ class NodeInfo:
         return f"{self.node.op} {target!r} (fx node {self.node.name!r})"
 
 
-def trace(model: nn.Module, leaf_modules=(), concrete_args=None) -> torch.fx.GraphModule:
+def trace(model: nn.Module, leaf_modules=(), concrete_args=None, *, opaque_untraceable: bool = False
+          ) -> torch.fx.GraphModule:
     """``sparsekern._fx.trace_graph`` with the registered channel ops as leaves (see the module
-    docstring); raises UntraceableModelError (an UnsupportedModelError) naming what failed.
+    docstring); raises UntraceableModelError (an UnsupportedModelError) naming what failed, or
+    with ``opaque_untraceable`` makes the submodules that fail leaves (``gm.meta["untraceable"]``).
 
     The GraphModule shares ``model``'s submodules: editing them edits ``model``.
     """
     return trace_graph(model, leaf_modules=leaf_modules, concrete_args=concrete_args,
-                       is_leaf=registry.is_registered_leaf)
+                       is_leaf=registry.is_registered_leaf, opaque_untraceable=opaque_untraceable)
 
 
 def _shape(node) -> Optional[torch.Size]:
@@ -139,13 +141,21 @@ class ChannelGraph:
     The model is traced in eval mode and never modified here; ``gm`` shares its submodules.
     """
 
-    def __init__(self, model: nn.Module, example_inputs=None, *, leaf_modules=(), concrete_args=None):
-        self.leaf_modules = normalize_leaf_modules(leaf_modules)
+    def __init__(self, model: nn.Module, example_inputs=None, *, leaf_modules=(), concrete_args=None,
+                 strict: bool = False):
         self.concrete_args = concrete_args
         was_training = {name: m.training for name, m in model.named_modules()}
         model.eval()  # trace in eval mode: F.dropout(training=self.training) records False
         try:
-            self.gm = trace(model, self.leaf_modules, concrete_args)
+            # Partial plans (not strict): a submodule torch.fx cannot trace is one opaque op.
+            self.gm = trace(model, normalize_leaf_modules(leaf_modules), concrete_args, opaque_untraceable=not strict)
+            self.leaf_modules = self.gm.meta["leaf_modules"]
+            self.notes = [
+                f"module {name!r} ({type(self.gm.get_submodule(name)).__name__}) cannot be traced by torch.fx "
+                f"({why}): it is an opaque op and the channels that reach it are kept (pass "
+                f"leaf_modules=[{name!r}] to say so, or strict=True to refuse the model)"
+                for name, why in self.gm.meta["untraceable"].items()
+            ]
             self.modules = dict(model.named_modules())
             # The traced model's output on the example batch: the reference of exact surgery.
             self.example_output = None
@@ -578,12 +588,25 @@ class ChannelGraph:
             info.channels = list(a.channels)
             return
         mapped, other = (a, right) if a is not None else (b, left)
-        if mapped is None or not isinstance(other, (int, float)) or isinstance(other, bool):
+        if isinstance(other, torch.fx.Node) and other.op == "get_attr":
+            # A one-element parameter or buffer (timm's LearnableAffineBlock: scale * x + bias) is a
+            # number too; it is read when the op is applied, so it is the model's current value.
+            value = operator.attrgetter(other.target)(self.gm)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                other = value
+        if isinstance(other, torch.Tensor):
+            scalar = other.detach()
+            other_fn = lambda t, s=scalar: s.to(device=t.device, dtype=t.dtype).reshape(())
+        elif isinstance(other, (int, float)) and not isinstance(other, bool):
+            other_fn = lambda t, v=other: v
+        else:
             return self._make_unknown(info)
-        # Arithmetic with a Python number is an elementwise function of one channel tensor.
+        if mapped is None:
+            return self._make_unknown(info)
+        # Arithmetic with a number is an elementwise function of one channel tensor.
         op = info.detail["op"]
         info.kind = ELEMENTWISE
-        info.detail["fn"] = (lambda t: op(t, other)) if a is not None else (lambda t: op(other, t))
+        info.detail["fn"] = (lambda t: op(t, other_fn(t))) if a is not None else (lambda t: op(other_fn(t), t))
         info.inputs = [mapped.node]
         info.channels = list(mapped.channels)
 

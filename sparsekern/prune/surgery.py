@@ -236,8 +236,9 @@ def prune_model(model: nn.Module, plan, example_inputs=None, *, verify: bool = T
     work = copy.deepcopy(model)  # the analysis never touches the caller's model
     modes = {name: m.training for name, m in work.named_modules()}
     work.eval()
-    graph = ChannelGraph(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)
+    graph = ChannelGraph(work, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args, strict=strict)
     requests, notes = resolve_requests(plan, work, graph)
+    notes = graph.notes + notes
     ignored = ignored_layer_names(work, graph, _same_modules(model, work, ignored_layers))
     removal = plan_removal(graph, requests, strict=strict, ignored=ignored)
     edits = compute_edits(graph, removal)
