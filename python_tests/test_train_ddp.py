@@ -55,6 +55,8 @@ def test_two_ranks_with_sync_bn_follow_one_process_and_resume(tmp_path):
 
     ddp_dir = config.replace(ranks=2).run_dir()
     assert "b20r2" in ddp_dir.name
+    printed = [json.loads(line) for line in second.stdout.splitlines() if line.startswith("{")]
+    assert [p["run_dir"] for p in printed] == [str(ddp_dir)], second.stdout  # rank 0 only, the ranked run
     text = run_files(ddp_dir)["config"].read_text()
     assert "ranks = 2" in text and "sync_bn = true" in text and "2 ranks x 10 samples" in text
     one = train(config, progress=False, log=lambda *a: None)  # one process, batch 20, same order

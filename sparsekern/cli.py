@@ -53,6 +53,7 @@ from sparsekern.models.external import SPEC_FORMS, ExternalModel, load_external
 from sparsekern.experiments import check_here, log_to_stderr
 from sparsekern.stats.analyze import analyze
 from sparsekern.train.config import RunConfig
+from sparsekern.train.distributed import launched_ranks
 from sparsekern.train.loop import load_trained, resolve_device
 from sparsekern.train.report import write_report
 
@@ -219,7 +220,11 @@ def _cmd_train(args) -> int:
     config = run_config_from_args(args)
     result = train(config, restart=args.restart, stop_after=args.stop_after, progress=not args.no_progress,
                    log=log_to_stderr)
-    if result is not None:
+    # Under torchrun every rank returns the result; rank 0 prints it, with the run directory of
+    # the run as launched (its id names the ranks: train fills them in from WORLD_SIZE).
+    if result is not None and os.environ.get("RANK", "0") == "0":
+        if config.ranks is None and launched_ranks() > 1:
+            config = config.replace(ranks=launched_ranks())
         total = result["total"]
         print(json.dumps({"run_dir": str(config.run_dir()), "test_error": result["test_error"],
                           "dead_by_activation_pct": total["dead_by_activation_pct"],
