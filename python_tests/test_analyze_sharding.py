@@ -48,6 +48,29 @@ def dataset_of(n: int) -> TensorDataset:
     return TensorDataset(x, torch.arange(n))
 
 
+def fast_dataset(n: int):
+    """The same corpus size as an InMemoryImageDataset: make_loader gives it sparsekern's own
+    TensorBatchLoader, which pads its shards as DistributedSampler does (labels = indices)."""
+    from sparsekern.data import InMemoryImageDataset
+
+    images = torch.randint(0, 256, (n, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    return InMemoryImageDataset(images, torch.arange(n), mean=0.5, std=0.25, num_classes=n)
+
+
+def fast_loader(d, r, w):
+    from sparsekern.data import TensorBatchLoader
+
+    return TensorBatchLoader(fast_dataset(len(d)), 8, rank=r, world_size=w)
+
+
+def inputs_of(case: str) -> torch.Tensor:
+    """The model input of every corpus sample, by index."""
+    n = CASES[case][1]
+    if CASES[case][2] is fast_loader:
+        return fast_dataset(n).get_batch(torch.arange(n))[0]
+    return dataset_of(n).tensors[0]
+
+
 def make_model():
     from sparsekern.models import build_model
 
@@ -76,6 +99,8 @@ CASES = {
     "batch-sampler-53": (3, 53, lambda d, r, w: DataLoader(
         d, batch_sampler=BatchSampler(DistributedSampler(d, w, r, shuffle=True, seed=1), 7, drop_last=False))),
     "uneven-53": (3, 53, lambda d, r, w: DataLoader(d, batch_size=8, sampler=uneven(r, w, len(d)))),
+    "fast-53": (3, 53, fast_loader),
+    "fast-7": (4, 7, fast_loader),
     "ds-7": (4, 7, lambda d, r, w: DataLoader(d, batch_size=2, sampler=DistributedSampler(d, w, r, shuffle=False))),
     "ds-3": (4, 3, lambda d, r, w: DataLoader(d, batch_size=2, sampler=DistributedSampler(d, w, r, shuffle=False))),
     "ds-shuffle-7": (2, 7, lambda d, r, w: DataLoader(d, batch_size=3,
@@ -134,7 +159,7 @@ def test_ranks_measure_each_sample_once_and_equal_one_process(tmp_path, world):
     try:
         for case in cases:
             n = CASES[case][1]
-            x = dataset_of(n).tensors[0]
+            x = inputs_of(case)
             index_of = {x[i].numpy().tobytes(): i for i in range(n)}
             yielded = _yielded(case, world)
             expected = sorted(set(i for shard in yielded for i in shard))

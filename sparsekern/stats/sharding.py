@@ -11,7 +11,9 @@ are real and the rest are copies of samples another rank (or this one) measures 
 With ``drop_last=True`` the sampler drops the tail of the index list instead (``len(dataset) -
 total_size`` samples no rank sees).
 
-The sampler is found on ``loader.batch_sampler.sampler`` or ``loader.sampler`` (a DataLoader's).
+The sampler is found on ``loader.batch_sampler.sampler`` or ``loader.sampler`` (a DataLoader's);
+sparsekern's own ``TensorBatchLoader`` (what ``make_loader`` gives for an in-memory dataset) pads
+its shards the same way and is cut the same way.
 Only a DistributedSampler whose ``__iter__`` / ``__len__`` are torch's own is trusted to follow
 that layout, and only under an order-keeping batch sampler (torch's ``BatchSampler``) and, with
 workers, ``in_order=True``; where a padded shard cannot be cut exactly, ``Shard`` raises
@@ -30,6 +32,8 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch.utils.data import BatchSampler, DistributedSampler
+
+from sparsekern.data import TensorBatchLoader
 
 __all__ = ["Shard", "align_channels", "totals"]
 
@@ -76,6 +80,11 @@ class Shard:
             self.expected = self.real
             if self.real < sampler.num_samples:
                 self._check_order_kept(loader, batch_sampler, sampler.num_samples - self.real)
+        elif isinstance(loader, TensorBatchLoader) and loader.world_size > 1:
+            # sparsekern's in-memory loader shards as DistributedSampler(drop_last=False) does:
+            # the padded (wrapped-around) positions are the tail of each rank's stream.
+            n, replicas = len(loader.dataset), loader.world_size
+            self.real = self.expected = max(0, -(-(n - loader.rank) // replicas))
         elif sampler is not None and (batch_sampler is not None or getattr(loader, "batch_size", None)):
             try:
                 self.expected = len(sampler)
