@@ -53,7 +53,7 @@ from sparsekern.models.external import SPEC_FORMS, ExternalModel, load_external
 from sparsekern.experiments import check_here, log_to_stderr
 from sparsekern.stats.analyze import analyze
 from sparsekern.train.config import RunConfig
-from sparsekern.train.distributed import launched_ranks
+from sparsekern.train.distributed import launched_ranks, session
 from sparsekern.train.loop import load_trained, resolve_device
 from sparsekern.train.report import write_report
 
@@ -337,25 +337,31 @@ def _add_analyze(subparsers) -> None:
 
 def _cmd_analyze(args) -> int:
     check_one_source(args, "checkpoint", "analyze")
-    ext = external_model_from_args(args, "analyze")
-    if ext is None:
-        model, config = load_trained(args.checkpoint, args.device)
-        dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
-                              root=args.data_root or config.data_root)
-        source = {"checkpoint": str(args.checkpoint)}
-    else:
-        if args.dataset is not None:
-            raise ConfigError("--dataset names a run's dataset; with --model give the corpus with --data")
-        model = ext.model.to(resolve_device(args.device))
-        dataset = external_data_from_args(args, ext, args.split)
-        source = {"model": args.model, "model_args": args.model_args, "weights": ext.weights,
-                  "data": str(parse_data_spec(args.data)), "input_size": list(ext.input_size)}
-    loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
-    result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
-    print(result)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({**source, "split": args.split, **result.to_dict()}, fh, indent=1)
+    # Under torchrun each rank analyses its shard of the corpus (make_loader shards it) and the
+    # statistics are all-reduced: every rank gets the one-process result; rank 0 prints it.
+    with session(args.device) as context:
+        device = context.device(resolve_device(args.device))
+        ext = external_model_from_args(args, "analyze")
+        if ext is None:
+            model, config = load_trained(args.checkpoint, str(device))
+            dataset = get_dataset(args.dataset or config.dataset, train=args.split == "train",
+                                  root=args.data_root or config.data_root)
+            source = {"checkpoint": str(args.checkpoint)}
+        else:
+            if args.dataset is not None:
+                raise ConfigError("--dataset names a run's dataset; with --model give the corpus with --data")
+            model = ext.model.to(device)
+            dataset = external_data_from_args(args, ext, args.split)
+            source = {"model": args.model, "model_args": args.model_args, "weights": ext.weights,
+                      "data": str(parse_data_spec(args.data)), "input_size": list(ext.input_size)}
+        loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
+        result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
+        if context.is_main:
+            print(result)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump({**source, "split": args.split, "ranks": context.world, **result.to_dict()}, fh,
+                              indent=1)
     return 0
 
 
