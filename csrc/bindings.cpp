@@ -97,10 +97,10 @@ PYBIND11_MODULE(_C, m) {
       "bn_relu_cpu",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
          int64_t sl, uintptr_t scale, uintptr_t shift, uintptr_t dead, uintptr_t y, int64_t ysn, int64_t ysc,
-         int64_t ysr, int64_t ysl, uintptr_t out_max) {
+         int64_t ysr, int64_t ysl, uintptr_t out_max, bool write_dead) {
         sparsekern::bn_relu_cpu(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
                                 ptr<const float>(scale), ptr<const float>(shift), ptr<const uint8_t>(dead),
-                                ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl), ptr<float>(out_max));
+                                write_dead, ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl), ptr<float>(out_max));
       },
       py::call_guard<py::gil_scoped_release>());
 
@@ -126,13 +126,13 @@ PYBIND11_MODULE(_C, m) {
       "bn_relu_cuda",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
          int64_t sl, uintptr_t scale, uintptr_t shift, uintptr_t dead, uintptr_t y, int64_t ysn, int64_t ysc,
-         int64_t ysr, int64_t ysl, uintptr_t out_max, uintptr_t stream) {
+         int64_t ysr, int64_t ysl, uintptr_t out_max, uintptr_t stream, bool write_dead) {
         const char* err = nullptr;
         {
           py::gil_scoped_release release;
           err = sparsekern::bn_relu_cuda(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
                                          ptr<const float>(scale), ptr<const float>(shift), ptr<const uint8_t>(dead),
-                                         ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl),
+                                         write_dead, ptr<void>(y), make_view(n, c, r, l, ysn, ysc, ysr, ysl),
                                          ptr<float>(out_max), ptr<void>(stream));
         }
         check_cuda(err, "bn_relu_cuda");

@@ -143,8 +143,8 @@ void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_m
 }
 
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
-                 const uint8_t* dead, void* y, const View4& vy, float* out_max) {
-  active().load()->bn_relu(x, dtype, vx, scale, shift, dead, y, vy, out_max);
+                 const uint8_t* dead, bool write_dead, void* y, const View4& vy, float* out_max) {
+  active().load()->bn_relu(x, dtype, vx, scale, shift, dead, write_dead, y, vy, out_max);
 }
 
 }  // namespace sparsekern

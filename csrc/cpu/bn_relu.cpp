@@ -4,7 +4,8 @@
 // Layouts, as in channel_absmax.cpp:
 //  * rows   (stride_l == 1 in x and y, e.g. NCHW): each (n, c) is R contiguous rows of L
 //           elements with one scale/shift; OpenMP over the N*C (n, c) pairs. A dead row is
-//           written as zeros and never read.
+//           never read; it is written as zeros unless the caller says the output already
+//           holds them (write_dead = false: then it is not touched at all).
 //  * inner-channel (stride_c == 1 in x and y, e.g. channels_last or (N, C)): each position
 //           holds a contiguous run of channels, processed 8 at a time with per-channel
 //           scale/shift vectors; a task owns (n, block of channels, chunk of positions) and keeps
@@ -12,6 +13,7 @@
 //           never loaded; in a group mixing dead and live channels the dead lanes share the
 //           vector load but are masked to 0 before anything uses them.
 // Anything else goes through a scalar strided loop (correct, not fast).
+// x and y may be the same buffer (in place, vx == vy): every element is read before it is written.
 //
 // NaN: relu(NaN) = NaN as in torch (maxps returns its second operand when either is NaN, so
 // the value goes second). Max instructions drop NaN operands, so a NaN seen by a (n, c) is
@@ -121,8 +123,8 @@ inline void zero_row(T* y, int64_t len) {
 }
 
 template <typename T, bool MAX>
-void rows_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
-                 const View4& vy, float* out_max) {
+void rows_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
+                 bool write_dead, T* y, const View4& vy, float* out_max) {
   const int64_t tasks = vx.n * vx.c;
   // Both sides hold each (n, c) as one run when its R rows follow each other without gaps.
   const bool flat = vx.r == 1 || (vx.sr == vx.l && vy.sr == vy.l);
@@ -133,7 +135,9 @@ void rows_kernel(const T* x, const View4& vx, const float* scale, const float* s
     T* yb = y + n * vy.sn + c * vy.sc;
     RowMax acc;
     if (dead && dead[c]) {
-      if (flat) {
+      if (!write_dead) {
+        // neither read nor written: the caller says y already holds 0 here (or nothing reads it)
+      } else if (flat) {
         zero_row(yb, vx.r * vx.l);
       } else {
         for (int64_t r = 0; r < vx.r; ++r) zero_row(yb + r * vy.sr, vx.l);
@@ -169,7 +173,7 @@ struct DeadLanes {
 // Positions [p0, p1) of sample n, channels [c0, c0 + cb): write y, keep maxima in mx / bad.
 template <typename T, bool MAX, bool DEAD>
 void inner_channel_block(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
-                         const DeadLanes* lanes, T* y, const View4& vy, int64_t n, int64_t c0, int64_t cb, int64_t p0,
+                         bool write_dead, const DeadLanes* lanes, T* y, const View4& vy, int64_t n, int64_t c0, int64_t cb, int64_t p0,
                          int64_t p1, float* mx, float* bad) {
   if (MAX) {
     for (int64_t c = 0; c < cb; ++c) { mx[c] = 0.0f; bad[c] = 0.0f; }
@@ -185,7 +189,7 @@ void inner_channel_block(const T* x, const View4& vx, const float* scale, const 
     const __m256 zero = _mm256_setzero_ps();
     for (; c + 8 <= cb; c += 8) {
       if (DEAD && lanes->group_dead[(c0 + c) / 8]) {
-        simd::store8(yrow + c, zero);
+        if (write_dead) simd::store8(yrow + c, zero);
         continue;
       }
       __m256 a = affine8(simd::load8(xrow + c), _mm256_loadu_ps(scale + c0 + c), _mm256_loadu_ps(shift + c0 + c));
@@ -202,7 +206,7 @@ void inner_channel_block(const T* x, const View4& vx, const float* scale, const 
 #endif
     for (; c < cb; ++c) {
       if (DEAD && dead[c0 + c]) {
-        store1(yrow + c, 0.0f);
+        if (write_dead) store1(yrow + c, 0.0f);
         continue;
       }
       const float a = relu1(std::fma(to_float(xrow[c]), scale[c0 + c], shift[c0 + c]));
@@ -217,7 +221,7 @@ void inner_channel_block(const T* x, const View4& vx, const float* scale, const 
 
 template <typename T, bool MAX, bool DEAD>
 void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
-                          T* y, const View4& vy, float* out_max) {
+                          bool write_dead, T* y, const View4& vy, float* out_max) {
   const cpu::ChannelBlockTasks tasks(vx.n, vx.c, vx.r * vx.l);
   std::optional<DeadLanes> lanes_storage;
   if (DEAD) lanes_storage.emplace(dead, vx.c);
@@ -227,7 +231,7 @@ void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const
 #pragma omp parallel for schedule(static) num_threads(tasks.threads)
   for (int64_t t = 0; t < tasks.count; ++t) {
     const cpu::ChannelBlockTasks::Task task = tasks[t];
-    inner_channel_block<T, MAX, DEAD>(x, vx, scale, shift, dead, lanes, y, vy, task.n, task.c0, task.cb, task.p0,
+    inner_channel_block<T, MAX, DEAD>(x, vx, scale, shift, dead, write_dead, lanes, y, vy, task.n, task.c0, task.cb, task.p0,
                                       task.p1, MAX ? &pmx[t * kChannelBlock] : nullptr,
                                       MAX ? &pbad[t * kChannelBlock] : nullptr);
   }
@@ -248,8 +252,8 @@ void inner_channel_kernel(const T* x, const View4& vx, const float* scale, const
 }
 
 template <typename T, bool MAX>
-void strided_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
-                    const View4& vy, float* out_max) {
+void strided_kernel(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
+                    bool write_dead, T* y, const View4& vy, float* out_max) {
 #pragma omp parallel for schedule(static) num_threads(cpu::threads_for(vx.n * vx.c * vx.r * vx.l))
   for (int64_t t = 0; t < vx.n * vx.c; ++t) {
     const int64_t n = t / vx.c, c = t % vx.c;
@@ -259,7 +263,7 @@ void strided_kernel(const T* x, const View4& vx, const float* scale, const float
       for (int64_t l = 0; l < vx.l; ++l) {
         T* out = y + n * vy.sn + c * vy.sc + r * vy.sr + l * vy.sl;
         if (is_dead) {
-          store1(out, 0.0f);
+          if (write_dead) store1(out, 0.0f);
           continue;
         }
         const float a = relu1(std::fma(to_float(x[n * vx.sn + c * vx.sc + r * vx.sr + l * vx.sl]), scale[c], shift[c]));
@@ -274,41 +278,43 @@ void strided_kernel(const T* x, const View4& vx, const float* scale, const float
 }
 
 template <typename T, bool MAX>
-void dispatch_layout(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead, T* y,
-                     const View4& vy, float* out_max) {
+void dispatch_layout(const T* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
+                     bool write_dead, T* y, const View4& vy, float* out_max) {
   const bool rows = vx.sl == 1 && vy.sl == 1;
   const bool inner_channel = vx.sc == 1 && vy.sc == 1;
   if (rows && (vx.l >= 16 || !inner_channel)) {
-    rows_kernel<T, MAX>(x, vx, scale, shift, dead, y, vy, out_max);
+    rows_kernel<T, MAX>(x, vx, scale, shift, dead, write_dead, y, vy, out_max);
   } else if (inner_channel) {
     if (dead) {
-      inner_channel_kernel<T, MAX, true>(x, vx, scale, shift, dead, y, vy, out_max);
+      inner_channel_kernel<T, MAX, true>(x, vx, scale, shift, dead, write_dead, y, vy, out_max);
     } else {
-      inner_channel_kernel<T, MAX, false>(x, vx, scale, shift, dead, y, vy, out_max);
+      inner_channel_kernel<T, MAX, false>(x, vx, scale, shift, dead, write_dead, y, vy, out_max);
     }
   } else {
-    strided_kernel<T, MAX>(x, vx, scale, shift, dead, y, vy, out_max);
+    strided_kernel<T, MAX>(x, vx, scale, shift, dead, write_dead, y, vy, out_max);
   }
 }
 
 template <typename T>
 void dispatch_max(const void* x, const View4& vx, const float* scale, const float* shift, const uint8_t* dead,
-                  void* y, const View4& vy, float* out_max) {
+                  bool write_dead, void* y, const View4& vy, float* out_max) {
   if (out_max) {
-    dispatch_layout<T, true>(static_cast<const T*>(x), vx, scale, shift, dead, static_cast<T*>(y), vy, out_max);
+    dispatch_layout<T, true>(static_cast<const T*>(x), vx, scale, shift, dead, write_dead, static_cast<T*>(y), vy,
+                                    out_max);
   } else {
-    dispatch_layout<T, false>(static_cast<const T*>(x), vx, scale, shift, dead, static_cast<T*>(y), vy, out_max);
+    dispatch_layout<T, false>(static_cast<const T*>(x), vx, scale, shift, dead, write_dead, static_cast<T*>(y), vy,
+                                    out_max);
   }
 }
 
 }  // namespace
 
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
-                 const uint8_t* dead, void* y, const View4& vy, float* out_max) {
+                 const uint8_t* dead, bool write_dead, void* y, const View4& vy, float* out_max) {
   switch (dtype) {
-    case DType::kFloat32: dispatch_max<float>(x, vx, scale, shift, dead, y, vy, out_max); break;
-    case DType::kFloat16: dispatch_max<f16_t>(x, vx, scale, shift, dead, y, vy, out_max); break;
-    case DType::kBFloat16: dispatch_max<bf16_t>(x, vx, scale, shift, dead, y, vy, out_max); break;
+    case DType::kFloat32: dispatch_max<float>(x, vx, scale, shift, dead, write_dead, y, vy, out_max); break;
+    case DType::kFloat16: dispatch_max<f16_t>(x, vx, scale, shift, dead, write_dead, y, vy, out_max); break;
+    case DType::kBFloat16: dispatch_max<bf16_t>(x, vx, scale, shift, dead, write_dead, y, vy, out_max); break;
   }
 }
 

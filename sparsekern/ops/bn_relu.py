@@ -96,17 +96,136 @@ def bn_relu_reference(
     y32 = torch.relu(x.to(torch.float32) * s + b)
     if dead_mask is not None:
         # where() picks 0 whatever the computed value is, so NaN in a dead channel never leaks.
-        y32 = torch.where(dead_mask.to(x.device).reshape(per_channel), 0.0, y32)
+        y32 = torch.where(dead_mask.to(device=x.device, dtype=torch.bool).reshape(per_channel), 0.0, y32)
     y = _allocate_output(x)
     y.copy_(y32)
     if not return_max:
         return y
-    flat = y.reshape(n, c, math.prod(x.shape[2:]))
+    return y, _max_of(y)
+
+
+def _max_of(y: torch.Tensor) -> torch.Tensor:
+    """The (N, C) float32 max of y over its positions (0 where there are none; NaN propagates)."""
+    n, c = y.shape[0], y.shape[1]
+    flat = y.reshape(n, c, math.prod(y.shape[2:]))
     if flat.shape[2] == 0:
-        m = torch.zeros(n, c, dtype=torch.float32, device=x.device)
-    else:
-        m = flat.amax(dim=2).to(torch.float32)  # amax propagates NaN, which is the contract
-    return y, m
+        return torch.zeros(n, c, dtype=torch.float32, device=y.device)
+    return flat.amax(dim=2).to(torch.float32)  # amax propagates NaN, which is the contract
+
+
+# ---------------------------------------------------------------- the kernels, as torch.library ops
+#
+# Three ops in the sparsekern namespace, over the torch-free pointer ABI of sparsekern._C (or
+# Triton, or the reference): torch.compile sees each as one opaque node with a fake (meta)
+# implementation, so a compiled model keeps them in its graph (no graph break). Arguments are
+# already validated by ``bn_relu`` (scale / shift contiguous float32, dead a contiguous uint8 (C,)
+# or None). Each returns m: the (N, C) float32 max when return_max, else an empty (0,) tensor.
+#   sparsekern::bn_relu(x, scale, shift, dead, return_max, backend) -> (y, m)      functional
+#   sparsekern::bn_relu_out(x, scale, shift, dead, out!, return_max, write_dead, backend) -> m
+#   sparsekern::bn_relu_(x!, scale, shift, dead, return_max, write_dead, backend) -> m   in place
+
+
+def _no_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(0, dtype=torch.float32, device=x.device)
+
+
+def _new_max(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+
+
+def _run_kernel(chosen: str, x: torch.Tensor, scale32, shift32, dead, y: torch.Tensor, return_max: bool,
+                write_dead: bool) -> torch.Tensor:
+    """Fill y (x's shape and dtype; x's strides or contiguous, or x itself) with a kernel; return m."""
+    if x.numel() == 0 or chosen == "torch":
+        ref = bn_relu_reference(x, scale32, shift32, dead, return_max)
+        y_ref, m = ref if return_max else (ref, None)
+        if y_ref is not y:
+            y.copy_(y_ref)
+        return m if return_max else _no_max(x)
+    xv, vx = as_view4(x)
+    if xv is not x and xv.data_ptr() != x.data_ptr():
+        # x's dims do not fold into (N, C, R, L): xv is a copy, which y cannot alias.
+        if y.data_ptr() == x.data_ptr():
+            tmp = torch.empty_like(xv)
+            m = _run_kernel(chosen, xv, scale32, shift32, dead, tmp, return_max, True)
+            y.copy_(tmp)
+            return m
+    if y.data_ptr() == x.data_ptr():
+        vy = vx  # in place: y is x
+    elif _same_layout(xv, y) or y.is_contiguous():
+        vy = _output_view(xv, vx, y)
+    else:  # an out= of some other layout: compute into x's layout, then copy
+        tmp = _allocate_output(xv)
+        m = _run_kernel(chosen, xv, scale32, shift32, dead, tmp, return_max, True)
+        y.copy_(tmp)
+        return m
+    out_max = _new_max(x) if return_max else None
+    dead_ptr = dead.data_ptr() if dead is not None else 0
+    max_ptr = out_max.data_ptr() if out_max is not None else 0
+    y_strides = (vy.sn, vy.sc, vy.sr, vy.sl)
+    with _backend.cuda_device(x):  # every kernel launches on the current device: make it x's
+        if chosen == "cpp":
+            _backend.extension().bn_relu_cpu(
+                xv.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
+                y.data_ptr(), *y_strides, max_ptr, write_dead,
+            )
+        elif chosen == "cuda":
+            _backend.extension().bn_relu_cuda(
+                xv.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
+                y.data_ptr(), *y_strides, max_ptr, _backend.cuda_stream_ptr(x), write_dead,
+            )
+        else:  # triton, imported on first use (an optional dependency)
+            from sparsekern.triton.bn_relu import bn_relu_triton
+
+            bn_relu_triton(xv, vx, scale32, shift32, dead, y, vy, out_max, write_dead=write_dead)
+    return out_max if return_max else _no_max(x)
+
+
+@torch.library.custom_op("sparsekern::bn_relu", mutates_args=())
+def _bn_relu_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dead: Optional[torch.Tensor],
+                return_max: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    chosen = _backend.resolve(backend, x.device, op=OP)
+    y = _allocate_output(x)
+    return y, _run_kernel(chosen, x, scale, shift, dead, y, return_max, True)
+
+
+@_bn_relu_op.register_fake
+def _(x, scale, shift, dead, return_max, backend):
+    return _allocate_output(x), (_new_max(x) if return_max else _no_max(x))
+
+
+@torch.library.custom_op("sparsekern::bn_relu_out", mutates_args=("out",))
+def _bn_relu_out_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dead: Optional[torch.Tensor],
+                    out: torch.Tensor, return_max: bool, write_dead: bool, backend: str) -> torch.Tensor:
+    chosen = _backend.resolve(backend, x.device, op=OP)
+    return _run_kernel(chosen, x, scale, shift, dead, out, return_max, write_dead)
+
+
+@_bn_relu_out_op.register_fake
+def _(x, scale, shift, dead, out, return_max, write_dead, backend):
+    return _new_max(x) if return_max else _no_max(x)
+
+
+@torch.library.custom_op("sparsekern::bn_relu_", mutates_args=("x",))
+def _bn_relu_inplace_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dead: Optional[torch.Tensor],
+                        return_max: bool, write_dead: bool, backend: str) -> torch.Tensor:
+    chosen = _backend.resolve(backend, x.device, op=OP)
+    return _run_kernel(chosen, x, scale, shift, dead, x, return_max, write_dead)
+
+
+@_bn_relu_inplace_op.register_fake
+def _(x, scale, shift, dead, return_max, write_dead, backend):
+    return _new_max(x) if return_max else _no_max(x)
+
+
+def _check_out(x: torch.Tensor, out) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"{OP}: out must be a torch.Tensor, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(
+            f"{OP}: out must match x's shape, dtype and device ({tuple(x.shape)}, {x.dtype}, {x.device}), "
+            f"got {tuple(out.shape)}, {out.dtype}, {out.device}"
+        )
 
 
 def bn_relu(
@@ -116,6 +235,10 @@ def bn_relu(
     dead_mask: Optional[torch.Tensor] = None,
     return_max: bool = False,
     backend: str = "auto",
+    *,
+    out: Optional[torch.Tensor] = None,
+    inplace: bool = False,
+    write_dead: bool = True,
 ):
     """Fused inference BatchNorm + ReLU: ``relu(x * scale[c] + shift[c])`` per channel c.
 
@@ -124,44 +247,57 @@ def bn_relu(
     device (see ``bn_affine``). dead_mask: optional bool (C,); those channels are not read and
     come out as 0. backend: auto|cuda|triton|cpp|torch.
 
-    Returns y (x's dtype; x's memory format when x is dense, contiguous otherwise) or, with
-    ``return_max=True``, ``(y, m)`` where m is the (N, C) float32 max of y over all positions
-    (NaN where that (n, c) saw a NaN), computed in the same pass.
+    Where y goes:
+    - default: a new tensor (x's dtype; x's memory format when x is dense, contiguous otherwise);
+    - ``out=``: into this preallocated tensor (x's shape, dtype and device; any strides) and
+      returns it: no allocation, which on CPU is most of the cost of a new 64 MiB output;
+    - ``inplace=True``: into x itself (returned); x must not need grad.
+
+    write_dead (with ``out=`` or ``inplace``): ``True`` (default) writes 0 into every dead channel.
+    ``False`` says the output already holds 0 there, so the dead channels are neither read nor
+    written (whole dead rows / vectors of channels; a vector mixing dead and live channels still
+    writes its zeros): exact for an ``out=`` buffer reused from call to call, its dead channels
+    zeroed once (by a first call with write_dead=True). In place it leaves x's own values in the
+    dead channels (or 0), which is what you want only when nothing reads them.
+
+    Returns y or, with ``return_max=True``, ``(y, m)`` where m is the (N, C) float32 max of y over
+    all positions (NaN where that (n, c) saw a NaN), computed in the same pass. Every form is a
+    ``torch.library`` op (``torch.ops.sparsekern.bn_relu`` / ``bn_relu_out`` / ``bn_relu_``), so
+    ``torch.compile(fullgraph=True)`` traces through it.
     """
     check_activation(x, OP)
     scale32, shift32, dead = _check_params(x, scale, shift, dead_mask)
-    chosen = _backend.resolve(backend, x.device, op=OP)
-    if x.numel() == 0 or chosen == "torch":
-        return bn_relu_reference(x, scale32, shift32, dead_mask, return_max)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
-        # The kernels have no backward: returning a detached y would silently cut the graph.
-        raise RuntimeError(
-            f"{OP}: the {chosen} kernel is inference-only (no autograd), but an input requires grad; "
-            "call it under torch.no_grad() / torch.inference_mode(), or pass backend='torch'"
-        )
-    x, vx = as_view4(x)
-    y = _allocate_output(x)
-    vy = _output_view(x, vx, y)
-    out_max = torch.empty(vx.n, vx.c, dtype=torch.float32, device=x.device) if return_max else None
-    dead_ptr = dead.data_ptr() if dead is not None else 0
-    max_ptr = out_max.data_ptr() if out_max is not None else 0
-    y_strides = (vy.sn, vy.sc, vy.sr, vy.sl)
-    with _backend.cuda_device(x):  # every kernel launches on the current device: make it x's
-        if chosen == "cpp":
-            _backend.extension().bn_relu_cpu(
-                x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
-                y.data_ptr(), *y_strides, max_ptr,
+    if out is not None and inplace:
+        raise ValueError(f"{OP}: give out= or inplace=True, not both")
+    if out is not None:
+        _check_out(x, out)
+        if out.data_ptr() == x.data_ptr() and x.numel() > 0:
+            inplace, out = True, None  # out=x is the in-place form (a mutated op cannot alias an input)
+    if not isinstance(write_dead, bool):
+        raise TypeError(f"{OP}: write_dead must be a bool, got {type(write_dead).__name__}")
+    if not write_dead and out is None and not inplace:
+        raise ValueError(f"{OP}: write_dead=False needs out= or inplace=True (a new output holds no zeros yet)")
+    if not torch.compiler.is_compiling():
+        chosen = _backend.resolve(backend, x.device, op=OP)  # an unavailable explicit backend raises here
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift))
+        if chosen == "torch" and out is None and not inplace:
+            return bn_relu_reference(x, scale32, shift32, dead, return_max)  # differentiable
+        if needs_grad:
+            # The kernels have no backward: returning a detached y would silently cut the graph.
+            raise RuntimeError(
+                f"{OP}: the {chosen} kernel is inference-only (no autograd), but an input requires grad; "
+                "call it under torch.no_grad() / torch.inference_mode(), or pass backend='torch'"
+                + (" (without out= / inplace)" if out is not None or inplace else "")
             )
-        elif chosen == "cuda":
-            _backend.extension().bn_relu_cuda(
-                x.data_ptr(), DTYPE_CODE[x.dtype], *vx.args(), scale32.data_ptr(), shift32.data_ptr(), dead_ptr,
-                y.data_ptr(), *y_strides, max_ptr, _backend.cuda_stream_ptr(x),
-            )
-        else:  # triton, imported on first use (an optional dependency)
-            from sparsekern.triton.bn_relu import bn_relu_triton
-
-            bn_relu_triton(x, vx, scale32, shift32, dead, y, vy, out_max)
-    return (y, out_max) if return_max else y
+    if inplace:
+        m = torch.ops.sparsekern.bn_relu_(x, scale32, shift32, dead, return_max, write_dead, backend)
+        y = x
+    elif out is not None:
+        m = torch.ops.sparsekern.bn_relu_out(x, scale32, shift32, dead, out, return_max, write_dead, backend)
+        y = out
+    else:
+        y, m = torch.ops.sparsekern.bn_relu(x, scale32, shift32, dead, return_max, backend)
+    return (y, m) if return_max else y
 
 
 def bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
