@@ -79,12 +79,12 @@ def files(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("weights", ["r10t.safetensors", "r10t.pth"])
-def test_analyze_a_timm_model_from_a_weights_file_over_an_image_folder(files, tmp_path, capsys, weights):
+@pytest.mark.parametrize("weights,workers", [("r10t.safetensors", "0"), ("r10t.pth", "2")])
+def test_analyze_a_timm_model_from_a_weights_file_over_an_image_folder(files, tmp_path, capsys, weights, workers):
     out = tmp_path / "stats.json"
     assert main(["analyze", "--model", MODEL, "--model-args", ARGS, "--weights", str(files / weights),
                  "--data", f"imagefolder:{files / 'photos'}", "--input-size", str(SIZE), "--selectivity", "none",
-                 "--json", str(out), "--no-progress"]) == 0
+                 "--workers", workers, "--json", str(out), "--no-progress"]) == 0
     captured = capsys.readouterr()
     assert "randomly initialised" not in captured.err
     result = json.loads(out.read_text())

@@ -327,6 +327,9 @@ def _add_analyze(subparsers) -> None:
     p.add_argument("--split", choices=("train", "test"), default="train", help="which split (default: train)")
     p.add_argument("--samples", type=positive_int, help="only the first N samples")
     p.add_argument("--batch-size", type=positive_int, default=500)
+    p.add_argument("--workers", type=int_at_least(0), default=0,
+                   help="DataLoader worker processes decoding the images of imagefolder: (default 0: in this process; "
+                        "in-memory corpora need none)")
     p.add_argument("--selectivity", default="two-pass", help="two-pass | exact | histogram | memmap | none")
     p.add_argument("--device", type=available_device, default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON here")
@@ -354,7 +357,10 @@ def _cmd_analyze(args) -> int:
             dataset = external_data_from_args(args, ext, args.split)
             source = {"model": args.model, "model_args": args.model_args, "weights": ext.weights,
                       "data": str(parse_data_spec(args.data)), "input_size": list(ext.input_size)}
-        loader = make_loader(first_samples(dataset, args.samples), args.batch_size, shuffle=False)
+        corpus = first_samples(dataset, args.samples)
+        in_memory = isinstance(corpus, InMemoryImageDataset)  # batches are cut from tensors: no decoding
+        loader = make_loader(corpus, args.batch_size, shuffle=False, num_workers=0 if in_memory else args.workers,
+                             pin_memory=device.type == "cuda" and not in_memory)
         result = analyze(model, loader, selectivity=args.selectivity, progress=not args.no_progress)
         if context.is_main:
             print(result)
