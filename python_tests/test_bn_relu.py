@@ -444,15 +444,17 @@ class SmallConvNet(nn.Module):
             nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16),  # BN -> conv: not a pair
             nn.Conv2d(16, 12, 1), nn.ReLU(),  # ReLU without a BN before it
         )
-        self.side_bn = nn.BatchNorm2d(12)  # BN -> ReLU outside a Sequential: the BN output
+        self.side_bn = nn.BatchNorm2d(12)  # BN -> functional torch.relu outside a Sequential: a pair
+        self.add_bn = nn.BatchNorm2d(12)  # BN -> residual add -> ReLU: not a pair
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(12 * 4 * 4, 10), nn.BatchNorm1d(10), nn.ReLU())
 
     def forward(self, x):
         h = self.features(x)
-        return self.head(torch.relu(self.side_bn(h)) + h)  # ... also feeds this sum
+        h = torch.relu(self.side_bn(h)) + h
+        return self.head(F.relu(self.add_bn(h) + h))
 
 
-def test_fuse_bn_relu_keeps_outputs_and_fuses_only_sequential_pairs():
+def test_fuse_bn_relu_keeps_outputs_and_fuses_every_bn_relu_pair():
     torch.manual_seed(0)
     model = SmallConvNet()
     randomize_bn(model, seed=7)
@@ -460,15 +462,22 @@ def test_fuse_bn_relu_keeps_outputs_and_fuses_only_sequential_pairs():
     x = torch.randn(4, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
-    fused = fuse_bn_relu(copy.deepcopy(model))
-    kinds = [type(m).__name__ for m in fused.features]
+    work = copy.deepcopy(model)
+    fused = fuse_bn_relu(work)
+    kinds = [type(m).__name__ for m in work.features]  # modified in place as well
     assert kinds == ["Conv2d", "FusedBNReLU", "Identity", "Conv2d", "FusedBNReLU", "Identity", "MaxPool2d",
                      "Conv2d", "BatchNorm2d", "Conv2d", "ReLU"]
-    assert isinstance(fused.side_bn, nn.BatchNorm2d)
-    assert isinstance(fused.head[2], FusedBNReLU) and isinstance(fused.head[3], nn.Identity)
+    assert isinstance(fused, torch.fx.GraphModule)  # the functional torch.relu after side_bn is gone from its graph
+    assert isinstance(fused.side_bn, FusedBNReLU) and isinstance(fused.add_bn, nn.BatchNorm2d)
+    assert isinstance(work.head[2], FusedBNReLU) and isinstance(work.head[3], nn.Identity)
+    relus = [n for n in fused.graph.nodes if n.target in (torch.relu, F.relu) or n.op == "call_module"
+             and isinstance(fused.get_submodule(n.target), nn.ReLU)]
+    assert len(relus) == 2  # the ReLU after the residual add, and the one after a conv without a BN
     with torch.no_grad():
         got = fused(x)
+        in_place = work(x)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(in_place, got)
 
 
 def test_fused_module_equals_bn_relu_in_a_conv_net_and_records_max():

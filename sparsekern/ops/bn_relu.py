@@ -8,8 +8,8 @@
 ``torch.relu``) and makes m[n, c] NaN, so a broken activation is never mistaken for a dead one.
 
 The module form, ``FusedBNReLU``, replaces an eval-mode ``BatchNorm + ReLU`` pair and can hand
-each batch's m to a callback (e.g. a ChannelStats); ``fuse_bn_relu`` swaps such pairs in the
-``nn.Sequential`` containers of a model. A BatchNorm is any of ``sparsekern._types.BATCH_NORMS``
+each batch's m to a callback (e.g. a ChannelStats); ``fuse_bn_relu`` finds such pairs in a
+model's torch.fx graph (Sequential pairs, module attributes, functional ReLUs) and swaps them. A BatchNorm is any of ``sparsekern._types.BATCH_NORMS``
 (BatchNorm1d/2d/3d, SyncBatchNorm): in eval mode each is the same per-channel affine.
 
 ``fold_bn`` is the old name of ``bn_affine`` (deprecated; ``sparsekern.prune.fold_bn`` is
@@ -18,15 +18,20 @@ something else: a copy of a model with its BatchNorms folded into the layers bef
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Optional
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
 from sparsekern import _backend
+from sparsekern._fx import trace_graph
 from sparsekern._deprecated import deprecated_names
 from sparsekern._layout import DTYPE_CODE, View4, as_view4, check_activation
 from sparsekern._types import is_batch_norm
+from sparsekern.errors import UntraceableModelError
 
 OP = "bn_relu"
 
@@ -271,7 +276,7 @@ def bn_relu(
         raise ValueError(f"{OP}: give out= or inplace=True, not both")
     if out is not None:
         _check_out(x, out)
-        if out.data_ptr() == x.data_ptr() and x.numel() > 0:
+        if out is x or (not torch.compiler.is_compiling() and x.numel() > 0 and out.data_ptr() == x.data_ptr()):
             inplace, out = True, None  # out=x is the in-place form (a mutated op cannot alias an input)
     if not isinstance(write_dead, bool):
         raise TypeError(f"{OP}: write_dead must be a bool, got {type(write_dead).__name__}")
@@ -417,16 +422,54 @@ def _fusable(module: nn.Module) -> bool:
     return is_batch_norm(module) and module.running_var is not None
 
 
-def fuse_bn_relu(model: nn.Module, **kwargs) -> nn.Module:
-    """Replace each BatchNorm immediately followed by an nn.ReLU inside an nn.Sequential.
+_RELU_FUNCTIONS = (torch.relu, torch.relu_, F.relu, F.relu_)
+_RELU_METHODS = ("relu", "relu_")
 
-    The BN becomes a ``FusedBNReLU`` (``kwargs`` go to it) and the ReLU an ``nn.Identity``, so
-    indices and the container's length are unchanged. Only consecutive pairs in a Sequential
-    are fused (there the BN output feeds nothing but the ReLU); everything else is untouched.
-    A BatchNorm without running statistics (it normalises with batch statistics even in eval
-    mode) is not fusable and is left alone. The model is modified in place, must be in eval
-    mode, and is returned.
+
+def _is_relu_of(node: torch.fx.Node, source: torch.fx.Node, modules: dict) -> bool:
+    """``node`` is a plain ReLU (nn.ReLU module, F.relu / torch.relu / their in-place forms, or
+    Tensor.relu) applied to ``source``."""
+    if not node.args or node.args[0] is not source:
+        return False
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _RELU_METHODS
+    return False
+
+
+def find_bn_relu_pairs(graph: torch.fx.Graph, modules: dict) -> list[tuple[torch.fx.Node, torch.fx.Node]]:
+    """The fusable (BatchNorm call, ReLU call) node pairs of a traced graph, in graph order.
+
+    A pair is a call of a fusable BatchNorm module whose output has exactly one user, a ReLU of it.
+    Not a pair: a BN whose output also feeds something else (the ReLU cannot absorb it), and in
+    particular the BN before a residual add: ``relu(bn(x) + identity)`` applies the ReLU to the
+    sum, not to the BN output, so fusing it would change the result. A BN module called more than
+    once is fused only if every one of its calls is a pair.
     """
+    pairs, calls = [], {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not _fusable(modules.get(node.target)):
+            continue
+        calls[node.target] = calls.get(node.target, 0) + 1
+        users = list(node.users)
+        if len(users) == 1 and _is_relu_of(users[0], node, modules):
+            pairs.append((node, users[0]))
+    paired = {}
+    for bn, _ in pairs:
+        paired[bn.target] = paired.get(bn.target, 0) + 1
+    return [(bn, relu) for bn, relu in pairs if paired[bn.target] == calls[bn.target]]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _fuse_sequential_pairs(model: nn.Module, **kwargs) -> nn.Module:
+    """Without a graph: each BatchNorm immediately followed by an nn.ReLU inside an nn.Sequential."""
     sequentials = [m for m in model.modules() if isinstance(m, nn.Sequential)]  # listed before any change
     for container in sequentials:
         names = list(container._modules.keys())
@@ -436,6 +479,66 @@ def fuse_bn_relu(model: nn.Module, **kwargs) -> nn.Module:
                 container._modules[first] = FusedBNReLU.from_bn(bn, **kwargs)
                 container._modules[second] = nn.Identity()
     return model
+
+
+def fuse_bn_relu(model: nn.Module, *, leaf_modules=(), concrete_args: Optional[dict] = None, **kwargs) -> nn.Module:
+    """Replace every BatchNorm whose output goes only into a ReLU by one ``FusedBNReLU``.
+
+    The pairs are found in the model's torch.fx graph (``sparsekern._fx.trace_graph``;
+    ``leaf_modules`` / ``concrete_args`` as there), wherever they are: consecutive modules of an
+    nn.Sequential, module attributes called in ``forward`` (torchvision ResNet's ``bn1`` /
+    ``relu``), or a BN followed by ``F.relu`` / ``torch.relu`` / ``Tensor.relu``. The BN before a
+    residual add is not fused: the ReLU after the add applies to the sum (``find_bn_relu_pairs``).
+    A BatchNorm without running statistics is left alone. ``kwargs`` go to every FusedBNReLU
+    (``record_max``, ``on_max``, ``backend``). The model must be in eval mode.
+
+    The model is modified in place: each fused BN becomes a FusedBNReLU under the same name, and
+    an nn.ReLU module that only ever follows fused BNs becomes nn.Identity. When that removes
+    every fused ReLU (each pair's ReLU is a module of its own), the model itself is returned.
+    Otherwise (a functional ReLU, or a ReLU module shared with other uses, as in torchvision's
+    blocks, whose ``self.relu`` also follows the residual add) the returned model is a
+    ``torch.fx.GraphModule`` of it without those ReLU calls; the model modified in place still
+    computes the same (ReLU after FusedBNReLU changes nothing), but does the redundant pass.
+    Always use the returned model. Its submodules keep their qualified names (``layer1.0.bn1``).
+    A model torch.fx cannot trace falls back to the nn.Sequential pairs alone, with a warning.
+    """
+    try:
+        gm = trace_graph(model, leaf_modules, concrete_args, is_leaf=lambda m, _name: isinstance(m, FusedBNReLU))
+    except UntraceableModelError as exc:
+        warnings.warn(f"fuse_bn_relu: {exc}; fusing the BN + ReLU pairs of its nn.Sequential containers only",
+                      RuntimeWarning, stacklevel=2)
+        return _fuse_sequential_pairs(model, **kwargs)
+    modules = dict(gm.named_modules())
+    pairs = find_bn_relu_pairs(gm.graph, modules)
+    if not pairs:
+        return model
+    fused = {}
+    for bn_node, _ in pairs:
+        if bn_node.target not in fused:
+            fused[bn_node.target] = FusedBNReLU.from_bn(modules[bn_node.target], **kwargs)  # raises in training mode
+    # ReLU modules whose every call is the ReLU of a pair: Identity in the model itself.
+    relu_calls, relu_paired = {}, {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and type(modules.get(node.target)) is nn.ReLU:
+            relu_calls[node.target] = relu_calls.get(node.target, 0) + 1
+    for _, relu_node in pairs:
+        if relu_node.op == "call_module":
+            relu_paired[relu_node.target] = relu_paired.get(relu_node.target, 0) + 1
+    dedicated = [name for name, k in relu_paired.items() if k == relu_calls[name]]
+    for name, module in fused.items():
+        _set_submodule(model, name, module)
+    for name in dedicated:
+        _set_submodule(model, name, nn.Identity())
+    if all(relu.op == "call_module" and relu.target in dedicated for _, relu in pairs):
+        return model
+    graph = gm.graph
+    for bn_node, relu_node in pairs:
+        relu_node.replace_all_uses_with(bn_node)
+        graph.erase_node(relu_node)
+    graph.lint()
+    out = torch.fx.GraphModule(model, graph, type(model).__name__)
+    out.eval()
+    return out
 
 
 # The old name of bn_affine (a release of warning first): fold_bn now means sparsekern.prune.fold_bn.
