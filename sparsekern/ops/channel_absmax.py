@@ -113,7 +113,9 @@ def channel_absmax(x: torch.Tensor, *, count_positive: bool = False, backend: st
     any strided view; float32, float16, bfloat16. ``backend``: auto|cuda|triton|cpp|torch.
     Returns ``m`` or, with ``count_positive=True``, ``(m, positive_counts)`` (int64).
     """
-    m, counts, _, _ = _run(x, count_positive, False, backend, OP)
+    check_activation(x, OP)
+    # Through the registered op (sparsekern/ops/library.py): torch.compile traces it as one node.
+    m, counts = torch.ops.sparsekern.channel_absmax(x, bool(count_positive), backend)
     return (m, counts) if count_positive else m
 
 
@@ -126,5 +128,6 @@ def channel_extrema(x: torch.Tensor, *, count_positive: bool = False, backend: s
     """
     if not isinstance(count_positive, bool):
         raise TypeError(f"{OP_EXTREMA}: count_positive must be a bool, got {type(count_positive).__name__}")
-    m, counts, lo, hi = _run(x, count_positive, True, backend, OP_EXTREMA)
-    return ChannelExtrema(m, lo, hi, counts)
+    check_activation(x, OP_EXTREMA)
+    m, lo, hi, counts = torch.ops.sparsekern.channel_extrema(x, count_positive, backend)
+    return ChannelExtrema(m, lo, hi, counts if count_positive else None)

@@ -63,7 +63,7 @@ import torch.distributed as dist
 from sparsekern._backend import BACKENDS
 from sparsekern._layout import check_activation
 from sparsekern.errors import NonFiniteActivationError, StateDictError
-from sparsekern.ops.channel_absmax import channel_extrema
+from sparsekern.ops.channel_stats_update import HOST_FIELDS
 from sparsekern.stats.checks import HEADER_FIELDS, check_header, check_reduced
 from sparsekern.stats.checksums import BatchChecksums
 from sparsekern.stats.counters import CHANNEL_FIELDS, RANGE_STATE_FIELDS, ChannelCounters, RangeCounters
@@ -154,12 +154,13 @@ class ChannelStats:
     def _clear(self) -> None:
         self._num_channels = self._given_channels
         self._device = self._given_device
-        self.num_samples = 0  # python int: known from shapes, never read back from the device
-        self._elements = 0  # positions counted for APoZ (sum over samples of positions per sample)
-        self._apoz_samples = 0  # samples that came with positive counts
+        # Sample counts, known from shapes: a CPU int64 tensor (never read back from a GPU) that the
+        # update op advances in place, so a compiled update needs no Python int arithmetic.
+        # [num_samples, elements (positions counted for APoZ), apoz_samples (samples that came with
+        # positive counts), range_samples (samples that came with their min / max)]
+        self._host = torch.zeros(len(HOST_FIELDS), dtype=torch.int64)
         self._counters: ChannelCounters | None = None  # None until the channel count and device are known
         self._range: RangeCounters | None = None  # allocated with the counters
-        self._range_samples = 0  # samples that came with their min / max (all those of update())
         self._store.clear()
         self._two_pass: TwoPassCounter | None = None
         self._checksums = BatchChecksums()
@@ -193,6 +194,21 @@ class ChannelStats:
                 "move the input (a silent copy would synchronise every batch)"
             )
 
+    def _host_count(index: int, doc: str):  # noqa: N805  (a property factory used in the class body)
+        def get(self) -> int:
+            return int(self._host[index])
+
+        def set_(self, value: int) -> None:
+            self._host[index] = value
+
+        return property(get, set_, doc=doc)
+
+    num_samples = _host_count(0, "Samples fed so far (a python int, from shapes).")
+    _elements = _host_count(1, "Positions counted for APoZ (sum over samples of positions per sample).")
+    _apoz_samples = _host_count(2, "Samples that came with positive counts.")
+    _range_samples = _host_count(3, "Samples that came with their min / max (all those of update()).")
+    del _host_count
+
     @property
     def num_channels(self) -> int | None:
         """Channel count (None until given or seen)."""
@@ -211,19 +227,47 @@ class ChannelStats:
         return torch.zeros(self._num_channels, dtype=dtype, device=self._device or torch.device("cpu"))
 
     # ------------------------------------------------------------------ updates
-    def update(self, x: torch.Tensor) -> None:
-        """Accumulate one batch of activations x (N, C, ...): one kernel pass for the max |a|, the
-        positive counts and the min / max (``channel_extrema``)."""
+    def update(self, x: torch.Tensor, *, enabled: torch.Tensor | None = None) -> None:
+        """Accumulate one batch of activations x (N, C, ...): one call of the registered op
+        ``torch.ops.sparsekern.channel_stats_update_``, which computes the per-sample max |a|, positive
+        counts and min / max and folds them into every accumulator in place (one fused kernel on the
+        cpp and triton backends; see ``sparsekern.ops.channel_stats_update``).
+
+        ``enabled``: a 0-dim bool CPU tensor; when it holds False the batch is not counted (the
+        tracker's ``every=k``: a tensor, so a compiled forward needs no Python branch on it).
+
+        Under ``torch.compile`` (fullgraph) this traces to that one op for selectivity "histogram"
+        and "none" (and two-pass counting); "exact", "memmap" and ``checksums=True`` keep per-sample
+        data in Python lists and files, which a compiled graph cannot grow, and raise there.
+        """
         where = "ChannelStats.update"
         check_activation(x, where)
         n, c = x.shape[0], x.shape[1]
         self._check_compatible(c, x.device, where)
         if n == 0:
             return
-        r = channel_extrema(x, count_positive=True, backend=self.backend)
-        self._accumulate(r.absmax, r.positive, math.prod(x.shape[2:]))
-        self._range.add(r.minimum, r.maximum)
-        self._range_samples += n
+        keep = self.mode in ("exact", "memmap") or self.checksums
+        if keep and torch.compiler.is_compiling():
+            raise NotImplementedError(
+                f"{where}: selectivity={self.mode!r}{' with checksums=True' if self.checksums else ''} keeps every "
+                "per-sample maximum, which a compiled graph cannot do; use selectivity='histogram' or 'none' "
+                "under torch.compile (or two-pass counting with set_reference_max)"
+            )
+        self._ensure_state(c, x.device)
+        counters, ranges, tp = self._counters, self._range, self._two_pass
+        histogram = self._store.counts if self.mode == "histogram" else None
+        m = torch.ops.sparsekern.channel_stats_update_(
+            x, counters.max, counters.nan_samples, counters.inf_samples, counters.positive,
+            ranges.value_min, ranges.value_max, self._host, histogram, self.histogram_mantissa_bits,
+            None if tp is None else tp.reference, None if tp is None else tp.thresholds_tensor,
+            None if tp is None else tp.counts, None if tp is None else tp.max, None if tp is None else tp.samples_tensor,
+            enabled, keep, self.backend,
+        )
+        if not keep or (enabled is not None and not bool(enabled)):
+            return
+        self._store.update(m)
+        if self.checksums:
+            self._checksums.record(m)
 
     def update_reduced(
         self, m: torch.Tensor, positive: torch.Tensor | None = None, elements_per_sample: int | None = None

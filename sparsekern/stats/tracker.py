@@ -26,6 +26,20 @@ Forward hooks feed one ChannelStats per feature (see ``sparsekern.stats.features
 
 Measuring runs under ``torch.no_grad()`` on detached tensors, and never synchronises with the
 host (no ``.item()``, no host copies): on a GPU, training keeps its asynchrony.
+
+torch.compile: the hooks trace into the model's graph (``torch.compile(model, fullgraph=True)``
+compiles with no graph break). The step counter and the ``every=k`` decision are 0-dim CPU
+tensors updated in place (``steps`` reads the counter), every feature's update is one registered
+op (``torch.ops.sparsekern.channel_stats_update_``) that mutates the statistics in place and skips
+the batch when the decision says so, and the per-forward call numbering is Python that runs at
+trace time (the same every forward). Limits: selectivity "histogram" and "none" only ("exact" /
+"memmap" / ``checksums=True`` raise under compile); the first compiled forward after construction
+or ``reset()`` traces the allocation of the statistics and the next one compiles the steady
+state (two graphs, both cached: later resets recompile nothing); calling ``step()`` for the first
+time recompiles once (forwards stop advancing the counter); a ReLU module found without a graph
+that is called more often than its features say (fallback features numbered at run time) adds
+features while tracing, which is untested under compile; under compile with ``every > 1`` the
+skipped steps still pay for a functional feature's activation copy (the kernel itself is skipped).
 """
 from __future__ import annotations
 
@@ -99,9 +113,11 @@ class SparsityTracker:
         self._routes: dict[str, dict] = {}
         for f in features:
             self._add_feature(f)
-        self.steps = 0
+        # 0-dim CPU tensors, changed in place by the hooks (compile-friendly, no host sync on a GPU):
+        # the step counter, and whether the current forward is measured.
+        self._step = torch.zeros((), dtype=torch.int64)
+        self._measuring = torch.zeros((), dtype=torch.bool)
         self._manual_steps = False
-        self._measuring = False
         self._calls: dict[str, int] = {}
         self._handles = [self.network.register_forward_pre_hook(self._on_model_forward)]
         for name in self._routes:
@@ -121,11 +137,20 @@ class SparsityTracker:
         self.stats[f.name] = ChannelStats(selectivity=self.selectivity_mode, memmap_path=path, backend=self.backend,
                                           checksums=self.checksums)
 
+    @property
+    def steps(self) -> int:
+        """Steps counted so far (forwards, or ``step()`` calls once it was called)."""
+        return int(self._step)
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self._step.fill_(value)
+
     def _on_model_forward(self, module, args) -> None:
         self._calls = {}
-        self._measuring = self.steps % self.every == 0
+        self._measuring.copy_(torch.remainder(self._step, self.every) == 0)
         if not self._manual_steps:
-            self.steps += 1
+            self._step.add_(1)
 
     def _output_hook(self, module_name: str):
         routes = self._routes[module_name]
@@ -133,7 +158,8 @@ class SparsityTracker:
         def hook(module, args, output):
             call = self._calls.get(module_name, 0)
             self._calls[module_name] = call + 1
-            if not self._measuring:
+            # Eager: skip at once (a CPU tensor, no sync). Compiled: the update op reads the flag.
+            if not torch.compiler.is_compiling() and not bool(self._measuring):
                 return
             features = routes.get(call)
             if features is None:
@@ -150,7 +176,7 @@ class SparsityTracker:
                     a = f.apply(y) if f.functional else y
                     if f.channel_dim != 1 and a.dim() > 2:
                         a = a.movedim(f.channel_dim, 1)  # channels last (a Linear's output): a view
-                    self.stats[f.name].update(a)
+                    self.stats[f.name].update(a, enabled=self._measuring)
 
         return hook
 
@@ -168,7 +194,7 @@ class SparsityTracker:
     def step(self) -> None:
         """Advance the step counter by one; from now on forwards no longer advance it."""
         self._manual_steps = True
-        self.steps += 1
+        self._step.add_(1)
 
     def reset(self) -> None:
         """Forget every sample (e.g. at the start of an epoch); the hooks stay."""

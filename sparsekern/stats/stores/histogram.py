@@ -66,6 +66,11 @@ class HistogramStore(SelectivityStore):
         if state is not None:
             self._counts.copy_(state["histogram"])
 
+    @property
+    def counts(self) -> torch.Tensor | None:
+        """(C, buckets) int64 counts (None before ``start``); the fused update op adds to them in place."""
+        return self._counts
+
     def update(self, m: torch.Tensor) -> None:
         # For non-negative floats the int32 bit pattern orders like the value, so shifting off
         # the low mantissa bits gives log-spaced buckets without any log().

@@ -25,16 +25,26 @@ class TwoPassCounter:
     def __init__(self, reference: torch.Tensor, thresholds: tuple[float, ...]):
         self.reference = reference.clone()
         self.thresholds = thresholds
-        self._thresholds_tensor = torch.tensor(thresholds, dtype=torch.float64, device=reference.device)
+        self.thresholds_tensor = torch.tensor(thresholds, dtype=torch.float64, device=reference.device)
         self.counts = torch.zeros(reference.shape[0], len(thresholds), dtype=torch.int64, device=reference.device)
         self.max = torch.zeros_like(reference)  # of the samples counted
-        self.samples = 0
+        # A CPU tensor, so that the fused update op counts it in place (torch.compile) and reading
+        # it never synchronises with a GPU.
+        self.samples_tensor = torch.zeros((), dtype=torch.int64)
+
+    @property
+    def samples(self) -> int:
+        return int(self.samples_tensor)
+
+    @samples.setter
+    def samples(self, value: int) -> None:
+        self.samples_tensor.fill_(value)
 
     def update(self, m: torch.Tensor, batch_max: torch.Tensor) -> None:
         """Count a batch of maxima m (N, C float32) whose per-channel max without the NaN
         samples is ``batch_max``. Device ops only."""
         ratio = m.to(torch.float64) / self.reference.to(torch.float64)
-        self.counts += (ratio.unsqueeze(-1) < self._thresholds_tensor).sum(dim=0)
+        self.counts += (ratio.unsqueeze(-1) < self.thresholds_tensor).sum(dim=0)
         torch.maximum(self.max, batch_max, out=self.max)
         self.samples += m.shape[0]
 

@@ -1,0 +1,176 @@
+"""channel_stats_update_: one batch of activations folded into the per-channel statistics, in place.
+
+    m[n, c]   = max_p |x[n, c, p]|,  pos[n, c] = #{p : x[n, c, p] > 0},
+    lo / hi   = min_p / max_p x[n, c, p]                       (NaN for a (n, c) that saw a NaN)
+
+and, per channel c (every accumulator is updated in place; ``ChannelStats`` owns them):
+
+    max[c]          = max(max[c], max over non-NaN samples of m[n, c])
+    nan_samples[c] += #{n : m[n, c] is NaN},   inf_samples[c] += #{n : m[n, c] is +Inf}
+    positive[c]    += sum_n pos[n, c]
+    value_min[c]    = min(value_min[c], min over non-NaN samples of lo[n, c])   (value_max alike)
+    histogram[c, b]+= #{n : bucket(m[n, c]) = b}     (optional; the bucket rule of stores/histogram.py)
+    pass2_counts[c, i] += #{n : m[n, c] / reference[c] < thresholds[i]}   (float64; optional, two-pass)
+    pass2_max[c]    = max(pass2_max[c], batch max)                         (with the two-pass counts)
+    host           += [N, N * positions, N, N]    (int64 (4,): samples, positions, APoZ / range samples)
+    pass2_samples  += N                                                     (int64 (), with the two-pass counts)
+
+``host`` and ``pass2_samples`` are CPU tensors (the sample counts are known from shapes: keeping
+them on the host means reading them never synchronises with a GPU).
+
+``enabled`` (a 0-dim bool tensor, or None for always): when False nothing changes (the tracker's
+``every=k`` sampling; read on the host, so keep it a CPU tensor). The (N, C) maxima are returned
+only with ``keep_maxima=True`` (the per-sample stores "exact" / "memmap"); otherwise an empty
+tensor and, on the fused backends, no (N, C) tensor is ever made.
+
+Backends: ``cpp`` runs one fused C++ call (the per-(n, c) pass and the per-channel accumulation
+together); ``triton`` one fused Triton kernel (atomics into the accumulators); ``cuda`` is the
+two-step path for now (the CUDA ``channel_extrema`` kernel, then the torch accumulation below);
+``torch`` is the reference, ``channel_stats_update_reference``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from sparsekern import _backend
+from sparsekern._layout import DTYPE_CODE, as_view4, check_activation
+from sparsekern.ops.channel_absmax import OP_EXTREMA, _run
+
+OP = "channel_stats_update_"
+HOST_FIELDS = ("num_samples", "elements", "apoz_samples", "range_samples")
+
+
+def histogram_buckets(m: torch.Tensor, bits: int, num_buckets: int) -> torch.Tensor:
+    """The histogram bucket of every maximum m (float32, >= 0 or NaN / Inf): 0 for exact zeros,
+    1 + (float bits >> (23 - bits)) for positive finite values, the last bucket for NaN / Inf."""
+    key = (m.view(torch.int32) >> (23 - bits)) + 1
+    finite = torch.isfinite(m)
+    bucket = torch.where(finite & (m > 0), key, 0)
+    return torch.where(finite, bucket, num_buckets - 1)
+
+
+def accumulate_reference(m, positive, lo, hi, positions: int, mx, nan_samples, inf_samples, pos, value_min,
+                         value_max, host, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max,
+                         pass2_samples):
+    """Fold per-sample (N, C) results into the per-channel accumulators with torch ops."""
+    n = m.shape[0]
+    nan = torch.isnan(m)
+    nan_samples += nan.sum(dim=0)
+    inf_samples += torch.isinf(m).sum(dim=0)
+    batch_max = torch.where(nan, 0.0, m).amax(dim=0)
+    torch.maximum(mx, batch_max, out=mx)
+    pos += positive.sum(dim=0)
+    bad = torch.isnan(lo) | torch.isnan(hi)
+    torch.minimum(value_min, torch.where(bad, float("inf"), lo).amin(dim=0), out=value_min)
+    torch.maximum(value_max, torch.where(bad, float("-inf"), hi).amax(dim=0), out=value_max)
+    if histogram is not None:
+        buckets = histogram.shape[1]
+        offsets = torch.arange(m.shape[1], device=m.device, dtype=torch.int64) * buckets
+        flat = (histogram_buckets(m, hist_bits, buckets).to(torch.int64) + offsets).reshape(-1)
+        histogram.view(-1).scatter_add_(0, flat, torch.ones_like(flat))
+    if reference is not None:
+        ratio = m.to(torch.float64) / reference.to(torch.float64)
+        pass2_counts += (ratio.unsqueeze(-1) < thresholds.to(torch.float64)).sum(dim=0)
+        torch.maximum(pass2_max, batch_max, out=pass2_max)
+    _count_host(host, pass2_samples, n, positions)
+
+
+def _count_host(host, pass2_samples, n: int, positions: int) -> None:
+    host += torch.tensor([n, n * positions, n, n], dtype=torch.int64)
+    if pass2_samples is not None:
+        pass2_samples += n
+
+
+def channel_stats_update_reference(x, mx, nan_samples, inf_samples, pos, value_min, value_max, host,
+                                   histogram=None, hist_bits=3, reference=None, thresholds=None, pass2_counts=None,
+                                   pass2_max=None, pass2_samples=None, keep_maxima=False):
+    """Pure-torch definition (the oracle the fused kernels are tested against); returns the maxima
+    (N, C) with ``keep_maxima`` else an empty tensor."""
+    r = _run(x, True, True, "torch", OP_EXTREMA)
+    accumulate_reference(r[0], r[1], r[2], r[3], math.prod(x.shape[2:]), mx, nan_samples, inf_samples, pos,
+                         value_min, value_max, host, histogram, hist_bits, reference, thresholds, pass2_counts,
+                         pass2_max, pass2_samples)
+    return r[0] if keep_maxima else r[0].new_empty(0)
+
+
+def _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits, reference,
+               thresholds, pass2_counts, pass2_max) -> None:
+    x, view = as_view4(x)
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    t64 = None if thresholds is None else thresholds.to(device="cpu", dtype=torch.float64).contiguous()
+    _backend.extension().channel_stats_cpu(
+        x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), ptr(maxima),
+        mx.data_ptr(), nan_samples.data_ptr(), inf_samples.data_ptr(), pos.data_ptr(),
+        value_min.data_ptr(), value_max.data_ptr(),
+        ptr(histogram), 0 if histogram is None else histogram.shape[1], hist_bits,
+        ptr(reference), ptr(t64), 0 if t64 is None else t64.numel(), ptr(pass2_counts), ptr(pass2_max),
+    )
+
+
+def _check_state(x, tensors: dict, histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples,
+                 host) -> None:
+    c = x.shape[1]
+    for name, (t, dtype) in tensors.items():
+        if t.dtype != dtype or tuple(t.shape) != (c,) or t.device != x.device or not t.is_contiguous():
+            raise ValueError(f"{OP}: {name} must be a contiguous {dtype} tensor of shape ({c},) on {x.device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+    if host.dtype != torch.int64 or tuple(host.shape) != (len(HOST_FIELDS),) or host.device.type != "cpu":
+        raise ValueError(f"{OP}: host must be a CPU int64 tensor of shape ({len(HOST_FIELDS)},)")
+    if histogram is not None and (histogram.dtype != torch.int64 or histogram.dim() != 2 or histogram.shape[0] != c
+                                  or histogram.device != x.device or not histogram.is_contiguous()):
+        raise ValueError(f"{OP}: histogram must be a contiguous int64 ({c}, buckets) tensor on {x.device}")
+    two_pass = (reference, thresholds, pass2_counts, pass2_max, pass2_samples)
+    if any(t is None for t in two_pass) and not all(t is None for t in two_pass):
+        raise ValueError(f"{OP}: give reference, thresholds, pass2_counts, pass2_max and pass2_samples together, "
+                         "or none")
+    if reference is not None:
+        k = thresholds.numel()
+        if (pass2_counts.dtype != torch.int64 or tuple(pass2_counts.shape) != (c, k)
+                or not pass2_counts.is_contiguous() or reference.dtype != torch.float32
+                or pass2_max.dtype != torch.float32):
+            raise ValueError(f"{OP}: two-pass state of the wrong dtype or shape")
+
+
+def channel_stats_update_impl(x: torch.Tensor, mx: torch.Tensor, nan_samples: torch.Tensor, inf_samples: torch.Tensor,
+                              pos: torch.Tensor, value_min: torch.Tensor, value_max: torch.Tensor, host: torch.Tensor,
+                              histogram: Optional[torch.Tensor], hist_bits: int, reference: Optional[torch.Tensor],
+                              thresholds: Optional[torch.Tensor], pass2_counts: Optional[torch.Tensor],
+                              pass2_max: Optional[torch.Tensor], pass2_samples: Optional[torch.Tensor],
+                              enabled: Optional[torch.Tensor], keep_maxima: bool,
+                              backend: str) -> torch.Tensor:
+    """The eager body of ``torch.ops.sparsekern.channel_stats_update_`` (see the module docstring)."""
+    n, c = x.shape[0], x.shape[1]
+    empty = torch.empty((n, c) if keep_maxima else (0,), dtype=torch.float32, device=x.device)
+    if enabled is not None and not bool(enabled):
+        return empty.zero_()  # defined values (opcheck compares outputs); nothing else changes
+    check_activation(x, OP)
+    _check_state(x, {"max": (mx, torch.float32), "nan_samples": (nan_samples, torch.int64),
+                     "inf_samples": (inf_samples, torch.int64), "positive": (pos, torch.int64),
+                     "value_min": (value_min, torch.float32), "value_max": (value_max, torch.float32)},
+                 histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples, host)
+    if n == 0:
+        return empty
+    chosen = _backend.resolve(backend, x.device, op=OP)
+    positions = math.prod(x.shape[2:])
+    if chosen == "cpp" and x.numel() and hasattr(_backend.extension(), "channel_stats_cpu"):
+        maxima = empty if keep_maxima else None
+        _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits,
+                   reference, thresholds, pass2_counts, pass2_max)
+        _count_host(host, pass2_samples, n, positions)
+        return empty
+    if chosen == "triton" and x.numel():
+        from sparsekern.triton.channel_absmax import channel_stats_triton
+
+        with _backend.cuda_device(x):
+            channel_stats_triton(x, empty if keep_maxima else None, mx, nan_samples, inf_samples, pos, value_min,
+                                 value_max, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max)
+        _count_host(host, pass2_samples, n, positions)
+        return empty
+    # torch, cuda (two steps: the extrema kernel, then torch ops), and empty positions
+    m, positive, lo, hi = _run(x, True, True, chosen, OP_EXTREMA)
+    accumulate_reference(m, positive, lo, hi, positions, mx, nan_samples, inf_samples, pos, value_min, value_max,
+                         host, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max, pass2_samples)
+    return m if keep_maxima else empty
