@@ -8,6 +8,10 @@ pytest-benchmark mode:
 Candidates, timed side by side in one run for every (layout, dead fraction):
   sparsekern[...]+max    bn_relu(x, scale, shift, dead_mask, return_max=True): y and m in one pass
   sparsekern[...]        the same without the max
+  ... out=(+max)         into a preallocated y (bn_relu(..., out=y)): no allocation
+  ... out= skip dead+max the same with write_dead=False: dead channels neither read nor written (y
+                         holds 0 there from the start, so the result is the same)
+  ... inplace+max        in place on a copy of x (dead channels skipped too, write_dead=False)
   eager bn+relu+amax     torch.relu(bn(x)) then y.amax((2, 3)): what a user writes to get y and m
   eager bn+relu          torch.relu(bn(x))
   compile bn+relu+amax   torch.compile of the eager code (skipped if compilation fails)
@@ -102,8 +106,22 @@ def candidates(x, bn, scale, shift, dead, compiled) -> dict:
     y_copy = torch.empty_like(x)
     c = {}
     for b in ours_backends(x.device):
+        y_out = torch.zeros_like(x)  # zero in the dead channels from the start: write_dead=False is exact
+        x_in = x.clone()  # in place on a copy: y = relu(bn(y)) again and again stays finite, same work per call
         c[f"sparsekern[{b}]+max"] = lambda b=b: bn_relu(x, scale, shift, dead, return_max=True, backend=b)
         c[f"sparsekern[{b}]"] = lambda b=b: bn_relu(x, scale, shift, dead, backend=b)
+        c[f"sparsekern[{b}] out=+max"] = lambda b=b, o=y_out: bn_relu(x, scale, shift, dead, return_max=True,
+                                                                        backend=b, out=o)
+        c[f"sparsekern[{b}] out="] = lambda b=b, o=y_out: bn_relu(x, scale, shift, dead, backend=b, out=o)
+        if dead is not None:
+            # the same x with no channel dead, interleaved with the rest: the 0%-dead time of this round
+            c[f"sparsekern[{b}] out=+max, none dead"] = lambda b=b, o=y_out: bn_relu(x, scale, shift, None,
+                                                                                    return_max=True, backend=b, out=o)
+            c[f"sparsekern[{b}] out= skip dead+max"] = lambda b=b, o=y_out: bn_relu(
+                x, scale, shift, dead, return_max=True, backend=b, out=o, write_dead=False)
+        c[f"sparsekern[{b}] inplace+max"] = lambda b=b, t=x_in: bn_relu(t, scale, shift, dead, return_max=True,
+                                                                          backend=b, inplace=True,
+                                                                          write_dead=dead is None)
     c["eager bn+relu+amax"] = lambda: eager_bn_relu_max(bn, x)
     c["eager bn+relu"] = lambda: eager_bn_relu(bn, x)
     if compiled is not None:
@@ -142,6 +160,20 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
                     candidates(x, bn, scale, shift, dead, case_compiled), device=dev, rounds=rounds
                 )
                 ours_key = next(k for k in timing if k.endswith("+max"))
+                out_key = next((k for k in timing if k.endswith("out=+max")), None)
+                if out_key is not None:
+                    results.setdefault("summary", []).append({
+                        "layout": layout, "dead_pct": dead_pct,
+                        "out_max_vs_copy": timing[out_key]["median_s"] / timing["copy (yardstick)"]["median_s"],
+                        "skip_dead_max_ms": 1e3 * timing.get(out_key.replace("out=+max", "out= skip dead+max"),
+                                                            timing[out_key])["median_s"],
+                        "out_max_ms": 1e3 * timing[out_key]["median_s"],
+                        "copy_ms": 1e3 * timing["copy (yardstick)"]["median_s"],
+                        "skip_dead_vs_none_dead_same_run": (
+                            timing[out_key.replace("out=+max", "out= skip dead+max")]["median_s"]
+                            / timing[out_key.replace("out=+max", "out=+max, none dead")]["median_s"]
+                            if dead is not None else None),
+                    })
                 eager = timing["eager bn+relu+amax"]["median_s"]
                 copy = timing["copy (yardstick)"]["median_s"]
                 clone = timing["clone (yardstick)"]["median_s"]
@@ -163,6 +195,17 @@ def run(mib: int, device: str, layouts, dead_pcts, use_compile: bool = True, rou
           f"THP_MEM_ALLOC_ENABLE={results['THP_MEM_ALLOC_ENABLE']}")
     bench.print_table(rows, ["layout", "dead_pct", "candidate", "median_ms", "p20_ms", "p80_ms", "GBps",
                                "pct_of_copy", "pct_of_clone", "speedup_vs_eager_max"])
+    summary = results.get("summary", [])
+    for layout in layouts:
+        base = next((r for r in summary if r["layout"] == layout and r["dead_pct"] == 0), None)
+        for r in (r for r in summary if r["layout"] == layout):
+            if base is not None:
+                r["skip_dead_vs_0pct_dead"] = r["skip_dead_max_ms"] / base["out_max_ms"]
+            print(f"{layout:>14} dead {r['dead_pct']:>3}%: out=+max {r['out_max_ms']:.2f} ms = "
+                  f"{r['out_max_vs_copy']:.2f}x copy; skip dead {r['skip_dead_max_ms']:.2f} ms"
+                  + (f" = {r['skip_dead_vs_0pct_dead']:.2f}x the 0%-dead case's out= time" if base is not None else "")
+                  + (f"; {r['skip_dead_vs_none_dead_same_run']:.2f}x the same x with none dead, same rounds"
+                     if r.get("skip_dead_vs_none_dead_same_run") else ""))
     return results
 
 
