@@ -3,8 +3,11 @@
 #include "sparsekern/cpu_dispatch.h"
 
 #include <atomic>
+#include <cmath>
+#include <cstring>
 #include <iterator>
 #include <stdexcept>
+#include <vector>
 
 #include "sparsekern/bn_relu.h"
 #include "sparsekern/channel_absmax.h"
@@ -145,6 +148,64 @@ void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_m
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
                  const uint8_t* dead, bool write_dead, void* y, const View4& vy, float* out_max) {
   active().load()->bn_relu(x, dtype, vx, scale, shift, dead, write_dead, y, vy, out_max);
+}
+
+// One call per batch: the dispatched per-(n, c) pass, then the per-channel accumulation (a loop
+// over N x C values, parallel over channels; the pass over the N x C x positions input dominates).
+void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima, float* mx, int64_t* nan_samples,
+                       int64_t* inf_samples, int64_t* positive, float* value_min, float* value_max,
+                       int64_t* histogram, int64_t buckets, int hist_bits, const float* reference,
+                       const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts, float* pass2_max) {
+  const int64_t n = v.n, c = v.c, nc = v.n * v.c;
+  std::vector<float> m_scratch(maxima ? 0 : nc), lo(nc), hi(nc);
+  std::vector<int64_t> pos(nc);
+  float* m = maxima ? maxima : m_scratch.data();
+  channel_absmax_cpu(x, dtype, v, m, pos.data(), lo.data(), hi.data());
+  const int shift = 23 - hist_bits;
+#pragma omp parallel for schedule(static) if (nc > 32768)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float bmax = 0.0f, vmin = INFINITY, vmax = -INFINITY;
+    int64_t nan = 0, inf = 0, p = 0;
+    const double ref = reference ? static_cast<double>(reference[ch]) : 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t k = i * c + ch;
+      const float mi = m[k];
+      p += pos[k];
+      int64_t bucket;
+      if (std::isnan(mi)) {
+        ++nan;
+        bucket = buckets - 1;
+      } else {
+        if (std::isinf(mi)) {
+          ++inf;
+          bucket = buckets - 1;
+        } else if (mi > 0.0f) {
+          int32_t bits;
+          std::memcpy(&bits, &mi, sizeof bits);
+          bucket = static_cast<int64_t>(bits >> shift) + 1;
+        } else {
+          bucket = 0;
+        }
+        if (mi > bmax) bmax = mi;
+      }
+      if (!std::isnan(lo[k]) && !std::isnan(hi[k])) {
+        if (lo[k] < vmin) vmin = lo[k];
+        if (hi[k] > vmax) vmax = hi[k];
+      }
+      if (histogram) ++histogram[ch * buckets + bucket];
+      if (reference) {
+        const double ratio = static_cast<double>(mi) / ref;
+        for (int64_t t = 0; t < num_thresholds; ++t) pass2_counts[ch * num_thresholds + t] += ratio < thresholds[t];
+      }
+    }
+    if (bmax > mx[ch]) mx[ch] = bmax;
+    nan_samples[ch] += nan;
+    inf_samples[ch] += inf;
+    positive[ch] += p;
+    if (vmin < value_min[ch]) value_min[ch] = vmin;
+    if (vmax > value_max[ch]) value_max[ch] = vmax;
+    if (reference && bmax > pass2_max[ch]) pass2_max[ch] = bmax;
+  }
 }
 
 }  // namespace sparsekern

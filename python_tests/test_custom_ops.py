@@ -186,3 +186,20 @@ def test_explicit_unavailable_backend_raises_inside_the_op():
         pytest.skip("cuda runs CPU tensors?")
     with pytest.raises(sparsekern.BackendUnavailableError):
         sparsekern.channel_absmax(torch.rand(2, 3, 4), backend="cuda")
+
+
+def test_cpp_update_is_one_fused_call(monkeypatch):
+    """With _C built, the cpp backend runs the fused entry point, never the two-step fallback."""
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("sparsekern._C is not built")
+    assert hasattr(ext, "channel_stats_cpu")
+    import sparsekern.ops.channel_stats_update as update
+
+    def fail(*args, **kwargs):
+        raise AssertionError("two-step path taken")
+
+    monkeypatch.setattr(update, "accumulate_reference", fail)
+    s = _state(3, "cpu")
+    torch.ops.sparsekern.channel_stats_update_(*_op_args(torch.rand(4, 3, 5, 5), s, backend="cpp"))
+    assert s["host"].tolist() == [4, 100, 4, 4]

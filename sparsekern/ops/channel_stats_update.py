@@ -23,10 +23,12 @@ them on the host means reading them never synchronises with a GPU).
 only with ``keep_maxima=True`` (the per-sample stores "exact" / "memmap"); otherwise an empty
 tensor and, on the fused backends, no (N, C) tensor is ever made.
 
-Backends: ``cpp`` runs one fused C++ call (the per-(n, c) pass and the per-channel accumulation
-together); ``triton`` one fused Triton kernel (atomics into the accumulators); ``cuda`` is the
-two-step path for now (the CUDA ``channel_extrema`` kernel, then the torch accumulation below);
-``torch`` is the reference, ``channel_stats_update_reference``.
+Backends: ``cpp`` runs one fused C++ call (the dispatched per-(n, c) pass into a scratch buffer of
+the call, then the per-channel accumulation, parallel over channels: no (N, C) torch tensor);
+``triton`` one fused kernel launch (atomics into the accumulators; see sparsekern/triton/
+channel_absmax.py); ``cuda`` is the two-step path for now (its ``channel_extrema`` kernel, then the
+torch accumulation below: a few more launches); ``torch`` is the reference,
+``channel_stats_update_reference``.
 """
 from __future__ import annotations
 
@@ -169,7 +171,7 @@ def channel_stats_update_impl(x: torch.Tensor, mx: torch.Tensor, nan_samples: to
                                  value_max, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max)
         _count_host(host, pass2_samples, n, positions)
         return empty
-    # torch, cuda (two steps: the extrema kernel, then torch ops), and empty positions
+    # torch and cuda (two steps: the extrema kernel, then torch ops), and empty positions
     m, positive, lo, hi = _run(x, True, True, chosen, OP_EXTREMA)
     accumulate_reference(m, positive, lo, hi, positions, mx, nan_samples, inf_samples, pos, value_min, value_max,
                          host, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max, pass2_samples)

@@ -200,3 +200,119 @@ def channel_absmax_triton(x: torch.Tensor, view: View4, out: torch.Tensor, count
         if ranged:  # a split that saw NaN wrote NaN: amin / amax propagate it
             torch.amin(part_lo, dim=0, out=lo)
             torch.amax(part_hi, dim=0, out=hi)
+
+
+# --- the statistics update fused into the pass (sparsekern/ops/channel_stats_update.py) ---------
+# The same two loops as above, with the per-(n, c) results folded into the per-channel accumulators
+# by atomics instead of being stored: max / min / integer sums do not depend on the order in which
+# the programs arrive, so the result is exact and deterministic. One program sees every position of
+# its (n, c) pairs (no split over positions: a partial max cannot be put in a histogram bucket).
+
+
+@triton.jit
+def _fold(m_ptr, mx, bad, pos, lo, hi, dst, ch, ok, AXIS: tl.constexpr, mx_ptr, nan_ptr, inf_ptr, pos_ptr, vmin_ptr,
+          vmax_ptr, hist_ptr, buckets, ref_ptr, thr_ptr, T, p2c_ptr, p2m_ptr, KEEP: tl.constexpr,
+          HIST: tl.constexpr, BITS: tl.constexpr, TWO_PASS: tl.constexpr):
+    m = tl.max(mx, axis=AXIS)
+    nan = tl.max(bad.to(tl.int32), axis=AXIS) > 0
+    if KEEP:
+        tl.store(m_ptr + dst, tl.where(nan, float("nan"), m), mask=ok)
+    m = tl.where(nan, 0.0, m)  # NaN samples do not enter the maxima
+    inf = (m == float("inf")) & ~nan
+    tl.atomic_max(mx_ptr + ch, m, mask=ok)
+    tl.atomic_add(nan_ptr + ch, nan.to(tl.int64), mask=ok)
+    tl.atomic_add(inf_ptr + ch, inf.to(tl.int64), mask=ok)
+    tl.atomic_add(pos_ptr + ch, tl.sum(pos.to(tl.int64), axis=AXIS), mask=ok)
+    tl.atomic_min(vmin_ptr + ch, tl.where(nan, float("inf"), tl.min(lo, axis=AXIS)), mask=ok)
+    tl.atomic_max(vmax_ptr + ch, tl.where(nan, float("-inf"), tl.max(hi, axis=AXIS)), mask=ok)
+    if HIST:
+        key = (m.to(tl.int32, bitcast=True) >> (23 - BITS)) + 1
+        bucket = tl.where(nan | inf, buckets - 1, tl.where(m > 0.0, key, 0)).to(tl.int64)
+        tl.atomic_add(hist_ptr + ch * buckets + bucket, tl.full(bucket.shape, 1, tl.int64), mask=ok)
+    if TWO_PASS:
+        ratio = m.to(tl.float64) / tl.load(ref_ptr + ch, mask=ok, other=1.0).to(tl.float64)
+        for i in range(T):
+            below = (ratio < tl.load(thr_ptr + i)) & ~nan
+            tl.atomic_add(p2c_ptr + ch * T + i, below.to(tl.int64), mask=ok)
+        tl.atomic_max(p2m_ptr + ch, m, mask=ok)
+
+
+@triton.jit
+def _rows_stats_kernel(
+    x_ptr, m_ptr, rows, C, R, L, sn, sc, sr, sl,
+    mx_ptr, nan_ptr, inf_ptr, pos_ptr, vmin_ptr, vmax_ptr, hist_ptr, buckets, ref_ptr, thr_ptr, T, p2c_ptr, p2m_ptr,
+    KEEP: tl.constexpr, HIST: tl.constexpr, BITS: tl.constexpr, TWO_PASS: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = t < rows
+    row_base = (t // C) * sn + (t % C) * sc
+    lane = tl.arange(0, BLOCK_L)
+    chunks_per_row = tl.cdiv(L, BLOCK_L)
+    first, last, mx, bad, pos, lo, hi = _start(0, R * chunks_per_row, R, chunks_per_row, BLOCK_ROWS, BLOCK_L)
+    for k in range(first, last):
+        r = k // chunks_per_row
+        col = (k - r * chunks_per_row) * BLOCK_L + lane
+        offs = row_base[:, None] + (r * sr + col * sl)[None, :]
+        mask = row_ok[:, None] & (col < L)[None, :]
+        mx, bad, pos, lo, hi = _accumulate(x_ptr, offs, mask, mx, bad, pos, lo, hi, True, True)
+    _fold(m_ptr, mx, bad, pos, lo, hi, t, t % C, row_ok, 1, mx_ptr, nan_ptr, inf_ptr, pos_ptr, vmin_ptr, vmax_ptr,
+          hist_ptr, buckets, ref_ptr, thr_ptr, T, p2c_ptr, p2m_ptr, KEEP, HIST, BITS, TWO_PASS)
+
+
+@triton.jit
+def _channels_stats_kernel(
+    x_ptr, m_ptr, N, C, R, L, sn, sc, sr, sl,
+    mx_ptr, nan_ptr, inf_ptr, pos_ptr, vmin_ptr, vmax_ptr, hist_ptr, buckets, ref_ptr, thr_ptr, T, p2c_ptr, p2m_ptr,
+    KEEP: tl.constexpr, HIST: tl.constexpr, BITS: tl.constexpr, TWO_PASS: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    channel_blocks = tl.cdiv(C, BLOCK_C)
+    n = (tl.program_id(0) // channel_blocks).to(tl.int64)
+    c = (tl.program_id(0) % channel_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    base = n * sn + c * sc
+    lane = tl.arange(0, BLOCK_P)
+    chunks_per_row = tl.cdiv(L, BLOCK_P)
+    first, last, mx, bad, pos, lo, hi = _start(0, R * chunks_per_row, R, chunks_per_row, BLOCK_P, BLOCK_C)
+    for k in range(first, last):
+        r = k // chunks_per_row
+        col = (k - r * chunks_per_row) * BLOCK_P + lane
+        offs = (r * sr + col * sl)[:, None] + base[None, :]
+        mask = (col < L)[:, None] & c_ok[None, :]
+        mx, bad, pos, lo, hi = _accumulate(x_ptr, offs, mask, mx, bad, pos, lo, hi, True, True)
+    _fold(m_ptr, mx, bad, pos, lo, hi, n * C + c, c, c_ok, 0, mx_ptr, nan_ptr, inf_ptr, pos_ptr, vmin_ptr, vmax_ptr,
+          hist_ptr, buckets, ref_ptr, thr_ptr, T, p2c_ptr, p2m_ptr, KEEP, HIST, BITS, TWO_PASS)
+
+
+def channel_stats_triton(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits,
+                         reference, thresholds, pass2_counts, pass2_max) -> None:
+    """One launch: the statistics update of sparsekern.ops.channel_stats_update on the Triton
+    backend (x with at least one position; the op checked every accumulator)."""
+    x, view = as_view4(x)
+    interpret = interpreting(OP, _rows_stats_kernel)
+    check_device(OP, x, interpret)
+    if interpret and x.dtype == torch.bfloat16:
+        x, view = as_view4(x.float())  # as channel_absmax_triton: the interpreter's bf16 upcast is wrong
+    rows = view.n * view.c
+    hist, two = histogram is not None, reference is not None
+    if two:
+        thresholds = thresholds.to(device=x.device, dtype=torch.float64).contiguous()
+    any_ptr = mx  # a valid pointer for the arguments a flag switches off
+    state = (mx, nan_samples, inf_samples, pos, value_min, value_max, histogram if hist else any_ptr,
+             histogram.shape[1] if hist else 1, reference if two else any_ptr, thresholds if two else any_ptr,
+             thresholds.numel() if two else 0, pass2_counts if two else any_ptr, pass2_max if two else any_ptr)
+    flags = dict(KEEP=maxima is not None, HIST=hist, BITS=hist_bits, TWO_PASS=two, num_warps=4)
+    m_ptr = maxima if maxima is not None else any_ptr
+    if (view.sl == 1 and view.l >= 16) or view.sc != 1:
+        block_l = min(pow2(view.l), 1024)
+        block_rows = min(max(TILE // block_l, 1), pow2(rows))
+        _rows_stats_kernel[(triton.cdiv(rows, block_rows),)](
+            x, m_ptr, rows, view.c, view.r, view.l, view.sn, view.sc, view.sr, view.sl, *state,
+            BLOCK_ROWS=block_rows, BLOCK_L=block_l, **flags)
+    else:
+        block_c = min(pow2(view.c), 128)
+        block_p = min(max(TILE // block_c, 1), pow2(view.l))
+        _channels_stats_kernel[(view.n * triton.cdiv(view.c, block_c),)](
+            x, m_ptr, view.n, view.c, view.r, view.l, view.sn, view.sc, view.sr, view.sl, *state,
+            BLOCK_C=block_c, BLOCK_P=block_p, **flags)

@@ -11,6 +11,21 @@ namespace sparsekern {
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos,
                         float* out_lo, float* out_hi);
 
+// The statistics update of one batch in one call (csrc/cpu_dispatch.cpp; the Python contract is
+// sparsekern/ops/channel_stats_update.py): the per-(n, c) pass of channel_absmax_cpu (into
+// `maxima` when non-null, else a scratch buffer of this call) folded into per-channel accumulators,
+// each of length C unless said otherwise:
+//   mx = max(mx, max over non-NaN samples of m); nan_samples / inf_samples += samples whose m is
+//   NaN / +Inf; positive += elements > 0; value_min / value_max = min / max with the non-NaN samples'
+//   signed min / max; histogram (nullable, C x buckets int64) += one count per sample in bucket
+//   0 (m == 0), 1 + (bits(m) >> (23 - hist_bits)) (m > 0 finite) or buckets - 1 (NaN / Inf);
+//   two-pass (reference nullable): pass2_counts[c * T + i] += samples with
+//   double(m) / double(reference[c]) < thresholds[i], pass2_max = max(pass2_max, batch max).
+void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima, float* mx, int64_t* nan_samples,
+                       int64_t* inf_samples, int64_t* positive, float* value_min, float* value_max,
+                       int64_t* histogram, int64_t buckets, int hist_bits, const float* reference,
+                       const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts, float* pass2_max);
+
 #ifdef SPARSEKERN_WITH_CUDA
 // Same contract on device pointers, launched on the current device (the caller makes it the
 // one holding x: sparsekern/_backend.py, cuda_device) and `stream` (a cudaStream_t there).
