@@ -29,6 +29,8 @@ BENCHMARKS = {
     "build_variants": ("bench_build_variants.py", ["--threads", "1"]),
     "prune_speed": ("bench_prune_speed.py", ["--model", "vgg16", "--width", "0.25", "--dead-pct", "60"]),
     "torch_pruning": ("compare_torch_pruning.py", ["--quick"]),
+    "image_pipeline": ("bench_image_pipeline.py", ["--quick"]),
+    "coverage_zoo": ("coverage_zoo.py", []),
 }
 
 
