@@ -115,6 +115,32 @@ PYBIND11_MODULE(_C, m) {
       },
       py::call_guard<py::gil_scoped_release>());
 
+#ifdef SPARSEKERN_WITH_CUDA
+  m.def(
+      "channel_stats_cuda",
+      [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
+         int64_t sl, uintptr_t maxima, uintptr_t mx, uintptr_t nan_samples, uintptr_t inf_samples, uintptr_t positive,
+         uintptr_t value_min, uintptr_t value_max, uintptr_t histogram, int64_t buckets, int hist_bits,
+         uintptr_t reference, uintptr_t thresholds, int64_t num_thresholds, uintptr_t pass2_counts,
+         uintptr_t pass2_max, uintptr_t stream) {
+        if (histogram && (hist_bits < 0 || hist_bits > 23 || buckets != (int64_t(255) << hist_bits) + 2))
+          throw std::invalid_argument("sparsekern._C.channel_stats_cuda: buckets must be 255 * 2^hist_bits + 2");
+        if (reference && (!thresholds || !pass2_counts || !pass2_max || num_thresholds < 1))
+          throw std::invalid_argument("sparsekern._C.channel_stats_cuda: the two-pass pointers come together");
+        const char* err;
+        {
+          py::gil_scoped_release release;
+          err = sparsekern::channel_stats_cuda(
+              ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl), ptr<float>(maxima),
+              ptr<float>(mx), ptr<int64_t>(nan_samples), ptr<int64_t>(inf_samples), ptr<int64_t>(positive),
+              ptr<float>(value_min), ptr<float>(value_max), ptr<int64_t>(histogram), buckets, hist_bits,
+              ptr<const float>(reference), ptr<const double>(thresholds), num_thresholds,
+              ptr<int64_t>(pass2_counts), ptr<float>(pass2_max), ptr<void>(stream));
+        }
+        check_cuda(err, "channel_stats_cuda");
+      });
+#endif
+
   m.def(
       "bn_relu_cpu",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,

@@ -459,4 +459,101 @@ const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, floa
   return "channel_absmax_cuda: unknown dtype";
 }
 
+namespace {
+
+// Float order as unsigned order (-inf < ... < -0 < +0 < ... < +inf), so that comparisons are exact
+// under --use_fast_math's ftz (a float compare there treats subnormals as zero).
+__device__ inline uint32_t order_key(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// One thread per channel walks the N per-sample results (adjacent threads read adjacent channels:
+// coalesced) and folds them into that channel's accumulators; no atomics, so the result is the
+// CPU kernel's (channel_stats_cpu) bit for bit. The same rules as there: channel_absmax.h.
+__global__ void stats_accumulate_kernel(const float* __restrict__ m, const int64_t* __restrict__ pos,
+                                        const float* __restrict__ lo, const float* __restrict__ hi, int64_t n,
+                                        int64_t c, float* mx, int64_t* nan_samples, int64_t* inf_samples,
+                                        int64_t* positive, float* value_min, float* value_max, int64_t* histogram,
+                                        int64_t buckets, int hist_bits, const float* reference,
+                                        const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts,
+                                        float* pass2_max) {
+  const int64_t ch = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ch >= c) return;
+  float bmax = 0.0f, vmin = __builtin_huge_valf(), vmax = -__builtin_huge_valf();
+  int64_t nan = 0, inf = 0, p = 0;
+  const double ref = reference ? static_cast<double>(reference[ch]) : 0.0;
+  const int shift = 23 - hist_bits;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t k = i * c + ch;
+    const float mi = m[k];
+    p += pos[k];
+    int64_t bucket;
+    if (isnan(mi)) {
+      ++nan;
+      bucket = buckets - 1;
+    } else {
+      if (isinf(mi)) {
+        ++inf;
+        bucket = buckets - 1;
+      } else if (__float_as_int(mi) > 0) {  // m >= 0 here: positive bits, subnormals included
+        bucket = static_cast<int64_t>(__float_as_int(mi) >> shift) + 1;
+      } else {
+        bucket = 0;
+      }
+      if (__float_as_int(mi) > __float_as_int(bmax)) bmax = mi;
+    }
+    if (!isnan(lo[k]) && !isnan(hi[k])) {
+      if (order_key(lo[k]) < order_key(vmin)) vmin = lo[k];
+      if (order_key(hi[k]) > order_key(vmax)) vmax = hi[k];
+    }
+    if (histogram) ++histogram[ch * buckets + bucket];
+    if (reference) {
+      const double ratio = static_cast<double>(mi) / ref;  // IEEE double division (not fast-math)
+      for (int64_t t = 0; t < num_thresholds; ++t) pass2_counts[ch * num_thresholds + t] += ratio < thresholds[t];
+    }
+  }
+  if (__float_as_int(bmax) > __float_as_int(mx[ch])) mx[ch] = bmax;
+  nan_samples[ch] += nan;
+  inf_samples[ch] += inf;
+  positive[ch] += p;
+  if (order_key(vmin) < order_key(value_min[ch])) value_min[ch] = vmin;
+  if (order_key(vmax) > order_key(value_max[ch])) value_max[ch] = vmax;
+  if (reference && __float_as_int(bmax) > __float_as_int(pass2_max[ch])) pass2_max[ch] = bmax;
+}
+
+}  // namespace
+
+const char* channel_stats_cuda(const void* x, DType dtype, const View4& v, float* maxima, float* mx,
+                               int64_t* nan_samples, int64_t* inf_samples, int64_t* positive, float* value_min,
+                               float* value_max, int64_t* histogram, int64_t buckets, int hist_bits,
+                               const float* reference, const double* thresholds, int64_t num_thresholds,
+                               int64_t* pass2_counts, float* pass2_max, void* stream_ptr) {
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int64_t nc = v.n * v.c;
+  if (nc == 0) return nullptr;
+  // Scratch for the per-(n, c) results, stream-ordered (no device sync): m (unless the caller keeps
+  // the maxima), positive counts, min and max.
+  const size_t bytes = nc * ((maxima ? 0 : sizeof(float)) + sizeof(int64_t) + 2 * sizeof(float));
+  char* scratch = nullptr;
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&scratch), bytes, stream);
+  if (err != cudaSuccess) return cudaGetErrorString(err);
+  int64_t* pos = reinterpret_cast<int64_t*>(scratch);
+  float* lo = reinterpret_cast<float*>(pos + nc);
+  float* hi = lo + nc;
+  float* m = maxima ? maxima : hi + nc;
+  const char* msg = channel_absmax_cuda(x, dtype, v, m, pos, lo, hi, stream_ptr);
+  if (!msg) {
+    const int64_t blocks = ceil_div(v.c, int64_t(kThreads));
+    stats_accumulate_kernel<<<blocks, kThreads, 0, stream>>>(
+        m, pos, lo, hi, v.n, v.c, mx, nan_samples, inf_samples, positive, value_min, value_max, histogram, buckets,
+        hist_bits, reference, thresholds, num_thresholds, pass2_counts, pass2_max);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) msg = cudaGetErrorString(err);
+  }
+  err = cudaFreeAsync(scratch, stream);
+  if (!msg && err != cudaSuccess) msg = cudaGetErrorString(err);
+  return msg;
+}
+
 }  // namespace sparsekern

@@ -26,8 +26,9 @@ tensor and, on the fused backends, no (N, C) tensor is ever made.
 Backends: ``cpp`` runs one fused C++ call (the dispatched per-(n, c) pass into a scratch buffer of
 the call, then the per-channel accumulation, parallel over channels: no (N, C) torch tensor);
 ``triton`` one fused kernel launch (atomics into the accumulators; see sparsekern/triton/
-channel_absmax.py); ``cuda`` is the two-step path for now (its ``channel_extrema`` kernel, then the
-torch accumulation below: a few more launches); ``torch`` is the reference,
+channel_absmax.py); ``cuda`` one C++ call too (the channel_absmax kernels into stream-ordered scratch, then one
+accumulation kernel: two launches; compiled here but never run, as no GPU was available; the
+GPU cases of python_tests/test_custom_ops.py check it); ``torch`` is the reference,
 ``channel_stats_update_reference``.
 """
 from __future__ import annotations
@@ -112,6 +113,21 @@ def _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_ma
     )
 
 
+def _fused_cuda(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits, reference,
+                thresholds, pass2_counts, pass2_max) -> None:
+    x, view = as_view4(x)
+    ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+    t64 = None if thresholds is None else thresholds.to(device=x.device, dtype=torch.float64).contiguous()
+    _backend.extension().channel_stats_cuda(
+        x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), ptr(maxima),
+        mx.data_ptr(), nan_samples.data_ptr(), inf_samples.data_ptr(), pos.data_ptr(),
+        value_min.data_ptr(), value_max.data_ptr(),
+        ptr(histogram), 0 if histogram is None else histogram.shape[1], hist_bits,
+        ptr(reference), ptr(t64), 0 if t64 is None else t64.numel(), ptr(pass2_counts), ptr(pass2_max),
+        _backend.cuda_stream_ptr(x),
+    )
+
+
 def _check_state(x, tensors: dict, histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples,
                  host) -> None:
     c = x.shape[1]
@@ -161,6 +177,12 @@ def channel_stats_update_impl(x: torch.Tensor, mx: torch.Tensor, nan_samples: to
         maxima = empty if keep_maxima else None
         _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits,
                    reference, thresholds, pass2_counts, pass2_max)
+        _count_host(host, pass2_samples, n, positions)
+        return empty
+    if chosen == "cuda" and x.numel() and hasattr(_backend.extension(), "channel_stats_cuda"):
+        with _backend.cuda_device(x):
+            _fused_cuda(x, empty if keep_maxima else None, mx, nan_samples, inf_samples, pos, value_min, value_max,
+                        histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max)
         _count_host(host, pass2_samples, n, positions)
         return empty
     if chosen == "triton" and x.numel():

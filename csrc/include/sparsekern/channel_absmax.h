@@ -32,6 +32,14 @@ void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima
 // Returns a non-empty error string on failure.
 const char* channel_absmax_cuda(const void* x, DType dtype, const View4& v, float* out_max,
                                 int64_t* out_pos, float* out_lo, float* out_hi, void* stream);
+
+// channel_stats_cpu's contract on device pointers (thresholds too), on `stream`: the channel_absmax
+// kernels into stream-ordered scratch (cudaMallocAsync), then one thread per channel accumulating.
+const char* channel_stats_cuda(const void* x, DType dtype, const View4& v, float* maxima, float* mx,
+                               int64_t* nan_samples, int64_t* inf_samples, int64_t* positive, float* value_min,
+                               float* value_max, int64_t* histogram, int64_t buckets, int hist_bits,
+                               const float* reference, const double* thresholds, int64_t num_thresholds,
+                               int64_t* pass2_counts, float* pass2_max, void* stream);
 #endif
 
 }  // namespace sparsekern
