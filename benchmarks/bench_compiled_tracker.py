@@ -62,6 +62,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
+    # Several instances of one model class are compiled here, some with the tracker's hooks: by
+    # default dynamo does not guard on module hooks, and would run a hook-free instance's graph for
+    # a tracked one (see SparsityTracker's docstring).
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -102,7 +106,8 @@ def main(argv=None) -> None:
                          "vs eager": t["median_s"] / timings[f"{name} eager"]["median_s"]})
         for tr in trackers.values():
             if any(s.num_samples == 0 for s in tr.stats.values()):
-                raise RuntimeError(f"{name}: a tracker measured nothing")
+                raise RuntimeError(f"{name}: a tracker measured nothing: {tr.steps} steps, "
+                                   f"{ {k: s.num_samples for k, s in tr.stats.items()} }")
     env = bench.timing_environment(device)
     print(f"batch {args.batch}, BasicNet width {args.width} (1x28x28), resnet18 at 3x{args.size}x{args.size}, "
           f"{env['device_name']}, {env['torch_threads']} threads; compile seconds: "

@@ -26,13 +26,16 @@ from sparsekern.ops.channel_absmax import OP, OP_EXTREMA, _run
 from sparsekern.ops.channel_stats_update import channel_stats_update_impl
 
 Tensor = torch.Tensor
+# The kernels read any strides (sparsekern._layout.as_view4): without this tag inductor would copy
+# a channels_last activation into the eager layout before every call.
+_ANY_LAYOUT = (torch.Tag.flexible_layout,)
 
 
 def _nc(x: Tensor, dtype: torch.dtype, keep: bool = True) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1]) if keep else (0,), dtype=dtype)
 
 
-@torch.library.custom_op("sparsekern::channel_absmax", mutates_args=())
+@torch.library.custom_op("sparsekern::channel_absmax", mutates_args=(), tags=_ANY_LAYOUT)
 def channel_absmax_op(x: Tensor, count_positive: bool, backend: str) -> tuple[Tensor, Tensor]:
     m, counts, _, _ = _run(x, count_positive, False, backend, OP)
     return m, counts if counts is not None else _nc(x, torch.int64, False)
@@ -43,7 +46,7 @@ def _(x, count_positive, backend):
     return _nc(x, torch.float32), _nc(x, torch.int64, count_positive)
 
 
-@torch.library.custom_op("sparsekern::channel_extrema", mutates_args=())
+@torch.library.custom_op("sparsekern::channel_extrema", mutates_args=(), tags=_ANY_LAYOUT)
 def channel_extrema_op(x: Tensor, count_positive: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     m, counts, lo, hi = _run(x, count_positive, True, backend, OP_EXTREMA)
     return m, lo, hi, counts if counts is not None else _nc(x, torch.int64, False)
@@ -59,6 +62,7 @@ def _(x, count_positive, backend):
     "sparsekern::channel_stats_update_",
     mutates_args=("mx", "nan_samples", "inf_samples", "pos", "value_min", "value_max", "host", "histogram",
                   "pass2_counts", "pass2_max", "pass2_samples"),
+    tags=_ANY_LAYOUT,
 )
 def channel_stats_update_op(x: Tensor, mx: Tensor, nan_samples: Tensor, inf_samples: Tensor, pos: Tensor,
                             value_min: Tensor, value_max: Tensor, host: Tensor, histogram: Optional[Tensor],

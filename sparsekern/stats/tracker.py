@@ -40,6 +40,11 @@ time recompiles once (forwards stop advancing the counter); a ReLU module found 
 that is called more often than its features say (fallback features numbered at run time) adds
 features while tracing, which is untested under compile; under compile with ``every > 1`` the
 skipped steps still pay for a functional feature's activation copy (the kernel itself is skipped).
+Dynamo does not guard on module hooks by default (``torch._dynamo.config.skip_nnmodule_hook_guards``):
+a process that compiles another instance of the same model class without the tracker's hooks (or
+before the tracker was made) may run that hook-free graph for the tracked model, which then
+measures nothing. Make the tracker before compiling, and set that flag to False (or call
+``torch._dynamo.reset()``) when several instances are compiled in one process.
 """
 from __future__ import annotations
 
