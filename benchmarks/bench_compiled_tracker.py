@@ -7,14 +7,16 @@ rounds (``sparsekern.bench.interleaved_timer``): a training step (forward + cros
 backward + Adam step) eager, eager with the tracker on every feature (selectivity "histogram"),
 with the model under ``torch.compile(model, fullgraph=True)`` (inductor), and compiled with the
 tracker. Models: BasicNet (width --width, 1x28x28 inputs) and torchvision resnet18 (3x--size^2).
-Before timing, each compiled tracker is checked to have compiled with no graph break. Prints the
-ratios and writes JSON (device, versions, date) to benchmarks/results/. Target (issue 14): the
+Before timing, each compiled tracker is checked to have compiled with no graph break. The ratios
+are medians (p20 / p80) of per-round paired ratios (both candidates timed in the same round). Prints
+them and writes JSON (device, versions, date) to benchmarks/results/. Target (issue 14): the
 tracker adds <= 3% to a compiled training step.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 
@@ -96,14 +98,24 @@ def main(argv=None) -> None:
                         raise RuntimeError(f"{name}: graph breaks under torch.compile: {breaks}")
                 label = f"{name} {'compiled' if compiled else 'eager'}{' + tracker' if tracked else ''}"
                 candidates[label] = step
-        timings = bench.interleaved_timer(candidates, device=device, rounds=args.rounds, min_round_s=0.3)
-        for label, t in timings.items():
+        # Rounds of the interleaved timer one at a time, so that each round gives paired ratios
+        # (tracked / untracked in the same round): on a shared machine the load drifts between
+        # rounds by more than the overhead being measured, and the pairs cancel it.
+        per_round = []
+        for i in range(args.rounds):
+            per_round.append(bench.interleaved_timer(candidates, device=device, rounds=1, min_round_s=0.3,
+                                                     warmup=2 if i == 0 else 0))
+        for label in candidates:
+            times = [r[label]["median_s"] for r in per_round]
             base_label = label.replace(" + tracker", "")
-            ref = timings[base_label]["median_s"]
-            rows.append({"candidate": label, "step_ms": 1e3 * t["median_s"], "p20_ms": 1e3 * t["p20_s"],
-                         "p80_ms": 1e3 * t["p80_s"], "vs untracked": t["median_s"] / ref,
-                         "overhead_%": 100 * (t["median_s"] / ref - 1),
-                         "vs eager": t["median_s"] / timings[f"{name} eager"]["median_s"]})
+            ratios = [r[label]["median_s"] / r[base_label]["median_s"] for r in per_round]
+            vs_eager = [r[label]["median_s"] / r[f"{name} eager"]["median_s"] for r in per_round]
+            q = lambda v, k: statistics.quantiles(v, n=10)[k] if len(v) > 1 else v[0]  # noqa: E731
+            rows.append({"candidate": label, "step_ms": 1e3 * statistics.median(times),
+                         "p20_ms": 1e3 * q(times, 1), "p80_ms": 1e3 * q(times, 7),
+                         "vs untracked": statistics.median(ratios), "ratio_p20": q(ratios, 1),
+                         "ratio_p80": q(ratios, 7), "overhead_%": 100 * (statistics.median(ratios) - 1),
+                         "vs eager": statistics.median(vs_eager)})
         for tr in trackers.values():
             if any(s.num_samples == 0 for s in tr.stats.values()):
                 raise RuntimeError(f"{name}: a tracker measured nothing: {tr.steps} steps, "
@@ -112,7 +124,8 @@ def main(argv=None) -> None:
     print(f"batch {args.batch}, BasicNet width {args.width} (1x28x28), resnet18 at 3x{args.size}x{args.size}, "
           f"{env['device_name']}, {env['torch_threads']} threads; compile seconds: "
           + ", ".join(f"{k}: {v:.0f}" for k, v in compile_s.items()))
-    bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "vs untracked", "overhead_%", "vs eager"])
+    bench.print_table(rows, ["candidate", "step_ms", "p20_ms", "p80_ms", "vs untracked", "ratio_p20", "ratio_p80",
+                             "overhead_%", "vs eager"])
     config = {"models": args.models, "width": args.width, "size": args.size, "batch": args.batch,
               "optimizer": "Adam", "selectivity": "histogram", "rounds": args.rounds,
               "threads": torch.get_num_threads(), "compile_seconds": compile_s}
