@@ -183,9 +183,13 @@ def _feature_key(f):
     return f.hook_module_name if not f.call_index else f"{f.hook_module_name}:{f.call_index}"
 
 
+# Inductor compiles take 1-4 minutes each on 2 cores: a training step of BasicNet and an eval pass
+# of ResNet-18 (residual adds, functional ReLU) cover what the other two combinations would. The
+# reference hooks run inside the same graph, so the result does not depend on the CPU's rounding:
+# CI runs these once (marker ``once``), not again under its second rounding setting.
 @pytest.mark.slow
-@pytest.mark.parametrize("make", [_basicnet, _resnet], ids=["basicnet", "resnet18"])
-@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.once
+@pytest.mark.parametrize("make,train", [(_basicnet, True), (_resnet, False)], ids=["basicnet-train", "resnet18-eval"])
 def test_inductor_tracker_equals_reference_hooks(make, train):
     model = make()
     data = _inputs(model, steps=2)
