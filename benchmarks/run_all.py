@@ -30,6 +30,7 @@ BENCHMARKS = {
     "prune_speed": ("bench_prune_speed.py", ["--model", "vgg16", "--width", "0.25", "--dead-pct", "60"]),
     "torch_pruning": ("compare_torch_pruning.py", ["--quick"]),
     "image_pipeline": ("bench_image_pipeline.py", ["--quick"]),
+    "analyze_overhead": ("bench_analyze_overhead.py", []),
     "coverage_zoo": ("coverage_zoo.py", []),
 }
 
