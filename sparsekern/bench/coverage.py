@@ -25,12 +25,12 @@ import re
 import time
 import traceback
 from collections import Counter
-from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from sparsekern._types import BATCH_NORMS, norm_act_activation
+from sparsekern.models.external import build_external
 from sparsekern.prune import PrunePlan, prune_model
 from sparsekern.stats.analyze import analyze
 from sparsekern.stats.features import find_features
@@ -71,19 +71,9 @@ ZOO = [(f"torchvision:{m}", 64) if isinstance(m, str) else (f"torchvision:{m[0]}
 
 
 def build_model(spec) -> nn.Module:
-    """A randomly initialised model from ``torchvision:<name>``, ``timm:<name>`` or a callable."""
-    if callable(spec):
-        return spec()
-    source, _, name = spec.partition(":")
-    if source == "torchvision":
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=None)
-    if source == "timm":
-        import timm
-
-        return timm.create_model(name, pretrained=False)
-    raise ValueError(f"model spec {spec!r}: expected torchvision:<name> or timm:<name>")
+    """A randomly initialised model: a ``--model`` spec (``torchvision:<name>``, ``timm:<name>``,
+    ``package.module:factory``; ``sparsekern.models.external``) or a callable returning one."""
+    return spec() if callable(spec) else build_external(spec)
 
 
 @torch.no_grad()
@@ -165,14 +155,13 @@ def _reason_class(why: str) -> str:
     return why[:120]
 
 
-def coverage_row(spec, input_size: int = 64, *, batch: int = 2, seed: int = 0,
-                 measure: bool = True, builder: Optional[Callable[[], nn.Module]] = None) -> dict:
+def coverage_row(spec, input_size: int = 64, *, batch: int = 2, seed: int = 0, measure: bool = True) -> dict:
     """Plant, prune and check one model (see the module docstring); never raises."""
     row = {"model": spec if isinstance(spec, str) else getattr(spec, "__name__", str(spec)),
            "input_size": input_size, "error": None}
     start = time.perf_counter()
     try:
-        model = (builder or (lambda: build_model(spec)))().double().eval()
+        model = build_model(spec).double().eval()
         row["params"] = sum(p.numel() for p in model.parameters())
         row["norm_layers"] = sum(isinstance(m, NORMS) for m in model.modules())
         row["batch_norms"] = sum(isinstance(m, BATCH_NORMS) for m in model.modules())
@@ -202,16 +191,16 @@ def coverage_row(spec, input_size: int = 64, *, batch: int = 2, seed: int = 0,
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
         row["traceback"] = traceback.format_exc(limit=-3)
     if measure:
-        row.update(_measure(spec, builder, input_size, seed))
+        row.update(_measure(spec, input_size, seed))
     row["seconds"] = round(time.perf_counter() - start, 2)
     return row
 
 
-def _measure(spec, builder, input_size: int, seed: int) -> dict:
+def _measure(spec, input_size: int, seed: int) -> dict:
     """Features the tracker finds, and whether one ``analyze`` pass runs (float32)."""
     out = {"features": 0, "activations": {}, "analyze_error": None}
     try:
-        model = (builder or (lambda: build_model(spec)))().eval()
+        model = build_model(spec).eval()
         randomize_norms(model, seed)
         features = find_features(model)
         out["features"] = len(features)
