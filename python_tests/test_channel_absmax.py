@@ -27,6 +27,7 @@ from _helpers import KERNEL_KINDS, kind_params, prepare_kind
 
 import sparsekern
 from sparsekern import BackendUnavailableError, channel_absmax
+from sparsekern.ops.channel_absmax import channel_extrema, channel_extrema_reference
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HAS_CUDA = torch.cuda.is_available()
@@ -338,3 +339,42 @@ def test_triton_imported_before_interpreter_switch_is_a_clear_error(call):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "unavailable:" in run.stdout and "before triton is first imported" in run.stdout, run.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ kernel's vector tiers: rows of 8..31 elements (one 8-lane step, then scalar), channels_last
+# slices of 16 and 8 channels in registers plus a scalar channel tail, position tiles of 64 (odd
+# counts: the one-position step), with NaN in a vector lane and in a tail element.
+
+CPU_TIER_CASES = {
+    # name: (shape, channels_last)
+    "rows-9": ((3, 5, 3, 3), False),
+    "rows-36": ((2, 6, 6, 6), False),
+    "rows-49": ((2, 3, 7, 7), False),
+    "cl-channels-41-positions-9": ((3, 41, 3, 3), True),
+    "cl-channels-24-positions-130": ((2, 24, 10, 13), True),
+    "cl-channels-300-positions-65": ((2, 300, 5, 13), True),  # two channel blocks, a 1-position last tile
+    "cl-split-positions": ((1, 16, 40, 41), True),  # one (n, block) pair: positions split across tasks
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("case", list(CPU_TIER_CASES))
+def test_cpu_vector_tiers_match_reference(case, dtype):
+    prepare_kind("cpp")
+    shape, channels_last = CPU_TIER_CASES[case]
+    x = sample(shape, dtype)
+    flat = x.view(shape[0], shape[1], -1)
+    flat[0, 0, 0] = float("nan")  # a vector lane (or the only element of a short row)
+    flat[-1, -1, -1] = float("nan")  # the scalar tail / the last tile
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    got = channel_extrema(x, count_positive=True, backend="cpp")
+    want = channel_extrema_reference(x, count_positive=True)
+    for name in ("absmax", "minimum", "maximum"):
+        g, w = getattr(got, name), getattr(want, name)
+        assert torch.equal(torch.isnan(g), torch.isnan(w)), name
+        finite = ~torch.isnan(w)
+        # min/max instructions may give -0.0 for +0.0: compare values, not bits
+        assert torch.equal(g[finite], w[finite]), name
+    assert torch.equal(got.positive, want.positive)

@@ -7,8 +7,9 @@
 //           OpenMP over the N*C (n, c) pairs.
 //  * inner-channel (stride_c == 1, e.g. channels_last, or (N, C)): each position holds a
 //           contiguous run of channels; a task owns (n, block of channels, chunk of
-//           positions) and keeps its running maxima in a small buffer, so every byte is read
-//           once and sequentially. Position chunks exist so that small N still fills the cores.
+//           positions) and walks its positions in tiles of 64, reducing each 16- or 8-channel
+//           slice of the tile in registers (running results in a per-task buffer between
+//           tiles). Position chunks exist so that small N still fills the cores.
 // Anything else goes through a scalar strided loop (correct, not fast).
 //
 // NaN handling: max instructions drop NaN operands, so NaN is tracked in a separate mask
@@ -71,7 +72,7 @@ template <typename T, bool COUNT, bool RANGE>
 inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
   int64_t i = 0;
 #ifdef SPARSEKERN_AVX2
-  if (len >= 32) {
+  if (len >= 8) {  // short rows too (7x7, 3x3 + 1 of late stages): one vector, then the scalar tail
     __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
     __m256 bad = _mm256_setzero_ps();
     __m256i c0 = _mm256_setzero_si256(), c1 = c0;
@@ -100,23 +101,22 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
         hi1 = _mm256_max_ps(hi1, _mm256_max_ps(a2, a3));
       }
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
-    for (float v : lanes) acc.mx = std::max(acc.mx, v);
-    if (_mm256_movemask_ps(bad)) acc.nan = true;
-    if (COUNT) {
-      alignas(32) int32_t cl[8];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(cl), _mm256_add_epi32(c0, c1));
-      for (int32_t v : cl) acc.pos += v;
-    }
-    if (RANGE) {
-      alignas(32) float los[8], his[8];
-      _mm256_store_ps(los, _mm256_min_ps(lo0, lo1));
-      _mm256_store_ps(his, _mm256_max_ps(hi0, hi1));
-      for (int k = 0; k < 8; ++k) {
-        acc.lo = std::min(acc.lo, los[k]);
-        acc.hi = std::max(acc.hi, his[k]);
+    for (; i + 8 <= len; i += 8) {
+      const __m256 a0 = simd::load8(p + i);
+      if (COUNT) c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a0, zero, _CMP_GT_OQ)));
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, a0, _CMP_UNORD_Q));
+      m0 = _mm256_max_ps(m0, simd::abs8(a0));
+      if (RANGE) {
+        lo0 = _mm256_min_ps(lo0, a0);
+        hi0 = _mm256_max_ps(hi0, a0);
       }
+    }
+    acc.mx = std::max(acc.mx, simd::hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3))));
+    if (_mm256_movemask_ps(bad)) acc.nan = true;
+    if (COUNT) acc.pos += simd::hsum8i(_mm256_add_epi32(c0, c1));
+    if (RANGE) {
+      acc.lo = std::min(acc.lo, simd::hmin8(_mm256_min_ps(lo0, lo1)));
+      acc.hi = std::max(acc.hi, simd::hmax8(_mm256_max_ps(hi0, hi1)));
     }
   }
 #endif
@@ -141,85 +141,166 @@ void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo
 }
 
 constexpr int64_t kChannelBlock = cpu::ChannelBlockTasks::kBlock;
+// Positions per tile: the tile's rows of a channel block (at most 64 x 256 values) stay in L1/L2
+// while every 16-channel slice of the block is reduced over them in registers.
+constexpr int64_t kTile = 64;
 
-// Reduce positions [p0, p1) of sample n, channels [c0, c0 + cb), into mx / bad / cnt / lo / hi.
-template <typename T, bool COUNT, bool RANGE>
-void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int64_t cb, int64_t p0,
-                         int64_t p1, float* mx, float* bad, int32_t* cnt, float* lo, float* hi) {
-  for (int64_t c = 0; c < cb; ++c) {
-    mx[c] = 0.0f;
-    bad[c] = 0.0f;
-    if (COUNT) cnt[c] = 0;  // cnt is null when not counting
-    if (RANGE) {            // lo / hi are null without a range
-      lo[c] = std::numeric_limits<float>::infinity();
-      hi[c] = -std::numeric_limits<float>::infinity();
+// Running results of one task's channels (the task's own, on its stack).
+struct BlockAcc {
+  float mx[kChannelBlock], bad[kChannelBlock], lo[kChannelBlock], hi[kChannelBlock];
+  int32_t cnt[kChannelBlock];
+};
+
+#ifdef SPARSEKERN_AVX2
+// Channels [c, c + 8 * V) of a tile of positions (rows[k] points at channel 0 of position k),
+// folded into acc. The running results live in registers for the whole tile: a loop that kept
+// them in acc would wait on a store-to-load round trip at every position. Two positions per
+// step halve the dependency chain of each accumulator.
+template <int V, typename T, bool COUNT, bool RANGE>
+inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& acc) {
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 m[V], bad[V], lo[V], hi[V];
+  __m256i cnt[V];
+  for (int j = 0; j < V; ++j) {
+    m[j] = _mm256_loadu_ps(acc.mx + c + 8 * j);
+    bad[j] = _mm256_loadu_ps(acc.bad + c + 8 * j);
+    if (COUNT) cnt[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc.cnt + c + 8 * j));
+    if (RANGE) {
+      lo[j] = _mm256_loadu_ps(acc.lo + c + 8 * j);
+      hi[j] = _mm256_loadu_ps(acc.hi + c + 8 * j);
     }
   }
+  int64_t k = 0;
+  for (; k + 2 <= len; k += 2) {
+    for (int j = 0; j < V; ++j) {
+      const __m256 a = simd::load8(rows[k] + c + 8 * j), b = simd::load8(rows[k + 1] + c + 8 * j);
+      m[j] = _mm256_max_ps(m[j], _mm256_max_ps(simd::abs8(a), simd::abs8(b)));
+      bad[j] = _mm256_or_ps(bad[j], _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
+      if (COUNT) {
+        cnt[j] = _mm256_sub_epi32(cnt[j], _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ)));
+        cnt[j] = _mm256_sub_epi32(cnt[j], _mm256_castps_si256(_mm256_cmp_ps(b, zero, _CMP_GT_OQ)));
+      }
+      if (RANGE) {  // a NaN operand is flagged in `bad`; what min/max make of it is overridden
+        lo[j] = _mm256_min_ps(lo[j], _mm256_min_ps(a, b));
+        hi[j] = _mm256_max_ps(hi[j], _mm256_max_ps(a, b));
+      }
+    }
+  }
+  if (k < len) {
+    for (int j = 0; j < V; ++j) {
+      const __m256 a = simd::load8(rows[k] + c + 8 * j);
+      m[j] = _mm256_max_ps(m[j], simd::abs8(a));
+      bad[j] = _mm256_or_ps(bad[j], _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+      if (COUNT) cnt[j] = _mm256_sub_epi32(cnt[j], _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ)));
+      if (RANGE) {
+        lo[j] = _mm256_min_ps(lo[j], a);
+        hi[j] = _mm256_max_ps(hi[j], a);
+      }
+    }
+  }
+  for (int j = 0; j < V; ++j) {
+    _mm256_storeu_ps(acc.mx + c + 8 * j, m[j]);
+    _mm256_storeu_ps(acc.bad + c + 8 * j, bad[j]);
+    if (COUNT) _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc.cnt + c + 8 * j), cnt[j]);
+    if (RANGE) {
+      _mm256_storeu_ps(acc.lo + c + 8 * j, lo[j]);
+      _mm256_storeu_ps(acc.hi + c + 8 * j, hi[j]);
+    }
+  }
+}
+#endif
+
+// Reduce positions [p0, p1) of sample n, channels [c0, c0 + cb), into acc (tile by tile).
+template <typename T, bool COUNT, bool RANGE>
+void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int64_t cb, int64_t p0,
+                         int64_t p1, BlockAcc& acc) {
+  for (int64_t c = 0; c < cb; ++c) {
+    acc.mx[c] = 0.0f;
+    acc.bad[c] = 0.0f;
+    acc.cnt[c] = 0;
+    acc.lo[c] = std::numeric_limits<float>::infinity();
+    acc.hi[c] = -std::numeric_limits<float>::infinity();
+  }
   const T* base = x + n * v.sn + c0;  // stride_c == 1
-  for (int64_t p = p0; p < p1; ++p) {
-    const T* row = base + (p / v.l) * v.sr + (p % v.l) * v.sl;
+  const T* rows[kTile];
+  // Position p = r * l + i sits at r * sr + i * sl: (r, i) advance with p, no division per position.
+  int64_t r = p0 / v.l, i = p0 % v.l;
+  for (int64_t q0 = p0; q0 < p1; q0 += kTile) {
+    const int64_t len = std::min(kTile, p1 - q0);
+    for (int64_t k = 0; k < len; ++k) {
+      rows[k] = base + r * v.sr + i * v.sl;
+      if (++i == v.l) {
+        i = 0;
+        ++r;
+      }
+    }
     int64_t c = 0;
 #ifdef SPARSEKERN_AVX2
-    const __m256 zero = _mm256_setzero_ps();
-    for (; c + 8 <= cb; c += 8) {
-      __m256 a = simd::load8(row + c);
-      _mm256_storeu_ps(mx + c, _mm256_max_ps(_mm256_loadu_ps(mx + c), simd::abs8(a)));
-      _mm256_storeu_ps(bad + c, _mm256_or_ps(_mm256_loadu_ps(bad + c), _mm256_cmp_ps(a, a, _CMP_UNORD_Q)));
-      if (COUNT) {
-        __m256i k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(cnt + c));
-        k = _mm256_sub_epi32(k, _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(cnt + c), k);
-      }
-      if (RANGE) {
-        _mm256_storeu_ps(lo + c, _mm256_min_ps(_mm256_loadu_ps(lo + c), a));
-        _mm256_storeu_ps(hi + c, _mm256_max_ps(_mm256_loadu_ps(hi + c), a));
-      }
-    }
+    for (; c + 16 <= cb; c += 16) tile_slice<2, T, COUNT, RANGE>(rows, len, c, acc);
+    for (; c + 8 <= cb; c += 8) tile_slice<1, T, COUNT, RANGE>(rows, len, c, acc);
 #endif
     for (; c < cb; ++c) {
-      const float a = to_float(row[c]);
-      if (a != a) bad[c] = 1.0f;  // any nonzero bit pattern marks NaN
-      mx[c] = std::max(mx[c], std::fabs(a));
-      if (COUNT) cnt[c] += a > 0.0f;
-      if (RANGE) {
-        lo[c] = std::min(lo[c], a);
-        hi[c] = std::max(hi[c], a);
+      for (int64_t k = 0; k < len; ++k) {
+        const float a = to_float(rows[k][c]);
+        if (a != a) acc.bad[c] = 1.0f;  // any nonzero bit pattern marks NaN
+        acc.mx[c] = std::max(acc.mx[c], std::fabs(a));
+        if (COUNT) acc.cnt[c] += a > 0.0f;
+        if (RANGE) {
+          acc.lo[c] = std::min(acc.lo[c], a);
+          acc.hi[c] = std::max(acc.hi[c], a);
+        }
       }
     }
+  }
+}
+
+template <bool COUNT, bool RANGE>
+inline void write_block(const BlockAcc& acc, int64_t cb, int64_t t0, float* out, int64_t* pos, float* lo, float* hi) {
+  for (int64_t c = 0; c < cb; ++c) {
+    RowAcc r;
+    r.mx = acc.mx[c];
+    r.nan = acc.bad[c] != 0.0f;
+    r.pos = acc.cnt[c];
+    r.lo = acc.lo[c];
+    r.hi = acc.hi[c];
+    write<COUNT, RANGE>(r, t0 + c, out, pos, lo, hi);
   }
 }
 
 template <typename T, bool COUNT, bool RANGE>
 void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
   const cpu::ChannelBlockTasks tasks(v.n, v.c, v.r * v.l);
-  // Partial results per task; merged below (cheap: tasks * kChannelBlock values).
-  std::vector<float> pmx(tasks.count * kChannelBlock), pbad(tasks.count * kChannelBlock);
-  std::vector<int32_t> pcnt(COUNT ? tasks.count * kChannelBlock : 0);
-  std::vector<float> plo(RANGE ? tasks.count * kChannelBlock : 0), phi(RANGE ? tasks.count * kChannelBlock : 0);
+  if (tasks.splits == 1) {  // each task owns whole (n, channel block) results: written at once
+#pragma omp parallel for schedule(static) num_threads(tasks.threads)
+    for (int64_t t = 0; t < tasks.count; ++t) {
+      const cpu::ChannelBlockTasks::Task task = tasks[t];
+      BlockAcc acc;
+      inner_channel_block<T, COUNT, RANGE>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, acc);
+      write_block<COUNT, RANGE>(acc, task.cb, task.n * v.c + task.c0, out, pos, lo, hi);
+    }
+    return;
+  }
+  // Position chunks of one (n, channel block) pair run as separate tasks: partials, merged below.
+  std::vector<BlockAcc> partials(tasks.count);
 #pragma omp parallel for schedule(static) num_threads(tasks.threads)
   for (int64_t t = 0; t < tasks.count; ++t) {
     const cpu::ChannelBlockTasks::Task task = tasks[t];
-    inner_channel_block<T, COUNT, RANGE>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, &pmx[t * kChannelBlock],
-                                         &pbad[t * kChannelBlock], COUNT ? &pcnt[t * kChannelBlock] : nullptr,
-                                         RANGE ? &plo[t * kChannelBlock] : nullptr,
-                                         RANGE ? &phi[t * kChannelBlock] : nullptr);
+    inner_channel_block<T, COUNT, RANGE>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, partials[t]);
   }
   for (int64_t nb = 0; nb < v.n * tasks.cblocks; ++nb) {
     const cpu::ChannelBlockTasks::Task block = tasks[nb * tasks.splits];
-    for (int64_t c = 0; c < block.cb; ++c) {
-      RowAcc acc;
-      for (int64_t s = 0; s < tasks.splits; ++s) {
-        const int64_t i = tasks.slot(nb, s, c);
-        acc.mx = std::max(acc.mx, pmx[i]);
-        acc.nan = acc.nan || pbad[i] != 0.0f;
-        if (COUNT) acc.pos += pcnt[i];
-        if (RANGE) {
-          acc.lo = std::min(acc.lo, plo[i]);
-          acc.hi = std::max(acc.hi, phi[i]);
-        }
+    BlockAcc& merged = partials[nb * tasks.splits];
+    for (int64_t s = 1; s < tasks.splits; ++s) {
+      const BlockAcc& p = partials[nb * tasks.splits + s];
+      for (int64_t c = 0; c < block.cb; ++c) {
+        merged.mx[c] = std::max(merged.mx[c], p.mx[c]);
+        if (p.bad[c] != 0.0f) merged.bad[c] = 1.0f;
+        merged.cnt[c] += p.cnt[c];
+        merged.lo[c] = std::min(merged.lo[c], p.lo[c]);
+        merged.hi[c] = std::max(merged.hi[c], p.hi[c]);
       }
-      write<COUNT, RANGE>(acc, block.n * v.c + block.c0 + c, out, pos, lo, hi);
     }
+    write_block<COUNT, RANGE>(merged, block.cb, block.n * v.c + block.c0, out, pos, lo, hi);
   }
 }
 

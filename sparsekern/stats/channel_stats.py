@@ -63,7 +63,8 @@ import torch.distributed as dist
 from sparsekern._backend import BACKENDS
 from sparsekern._layout import check_activation
 from sparsekern.errors import NonFiniteActivationError, StateDictError
-from sparsekern.ops.channel_stats_update import HOST_FIELDS
+from sparsekern.ops.channel_absmax import traced
+from sparsekern.ops.channel_stats_update import HOST_FIELDS, channel_stats_update_impl
 from sparsekern.stats.checks import HEADER_FIELDS, check_header, check_reduced
 from sparsekern.stats.checksums import BatchChecksums
 from sparsekern.stats.counters import CHANNEL_FIELDS, RANGE_STATE_FIELDS, ChannelCounters, RangeCounters
@@ -256,7 +257,10 @@ class ChannelStats:
         self._ensure_state(c, x.device)
         counters, ranges, tp = self._counters, self._range, self._two_pass
         histogram = self._store.counts if self.mode == "histogram" else None
-        m = torch.ops.sparsekern.channel_stats_update_(
+        # Eager calls skip the torch.library dispatcher (see ops.channel_absmax.traced); traced
+        # ones go through the registered op.
+        update = torch.ops.sparsekern.channel_stats_update_ if traced(x) else channel_stats_update_impl
+        m = update(
             x, counters.max, counters.nan_samples, counters.inf_samples, counters.positive,
             ranges.value_min, ranges.value_max, self._host, histogram, self.histogram_mantissa_bits,
             None if tp is None else tp.reference, None if tp is None else tp.thresholds_tensor,
