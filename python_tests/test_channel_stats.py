@@ -777,3 +777,28 @@ def test_cuda_batch_checksums_never_synchronise_and_equal_cpu():
     cpu = feed(ChannelStats(selectivity="none", checksums=True), x, [4, 12, 8])
     # The maxima are the same floats on both devices (a max is exact), so are their checksums.
     assert torch.equal(gpu.batch_checksums().cpu(), cpu.batch_checksums())
+
+
+@pytest.mark.parametrize("bits", [1, 3, 5])
+def test_histogram_selectivity_matches_the_bucket_mask_definition(bits):
+    """The prefix-count selectivity equals the definition: buckets whose largest (smallest) value
+    over the corpus max is below t, as a C x buckets float64 mask; zero, infinite and tiny maxima too."""
+    from sparsekern.stats.stores.histogram import HistogramStore, _bucket_bounds
+
+    store, c, n = HistogramStore(bits), 50, 405
+    store.start(c, torch.device("cpu"))
+    g = torch.Generator().manual_seed(bits)
+    m = torch.cat([torch.rand(400, c, generator=g) * torch.logspace(-40, 30, c).float(), torch.zeros(5, c)])
+    m[3, 7], m[4, 8] = float("nan"), float("inf")
+    store.update(m)
+    smallest, largest = _bucket_bounds(bits)
+    finite_max = m.nan_to_num(0.0).amax(dim=0)
+    for corpus_max in (finite_max, finite_max * 0.37, torch.zeros(c), torch.full((c,), float("inf")),
+                       torch.full((c,), 1e-45)):
+        for t in (1e-3, 0.1234567, 0.5, 1.0):
+            value, bound = store.selectivity(t, corpus_max, n)
+            ratio_max = corpus_max.double().unsqueeze(1)
+            all_below, some_below = largest / ratio_max < t, smallest / ratio_max < t
+            below = (store.counts * all_below).sum(dim=1).double()
+            straddle = (store.counts * (some_below & ~all_below)).sum(dim=1).double()
+            assert torch.equal(value, (below + straddle / 2) / n) and torch.equal(bound, straddle / (2 * n))

@@ -44,6 +44,18 @@ def _bucket_bounds(bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([zero, as_float(smallest), nan]), torch.cat([zero, as_float(largest), nan])
 
 
+def _prefix_below(bounds: torch.Tensor, corpus_max: torch.Tensor, t: float) -> torch.Tensor:
+    """Per channel, how many of the non-decreasing ``bounds`` satisfy ``bound / corpus_max < t``
+    (float64, as written: the test is a prefix of the buckets). ``searchsorted`` on ``t * corpus_max``
+    finds it up to the rounding of that product; one step either way makes it exact."""
+    k = torch.searchsorted(bounds, t * corpus_max)
+    last = bounds.shape[0]
+    below = lambda i: bounds[i.clamp(0, last - 1)] / corpus_max < t  # noqa: E731
+    k = torch.where((k < last) & below(k), k + 1, k)
+    k = torch.where((k > 0) & ~below(k - 1), k - 1, k)
+    return k
+
+
 class HistogramStore(SelectivityStore):
     """(C, buckets) int64 counts on the stats device: C x (255 * 2^bits + 2) x 8 bytes."""
 
@@ -83,13 +95,18 @@ class HistogramStore(SelectivityStore):
 
     def selectivity(self, t: float, corpus_max: torch.Tensor, num_samples: int):
         smallest, largest = (b.to(self._counts.device) for b in _bucket_bounds(self.bits))
-        corpus_max = corpus_max.to(torch.float64).unsqueeze(1)
+        corpus_max = corpus_max.to(torch.float64)
         # Ratios are monotone in m, so a bucket is entirely below the threshold iff its largest
-        # value is, and entirely at/above iff its smallest is; at most one bucket straddles.
-        all_below = (largest / corpus_max) < t
-        some_below = (smallest / corpus_max) < t
-        below = (self._counts * all_below).sum(dim=1).to(torch.float64)
-        straddle = (self._counts * (some_below & ~all_below)).sum(dim=1).to(torch.float64)
+        # value is, and entirely at/above iff its smallest is; at most one bucket straddles. Both
+        # tests hold on a prefix of the finite buckets: count them per channel and read the
+        # counts below from a running sum (one pass over the counts, not a C x buckets float
+        # mask per test).
+        finite = self._counts[:, :-1]
+        running = torch.cat([torch.zeros_like(finite[:, :1]), finite.cumsum(dim=1)], dim=1)
+        all_below = running.gather(1, _prefix_below(largest[:-1], corpus_max, t).unsqueeze(1)).squeeze(1)
+        some_below = running.gather(1, _prefix_below(smallest[:-1], corpus_max, t).unsqueeze(1)).squeeze(1)
+        below = all_below.to(torch.float64)
+        straddle = (some_below - all_below).to(torch.float64)
         n = num_samples
         return (below + straddle / 2) / n, straddle / (2 * n)
 
