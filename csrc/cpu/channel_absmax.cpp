@@ -7,8 +7,8 @@
 //           OpenMP over the N*C (n, c) pairs.
 //  * inner-channel (stride_c == 1, e.g. channels_last, or (N, C)): each position holds a
 //           contiguous run of channels; a task owns (n, block of channels, chunk of
-//           positions) and walks its positions in tiles of 64, reducing each 16- or 8-channel
-//           slice of the tile in registers (running results in a per-task buffer between
+//           positions) and walks its positions in tiles of 64, reducing each
+//           32-, 16- or 8-channel slice of the tile in registers (running results in a per-task buffer between
 //           tiles). Position chunks exist so that small N still fills the cores.
 // Anything else goes through a scalar strided loop (correct, not fast).
 //
@@ -152,7 +152,7 @@ struct BlockAcc {
 };
 
 #ifdef SPARSEKERN_AVX2
-// Channels [c, c + 8 * V) of a tile of positions (rows[k] points at channel 0 of position k),
+// Channels [c, c + 8 * V) (V = 4, 2, 1) of a tile of positions (rows[k] points at channel 0 of position k),
 // folded into acc. The running results live in registers for the whole tile: a loop that kept
 // them in acc would wait on a store-to-load round trip at every position. Two positions per
 // step halve the dependency chain of each accumulator.
@@ -236,6 +236,7 @@ void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int6
     }
     int64_t c = 0;
 #ifdef SPARSEKERN_AVX2
+    for (; c + 32 <= cb; c += 32) tile_slice<4, T, COUNT, RANGE>(rows, len, c, acc);
     for (; c + 16 <= cb; c += 16) tile_slice<2, T, COUNT, RANGE>(rows, len, c, acc);
     for (; c + 8 <= cb; c += 8) tile_slice<1, T, COUNT, RANGE>(rows, len, c, acc);
 #endif
