@@ -7,9 +7,9 @@
 //           OpenMP over the N*C (n, c) pairs.
 //  * inner-channel (stride_c == 1, e.g. channels_last, or (N, C)): each position holds a
 //           contiguous run of channels; a task owns (n, block of channels, chunk of
-//           positions) and walks its positions in tiles of 64, reducing each
-//           32-, 16- or 8-channel slice of the tile in registers (running results in a per-task buffer between
-//           tiles). Position chunks exist so that small N still fills the cores.
+//           positions) and walks its positions in tiles of 64, reducing each 32-, 16- or
+//           8-channel slice of a tile in registers (running results in a per-task buffer
+//           between tiles). Position chunks exist so that small N still fills the cores.
 // Anything else goes through a scalar strided loop (correct, not fast).
 //
 // NaN handling: max instructions drop NaN operands, so NaN is tracked in a separate mask
