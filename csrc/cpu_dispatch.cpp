@@ -196,37 +196,43 @@ void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima
       nan[j] = inf[j] = p[j] = 0;
       ref[j] = reference ? static_cast<double>(reference[c0 + j]) : 0.0;
     }
+    // The running values, branch-free so that the compiler vectorises the loop over channels
+    // (NaN fails every comparison: a NaN maximum is counted, never taken as the max).
     for (int64_t i = 0; i < n; ++i) {
       const int64_t row = i * c + c0;
       for (int64_t j = 0; j < cb; ++j) {
         const float mi = m[row + j], l = lo[row + j], h = hi[row + j];
         p[j] += pos[row + j];
-        int64_t bucket;
-        if (std::isnan(mi)) {
-          ++nan[j];
-          bucket = buckets - 1;
-        } else {
-          if (std::isinf(mi)) {
-            ++inf[j];
-            bucket = buckets - 1;
-          } else if (mi > 0.0f) {
-            int32_t bits;
-            std::memcpy(&bits, &mi, sizeof bits);
-            bucket = static_cast<int64_t>(bits >> shift) + 1;
-          } else {
-            bucket = 0;
+        nan[j] += mi != mi;
+        inf[j] += mi == INFINITY;  // m = max |x| >= 0
+        bmax[j] = mi > bmax[j] ? mi : bmax[j];
+        const bool finite_range = l == l && h == h;
+        vmin[j] = finite_range && l < vmin[j] ? l : vmin[j];
+        vmax[j] = finite_range && h > vmax[j] ? h : vmax[j];
+      }
+    }
+    // Histogram buckets and two-pass counts: scattered increments, only when asked for.
+    if (histogram || reference) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = i * c + c0;
+        for (int64_t j = 0; j < cb; ++j) {
+          const float mi = m[row + j];
+          if (histogram) {
+            int64_t bucket = 0;
+            if (std::isnan(mi) || std::isinf(mi)) {
+              bucket = buckets - 1;
+            } else if (mi > 0.0f) {
+              int32_t bits;
+              std::memcpy(&bits, &mi, sizeof bits);
+              bucket = static_cast<int64_t>(bits >> shift) + 1;
+            }
+            ++histogram[(c0 + j) * buckets + bucket];
           }
-          if (mi > bmax[j]) bmax[j] = mi;
-        }
-        if (!std::isnan(l) && !std::isnan(h)) {
-          if (l < vmin[j]) vmin[j] = l;
-          if (h > vmax[j]) vmax[j] = h;
-        }
-        if (histogram) ++histogram[(c0 + j) * buckets + bucket];
-        if (reference) {
-          const double ratio = static_cast<double>(mi) / ref[j];
-          int64_t* counts = pass2_counts + (c0 + j) * num_thresholds;
-          for (int64_t t = 0; t < num_thresholds; ++t) counts[t] += ratio < thresholds[t];
+          if (reference) {
+            const double ratio = static_cast<double>(mi) / ref[j];
+            int64_t* counts = pass2_counts + (c0 + j) * num_thresholds;
+            for (int64_t t = 0; t < num_thresholds; ++t) counts[t] += ratio < thresholds[t];
+          }
         }
       }
     }
