@@ -15,7 +15,7 @@ from ..report.figures import pyplot
 from ..report.tables import Table, mean_std
 from ..train.checkpoint import atomic_write_text
 from ..train.config import RunConfig
-from ..train.loop import read_result
+from ..train.loop import read_result, run_files
 from ..train.sweep import expand_grid
 
 STRENGTHS = (0.0, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3)
@@ -76,7 +76,7 @@ def finished_dir(config: RunConfig, out, reuse=None) -> Path | None:
     """Where the finished run of ``config`` is: this sweep's ``runs/`` or the reused sweep's, else None."""
     for root in (Path(out), *([Path(reuse)] if reuse else [])):
         run_dir = root / "runs" / config.run_id()
-        if read_result(run_dir) is not None:
+        if run_files(run_dir)["result"].is_file():  # written last, atomically: the run is finished
             return run_dir
     return None
 
