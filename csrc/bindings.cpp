@@ -87,33 +87,42 @@ PYBIND11_MODULE(_C, m) {
          int64_t sl, uintptr_t out, uintptr_t pos, uintptr_t lo, uintptr_t hi) {
         if ((lo == 0) != (hi == 0)) throw std::invalid_argument("sparsekern._C.channel_absmax_cpu: give both lo and hi, or neither");
         sparsekern::channel_absmax_cpu(ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl),
-                                       ptr<float>(out), ptr<int64_t>(pos), ptr<float>(lo), ptr<float>(hi));
+                                       ptr<float>(out), ptr<int64_t>(pos), ptr<float>(lo), ptr<float>(hi), nullptr);
       },
       py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("c"), py::arg("r"), py::arg("l"), py::arg("sn"),
       py::arg("sc"), py::arg("sr"), py::arg("sl"), py::arg("out"), py::arg("pos"), py::arg("lo") = 0,
       py::arg("hi") = 0, py::call_guard<py::gil_scoped_release>());
 
   // The statistics update of one batch in one call (channel_absmax.h); maxima, histogram and the
-  // two-pass pointers are optional (0).
+  // two-pass pointers are optional (0). y (optional, float32 only): apply clamp(x, clamp_lo, clamp_hi)
+  // in the same pass, store it there (x's strides; y == x in place) and measure it.
   m.def(
       "channel_stats_cpu",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
          int64_t sl, uintptr_t maxima, uintptr_t mx, uintptr_t nan_samples, uintptr_t inf_samples, uintptr_t positive,
          uintptr_t value_min, uintptr_t value_max, uintptr_t histogram, int64_t buckets, int hist_bits,
          uintptr_t reference, uintptr_t thresholds, int64_t num_thresholds, uintptr_t pass2_counts,
-         uintptr_t pass2_max) {
+         uintptr_t pass2_max, uintptr_t y, float clamp_lo, float clamp_hi) {
         if (histogram && (hist_bits < 0 || hist_bits > 23 || buckets != (int64_t(255) << hist_bits) + 2))
           throw std::invalid_argument("sparsekern._C.channel_stats_cpu: buckets must be 255 * 2^hist_bits + 2");
         if (reference && (!thresholds || !pass2_counts || !pass2_max || num_thresholds < 1))
           throw std::invalid_argument("sparsekern._C.channel_stats_cpu: the two-pass pointers come together");
+        if (y && make_dtype(dtype) != sparsekern::DType::kFloat32)
+          throw std::invalid_argument("sparsekern._C.channel_stats_cpu: the clamp epilogue (y) takes float32 only");
+        const sparsekern::Clamp clamp{clamp_lo, clamp_hi, ptr<void>(y)};
         sparsekern::channel_stats_cpu(
             ptr<const void>(x), make_dtype(dtype), make_view(n, c, r, l, sn, sc, sr, sl), ptr<float>(maxima),
             ptr<float>(mx), ptr<int64_t>(nan_samples), ptr<int64_t>(inf_samples), ptr<int64_t>(positive),
             ptr<float>(value_min), ptr<float>(value_max), ptr<int64_t>(histogram), buckets, hist_bits,
             ptr<const float>(reference), ptr<const double>(thresholds), num_thresholds, ptr<int64_t>(pass2_counts),
-            ptr<float>(pass2_max));
+            ptr<float>(pass2_max), y ? &clamp : nullptr);
       },
-      py::call_guard<py::gil_scoped_release>());
+      py::arg("x"), py::arg("dtype"), py::arg("n"), py::arg("c"), py::arg("r"), py::arg("l"), py::arg("sn"),
+      py::arg("sc"), py::arg("sr"), py::arg("sl"), py::arg("maxima"), py::arg("mx"), py::arg("nan_samples"),
+      py::arg("inf_samples"), py::arg("positive"), py::arg("value_min"), py::arg("value_max"), py::arg("histogram"),
+      py::arg("buckets"), py::arg("hist_bits"), py::arg("reference"), py::arg("thresholds"),
+      py::arg("num_thresholds"), py::arg("pass2_counts"), py::arg("pass2_max"), py::arg("y") = 0,
+      py::arg("clamp_lo") = 0.0f, py::arg("clamp_hi") = 0.0f, py::call_guard<py::gil_scoped_release>());
 
 #ifdef SPARSEKERN_WITH_CUDA
   m.def(

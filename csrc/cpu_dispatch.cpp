@@ -21,11 +21,16 @@ namespace sparsekern {
 
 using ChannelAbsmaxFn = decltype(channel_absmax_cpu);
 using BnReluFn = decltype(bn_relu_cpu);
+// channel_stats_cpu's per-channel accumulation of one batch's (N, C) results (csrc/cpu/channel_absmax.cpp).
+using StatsAccumulateFn = void(const float* m, const float* lo, const float* hi, const int64_t* pos, int64_t n,
+                               int64_t c, float* mx, int64_t* nan_samples, int64_t* inf_samples, int64_t* positive,
+                               float* value_min, float* value_max);
 
 // Each compiled variant's kernels: sparsekern::<variant>::*, defined in csrc/cpu/*.cpp.
 #define SPARSEKERN_VARIANT_KERNELS(isa) \
   namespace isa {                       \
   ChannelAbsmaxFn channel_absmax_cpu;   \
+  StatsAccumulateFn channel_stats_accumulate; \
   BnReluFn bn_relu_cpu;                 \
   }
 #ifdef SPARSEKERN_HAVE_ISA_NATIVE
@@ -66,11 +71,13 @@ struct Variant {
   const char* name;
   bool (*supported)();
   ChannelAbsmaxFn* channel_absmax;
+  StatsAccumulateFn* stats_accumulate;
   BnReluFn* bn_relu;
 };
 
 // One row of kVariants: a variant's name, its CPU check and its kernels (one line per new op here).
-#define SPARSEKERN_VARIANT(isa, supported) {#isa, supported, isa::channel_absmax_cpu, isa::bn_relu_cpu}
+#define SPARSEKERN_VARIANT(isa, supported) \
+  {#isa, supported, isa::channel_absmax_cpu, isa::channel_stats_accumulate, isa::bn_relu_cpu}
 
 // Best first. native is the build machine's own target: it is the only variant of such a build.
 const Variant kVariants[] = {
@@ -142,8 +149,8 @@ void set_cpu_isa(const std::string& name) {
 }
 
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos, float* out_lo,
-                        float* out_hi) {
-  active().load()->channel_absmax(x, dtype, v, out_max, out_pos, out_lo, out_hi);
+                        float* out_hi, const Clamp* clamp) {
+  active().load()->channel_absmax(x, dtype, v, out_max, out_pos, out_lo, out_hi, clamp);
 }
 
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
@@ -151,15 +158,14 @@ void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale
   active().load()->bn_relu(x, dtype, vx, scale, shift, dead, write_dead, y, vy, out_max);
 }
 
-// One call per batch: the dispatched per-(n, c) pass, then the per-channel accumulation (a loop
-// over N x C values; the pass over the N x C x positions input dominates). The accumulation walks
-// the (N, C) results row by row over blocks of kStatsBlock channels (contiguous reads, running
-// values in small per-block arrays), parallel over the blocks when there are many values.
+// One call per batch: the dispatched per-(n, c) pass, then the dispatched per-channel accumulation
+// (channel_stats_accumulate, a loop over N x C values; the pass over the N x C x positions input
+// dominates), then, only when asked for, the histogram and two-pass counts (scattered increments).
 void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima, float* mx, int64_t* nan_samples,
                        int64_t* inf_samples, int64_t* positive, float* value_min, float* value_max,
                        int64_t* histogram, int64_t buckets, int hist_bits, const float* reference,
-                       const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts, float* pass2_max) {
-  constexpr int64_t kStatsBlock = 64;
+                       const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts, float* pass2_max,
+                       const Clamp* clamp) {
   const int64_t n = v.n, c = v.c, nc = v.n * v.c;
   // Per-(n, c) scratch, kept per calling thread and grown, never shrunk: fresh buffers of
   // N x C x 20 bytes per batch come from mmap and cost a page fault per 4 KiB, which measured
@@ -177,75 +183,37 @@ void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima
     scratch.pos.resize(nc);
   }
   float* m = maxima ? maxima : scratch.m.data();
-  const float* lo = scratch.lo.data();
-  const float* hi = scratch.hi.data();
-  const int64_t* pos = scratch.pos.data();
-  channel_absmax_cpu(x, dtype, v, m, scratch.pos.data(), scratch.lo.data(), scratch.hi.data());
+  channel_absmax_cpu(x, dtype, v, m, scratch.pos.data(), scratch.lo.data(), scratch.hi.data(), clamp);
+  active().load()->stats_accumulate(m, scratch.lo.data(), scratch.hi.data(), scratch.pos.data(), n, c, mx,
+                                    nan_samples, inf_samples, positive, value_min, value_max);
+  if (!histogram && !reference) return;
   const int shift = 23 - hist_bits;
-  const int64_t blocks = (c + kStatsBlock - 1) / kStatsBlock;
 #pragma omp parallel for schedule(static) if (nc > 32768)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * kStatsBlock, cb = std::min(kStatsBlock, c - c0);
-    float bmax[kStatsBlock], vmin[kStatsBlock], vmax[kStatsBlock];
-    int64_t nan[kStatsBlock], inf[kStatsBlock], p[kStatsBlock];
-    double ref[kStatsBlock];
-    for (int64_t j = 0; j < cb; ++j) {
-      bmax[j] = 0.0f;
-      vmin[j] = INFINITY;
-      vmax[j] = -INFINITY;
-      nan[j] = inf[j] = p[j] = 0;
-      ref[j] = reference ? static_cast<double>(reference[c0 + j]) : 0.0;
-    }
-    // The running values, branch-free so that the compiler vectorises the loop over channels
-    // (NaN fails every comparison: a NaN maximum is counted, never taken as the max).
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const double ref = reference ? static_cast<double>(reference[ch]) : 0.0;
+    int64_t* hist = histogram ? histogram + ch * buckets : nullptr;
+    int64_t* counts = reference ? pass2_counts + ch * num_thresholds : nullptr;
+    float bmax = 0.0f;
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t row = i * c + c0;
-      for (int64_t j = 0; j < cb; ++j) {
-        const float mi = m[row + j], l = lo[row + j], h = hi[row + j];
-        p[j] += pos[row + j];
-        nan[j] += mi != mi;
-        inf[j] += mi == INFINITY;  // m = max |x| >= 0
-        bmax[j] = mi > bmax[j] ? mi : bmax[j];
-        const bool finite_range = l == l && h == h;
-        vmin[j] = finite_range && l < vmin[j] ? l : vmin[j];
-        vmax[j] = finite_range && h > vmax[j] ? h : vmax[j];
-      }
-    }
-    // Histogram buckets and two-pass counts: scattered increments, only when asked for.
-    if (histogram || reference) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = i * c + c0;
-        for (int64_t j = 0; j < cb; ++j) {
-          const float mi = m[row + j];
-          if (histogram) {
-            int64_t bucket = 0;
-            if (std::isnan(mi) || std::isinf(mi)) {
-              bucket = buckets - 1;
-            } else if (mi > 0.0f) {
-              int32_t bits;
-              std::memcpy(&bits, &mi, sizeof bits);
-              bucket = static_cast<int64_t>(bits >> shift) + 1;
-            }
-            ++histogram[(c0 + j) * buckets + bucket];
-          }
-          if (reference) {
-            const double ratio = static_cast<double>(mi) / ref[j];
-            int64_t* counts = pass2_counts + (c0 + j) * num_thresholds;
-            for (int64_t t = 0; t < num_thresholds; ++t) counts[t] += ratio < thresholds[t];
-          }
+      const float mi = m[i * c + ch];
+      bmax = mi > bmax ? mi : bmax;  // NaN fails the comparison: never the max
+      if (hist) {
+        int64_t bucket = 0;
+        if (std::isnan(mi) || std::isinf(mi)) {
+          bucket = buckets - 1;
+        } else if (mi > 0.0f) {
+          int32_t bits;
+          std::memcpy(&bits, &mi, sizeof bits);
+          bucket = static_cast<int64_t>(bits >> shift) + 1;
         }
+        ++hist[bucket];
+      }
+      if (counts) {
+        const double ratio = static_cast<double>(mi) / ref;
+        for (int64_t t = 0; t < num_thresholds; ++t) counts[t] += ratio < thresholds[t];
       }
     }
-    for (int64_t j = 0; j < cb; ++j) {
-      const int64_t ch = c0 + j;
-      if (bmax[j] > mx[ch]) mx[ch] = bmax[j];
-      nan_samples[ch] += nan[j];
-      inf_samples[ch] += inf[j];
-      positive[ch] += p[j];
-      if (vmin[j] < value_min[ch]) value_min[ch] = vmin[j];
-      if (vmax[j] > value_max[ch]) value_max[ch] = vmax[j];
-      if (reference && bmax[j] > pass2_max[ch]) pass2_max[ch] = bmax[j];
-    }
+    if (reference && bmax > pass2_max[ch]) pass2_max[ch] = bmax;
   }
 }
 

@@ -12,6 +12,10 @@
 //           between tiles). Position chunks exist so that small N still fills the cores.
 // Anything else goes through a scalar strided loop (correct, not fast).
 //
+// Optional clamp epilogue (channel_absmax.h, Clamp; float32 only): every element is clamped as
+// torch.clamp does, stored to y (x's strides, possibly x itself) and measured after the clamp, so
+// a ReLU / ReLU6 and its statistics read the activation once.
+//
 // NaN handling: max instructions drop NaN operands, so NaN is tracked in a separate mask
 // and written as the result at the end (into the min and max too). A zero min or max may come
 // out as either +0.0 or -0.0 (min/max instructions do not order the two zeros).
@@ -21,6 +25,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "sparsekern/cpu_parallel.h"
@@ -42,6 +47,30 @@ struct RowAcc {
   float lo = std::numeric_limits<float>::infinity();
   float hi = -std::numeric_limits<float>::infinity();
 };
+
+// Where the clamp epilogue writes: y's element at the position of x's element p (same strides;
+// `shift` is the byte distance y - x, 0 in place).
+struct ClampArgs {
+  float lo = 0.0f, hi = 0.0f;
+  uintptr_t shift = 0;
+};
+
+template <typename T>
+inline T* out_of(const T* p, uintptr_t shift) {
+  return reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) + shift);
+}
+
+// torch.clamp of one element: a value equal to a bound (-0.0 against 0) and NaN pass through.
+inline float clamp1(float v, float lo, float hi) {
+  v = v < lo ? lo : v;
+  return v > hi ? hi : v;
+}
+
+#ifdef SPARSEKERN_AVX2
+// The same on 8 lanes: max_ps(a, b) is a > b ? a : b and min_ps(a, b) is a < b ? a : b, so with
+// the bound first, equal values and NaN give the second operand, x.
+inline __m256 clamp8(__m256 x, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
+#endif
 
 // One scalar element into a running result.
 template <bool COUNT, bool RANGE>
@@ -67,10 +96,11 @@ inline void write(const RowAcc& acc, int64_t t, float* out, int64_t* pos, float*
   }
 }
 
-// Reduce `len` contiguous elements into acc.
-template <typename T, bool COUNT, bool RANGE>
-inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
+// Reduce `len` contiguous elements into acc (clamped and stored first with ACT).
+template <typename T, bool COUNT, bool RANGE, bool ACT>
+inline void reduce_row(const T* p, int64_t len, RowAcc& acc, const ClampArgs& ca) {
   int64_t i = 0;
+  T* const w = ACT ? out_of(p, ca.shift) : nullptr;
 #ifdef SPARSEKERN_AVX2
   if (len >= 8) {  // short rows too (7x7, 3x3 + 1 of late stages): one vector, then the scalar tail
     __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0;
@@ -78,9 +108,20 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
     __m256i c0 = _mm256_setzero_si256(), c1 = c0;
     const __m256 zero = _mm256_setzero_ps();
     __m256 lo0 = _mm256_set1_ps(acc.lo), lo1 = lo0, hi0 = _mm256_set1_ps(acc.hi), hi1 = hi0;
+    const __m256 clo = _mm256_set1_ps(ca.lo), chi = _mm256_set1_ps(ca.hi);
     for (; i + 32 <= len; i += 32) {
       __m256 a0 = simd::load8(p + i), a1 = simd::load8(p + i + 8);
       __m256 a2 = simd::load8(p + i + 16), a3 = simd::load8(p + i + 24);
+      if (ACT) {
+        a0 = clamp8(a0, clo, chi);
+        a1 = clamp8(a1, clo, chi);
+        a2 = clamp8(a2, clo, chi);
+        a3 = clamp8(a3, clo, chi);
+        simd::store8(w + i, a0);
+        simd::store8(w + i + 8, a1);
+        simd::store8(w + i + 16, a2);
+        simd::store8(w + i + 24, a3);
+      }
       if (COUNT) {
         c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a0, zero, _CMP_GT_OQ)));
         c1 = _mm256_sub_epi32(c1, _mm256_castps_si256(_mm256_cmp_ps(a1, zero, _CMP_GT_OQ)));
@@ -102,7 +143,11 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
       }
     }
     for (; i + 8 <= len; i += 8) {
-      const __m256 a0 = simd::load8(p + i);
+      __m256 a0 = simd::load8(p + i);
+      if (ACT) {
+        a0 = clamp8(a0, clo, chi);
+        simd::store8(w + i, a0);
+      }
       if (COUNT) c0 = _mm256_sub_epi32(c0, _mm256_castps_si256(_mm256_cmp_ps(a0, zero, _CMP_GT_OQ)));
       bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, a0, _CMP_UNORD_Q));
       m0 = _mm256_max_ps(m0, simd::abs8(a0));
@@ -120,11 +165,18 @@ inline void reduce_row(const T* p, int64_t len, RowAcc& acc) {
     }
   }
 #endif
-  for (; i < len; ++i) take<COUNT, RANGE>(to_float(p[i]), acc);
+  for (; i < len; ++i) {
+    float a = to_float(p[i]);
+    if (ACT) {
+      a = clamp1(a, ca.lo, ca.hi);
+      simd::store1(w + i, a);
+    }
+    take<COUNT, RANGE>(a, acc);
+  }
 }
 
-template <typename T, bool COUNT, bool RANGE>
-void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
+template <typename T, bool COUNT, bool RANGE, bool ACT>
+void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi, const ClampArgs& ca) {
   const int64_t tasks = v.n * v.c;
 #pragma omp parallel for schedule(static) num_threads(cpu::threads_for(tasks * v.r * v.l))
   for (int64_t t = 0; t < tasks; ++t) {
@@ -132,9 +184,9 @@ void rows_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo
     const T* base = x + n * v.sn + c * v.sc;
     RowAcc acc;
     if (v.r == 1 || v.sr == v.l) {
-      reduce_row<T, COUNT, RANGE>(base, v.r * v.l, acc);
+      reduce_row<T, COUNT, RANGE, ACT>(base, v.r * v.l, acc, ca);
     } else {
-      for (int64_t r = 0; r < v.r; ++r) reduce_row<T, COUNT, RANGE>(base + r * v.sr, v.l, acc);
+      for (int64_t r = 0; r < v.r; ++r) reduce_row<T, COUNT, RANGE, ACT>(base + r * v.sr, v.l, acc, ca);
     }
     write<COUNT, RANGE>(acc, t, out, pos, lo, hi);
   }
@@ -156,9 +208,10 @@ struct BlockAcc {
 // folded into acc. The running results live in registers for the whole tile: a loop that kept
 // them in acc would wait on a store-to-load round trip at every position. Two positions per
 // step halve the dependency chain of each accumulator.
-template <int V, typename T, bool COUNT, bool RANGE>
-inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& acc) {
+template <int V, typename T, bool COUNT, bool RANGE, bool ACT>
+inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& acc, const ClampArgs& ca) {
   const __m256 zero = _mm256_setzero_ps();
+  const __m256 clo = _mm256_set1_ps(ca.lo), chi = _mm256_set1_ps(ca.hi);
   __m256 m[V], bad[V], lo[V], hi[V];
   __m256i cnt[V];
   for (int j = 0; j < V; ++j) {
@@ -173,7 +226,13 @@ inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& a
   int64_t k = 0;
   for (; k + 2 <= len; k += 2) {
     for (int j = 0; j < V; ++j) {
-      const __m256 a = simd::load8(rows[k] + c + 8 * j), b = simd::load8(rows[k + 1] + c + 8 * j);
+      __m256 a = simd::load8(rows[k] + c + 8 * j), b = simd::load8(rows[k + 1] + c + 8 * j);
+      if (ACT) {
+        a = clamp8(a, clo, chi);
+        b = clamp8(b, clo, chi);
+        simd::store8(out_of(rows[k], ca.shift) + c + 8 * j, a);
+        simd::store8(out_of(rows[k + 1], ca.shift) + c + 8 * j, b);
+      }
       m[j] = _mm256_max_ps(m[j], _mm256_max_ps(simd::abs8(a), simd::abs8(b)));
       bad[j] = _mm256_or_ps(bad[j], _mm256_cmp_ps(a, b, _CMP_UNORD_Q));
       if (COUNT) {
@@ -188,7 +247,11 @@ inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& a
   }
   if (k < len) {
     for (int j = 0; j < V; ++j) {
-      const __m256 a = simd::load8(rows[k] + c + 8 * j);
+      __m256 a = simd::load8(rows[k] + c + 8 * j);
+      if (ACT) {
+        a = clamp8(a, clo, chi);
+        simd::store8(out_of(rows[k], ca.shift) + c + 8 * j, a);
+      }
       m[j] = _mm256_max_ps(m[j], simd::abs8(a));
       bad[j] = _mm256_or_ps(bad[j], _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
       if (COUNT) cnt[j] = _mm256_sub_epi32(cnt[j], _mm256_castps_si256(_mm256_cmp_ps(a, zero, _CMP_GT_OQ)));
@@ -211,9 +274,9 @@ inline void tile_slice(const T* const* rows, int64_t len, int64_t c, BlockAcc& a
 #endif
 
 // Reduce positions [p0, p1) of sample n, channels [c0, c0 + cb), into acc (tile by tile).
-template <typename T, bool COUNT, bool RANGE>
+template <typename T, bool COUNT, bool RANGE, bool ACT>
 void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int64_t cb, int64_t p0,
-                         int64_t p1, BlockAcc& acc) {
+                         int64_t p1, BlockAcc& acc, const ClampArgs& ca) {
   for (int64_t c = 0; c < cb; ++c) {
     acc.mx[c] = 0.0f;
     acc.bad[c] = 0.0f;
@@ -236,13 +299,17 @@ void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int6
     }
     int64_t c = 0;
 #ifdef SPARSEKERN_AVX2
-    for (; c + 32 <= cb; c += 32) tile_slice<4, T, COUNT, RANGE>(rows, len, c, acc);
-    for (; c + 16 <= cb; c += 16) tile_slice<2, T, COUNT, RANGE>(rows, len, c, acc);
-    for (; c + 8 <= cb; c += 8) tile_slice<1, T, COUNT, RANGE>(rows, len, c, acc);
+    for (; c + 32 <= cb; c += 32) tile_slice<4, T, COUNT, RANGE, ACT>(rows, len, c, acc, ca);
+    for (; c + 16 <= cb; c += 16) tile_slice<2, T, COUNT, RANGE, ACT>(rows, len, c, acc, ca);
+    for (; c + 8 <= cb; c += 8) tile_slice<1, T, COUNT, RANGE, ACT>(rows, len, c, acc, ca);
 #endif
     for (; c < cb; ++c) {
       for (int64_t k = 0; k < len; ++k) {
-        const float a = to_float(rows[k][c]);
+        float a = to_float(rows[k][c]);
+        if (ACT) {
+          a = clamp1(a, ca.lo, ca.hi);
+          simd::store1(out_of(rows[k], ca.shift) + c, a);
+        }
         if (a != a) acc.bad[c] = 1.0f;  // any nonzero bit pattern marks NaN
         acc.mx[c] = std::max(acc.mx[c], std::fabs(a));
         if (COUNT) acc.cnt[c] += a > 0.0f;
@@ -268,15 +335,16 @@ inline void write_block(const BlockAcc& acc, int64_t cb, int64_t t0, float* out,
   }
 }
 
-template <typename T, bool COUNT, bool RANGE>
-void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
+template <typename T, bool COUNT, bool RANGE, bool ACT>
+void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi,
+                          const ClampArgs& ca) {
   const cpu::ChannelBlockTasks tasks(v.n, v.c, v.r * v.l);
   if (tasks.splits == 1) {  // each task owns whole (n, channel block) results: written at once
 #pragma omp parallel for schedule(static) num_threads(tasks.threads)
     for (int64_t t = 0; t < tasks.count; ++t) {
       const cpu::ChannelBlockTasks::Task task = tasks[t];
       BlockAcc acc;
-      inner_channel_block<T, COUNT, RANGE>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, acc);
+      inner_channel_block<T, COUNT, RANGE, ACT>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, acc, ca);
       write_block<COUNT, RANGE>(acc, task.cb, task.n * v.c + task.c0, out, pos, lo, hi);
     }
     return;
@@ -286,7 +354,7 @@ void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos, 
 #pragma omp parallel for schedule(static) num_threads(tasks.threads)
   for (int64_t t = 0; t < tasks.count; ++t) {
     const cpu::ChannelBlockTasks::Task task = tasks[t];
-    inner_channel_block<T, COUNT, RANGE>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, partials[t]);
+    inner_channel_block<T, COUNT, RANGE, ACT>(x, v, task.n, task.c0, task.cb, task.p0, task.p1, partials[t], ca);
   }
   for (int64_t nb = 0; nb < v.n * tasks.cblocks; ++nb) {
     const cpu::ChannelBlockTasks::Task block = tasks[nb * tasks.splits];
@@ -305,34 +373,54 @@ void inner_channel_kernel(const T* x, const View4& v, float* out, int64_t* pos, 
   }
 }
 
-template <typename T, bool COUNT, bool RANGE>
-void strided_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
+template <typename T, bool COUNT, bool RANGE, bool ACT>
+void strided_kernel(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi, const ClampArgs& ca) {
 #pragma omp parallel for schedule(static) num_threads(cpu::threads_for(v.n * v.c * v.r * v.l))
   for (int64_t t = 0; t < v.n * v.c; ++t) {
     const int64_t n = t / v.c, c = t % v.c;
     RowAcc acc;
-    for (int64_t r = 0; r < v.r; ++r)
-      for (int64_t l = 0; l < v.l; ++l) take<COUNT, RANGE>(to_float(x[n * v.sn + c * v.sc + r * v.sr + l * v.sl]), acc);
+    for (int64_t r = 0; r < v.r; ++r) {
+      for (int64_t l = 0; l < v.l; ++l) {
+        const T* p = x + n * v.sn + c * v.sc + r * v.sr + l * v.sl;
+        float a = to_float(*p);
+        if (ACT) {
+          a = clamp1(a, ca.lo, ca.hi);
+          simd::store1(out_of(p, ca.shift), a);
+        }
+        take<COUNT, RANGE>(a, acc);
+      }
+    }
     write<COUNT, RANGE>(acc, t, out, pos, lo, hi);
   }
 }
 
-template <typename T, bool COUNT, bool RANGE>
-void dispatch_layout(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
+template <typename T, bool COUNT, bool RANGE, bool ACT = false>
+void dispatch_layout(const T* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi,
+                     const ClampArgs& ca = ClampArgs()) {
   if (v.sl == 1 && v.l >= 16) {
-    rows_kernel<T, COUNT, RANGE>(x, v, out, pos, lo, hi);
+    rows_kernel<T, COUNT, RANGE, ACT>(x, v, out, pos, lo, hi, ca);
   } else if (v.sc == 1) {
-    inner_channel_kernel<T, COUNT, RANGE>(x, v, out, pos, lo, hi);
+    inner_channel_kernel<T, COUNT, RANGE, ACT>(x, v, out, pos, lo, hi, ca);
   } else if (v.sl == 1) {
-    rows_kernel<T, COUNT, RANGE>(x, v, out, pos, lo, hi);
+    rows_kernel<T, COUNT, RANGE, ACT>(x, v, out, pos, lo, hi, ca);
   } else {
-    strided_kernel<T, COUNT, RANGE>(x, v, out, pos, lo, hi);
+    strided_kernel<T, COUNT, RANGE, ACT>(x, v, out, pos, lo, hi, ca);
   }
 }
 
 template <typename T>
-void dispatch_flags(const void* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi) {
+void dispatch_flags(const void* x, const View4& v, float* out, int64_t* pos, float* lo, float* hi, const Clamp* clamp) {
   const T* p = static_cast<const T*>(x);
+  if constexpr (std::is_same_v<T, float>) {
+    if (clamp) {  // the clamp epilogue: with counts and range only (channel_stats_cpu's pass)
+      ClampArgs ca;
+      ca.lo = clamp->lo;
+      ca.hi = clamp->hi;
+      ca.shift = reinterpret_cast<uintptr_t>(clamp->y) - reinterpret_cast<uintptr_t>(x);
+      dispatch_layout<T, true, true, true>(p, v, out, pos, lo, hi, ca);
+      return;
+    }
+  }
   if (lo) {
     pos ? dispatch_layout<T, true, true>(p, v, out, pos, lo, hi) : dispatch_layout<T, false, true>(p, v, out, pos, lo, hi);
   } else {
@@ -342,12 +430,87 @@ void dispatch_flags(const void* x, const View4& v, float* out, int64_t* pos, flo
 
 }  // namespace
 
+// The running per-channel values of channel_stats_cpu (channel_absmax.h) from one batch's per-(n, c)
+// results, row by row over blocks of 64 channels (contiguous reads, running values in registers or
+// small arrays), parallel over the blocks when there are many values. Every comparison has the
+// scalar loop's semantics: a NaN maximum is counted, never taken as the max; a (n, c) whose range
+// is NaN (it saw a NaN) leaves value_min / value_max alone.
+void channel_stats_accumulate(const float* m, const float* lo, const float* hi, const int64_t* pos, int64_t n,
+                              int64_t c, float* mx, int64_t* nan_samples, int64_t* inf_samples, int64_t* positive,
+                              float* value_min, float* value_max) {
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (c + kBlock - 1) / kBlock;
+#pragma omp parallel for schedule(static) if (n * c > 32768)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * kBlock, cb = std::min(kBlock, c - c0);
+    float bmax[kBlock], vmin[kBlock], vmax[kBlock];
+    int32_t nan[kBlock], inf[kBlock];  // per batch: at most N < 2^31 samples
+    int64_t p[kBlock];
+    for (int64_t j = 0; j < cb; ++j) {
+      bmax[j] = 0.0f;
+      vmin[j] = std::numeric_limits<float>::infinity();
+      vmax[j] = -std::numeric_limits<float>::infinity();
+      nan[j] = inf[j] = 0;
+      p[j] = 0;
+    }
+    int64_t j0 = 0;
+#ifdef SPARSEKERN_AVX2
+    const __m256 kInf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    for (; j0 + 8 <= cb; j0 += 8) {
+      __m256 bm = _mm256_loadu_ps(bmax + j0), mn = _mm256_loadu_ps(vmin + j0), mxv = _mm256_loadu_ps(vmax + j0);
+      __m256i nn = _mm256_setzero_si256(), ni = nn, p0 = nn, p1 = nn;
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row = i * c + c0 + j0;
+        const __m256 mi = _mm256_loadu_ps(m + row), l = _mm256_loadu_ps(lo + row), h = _mm256_loadu_ps(hi + row);
+        p0 = _mm256_add_epi64(p0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + row)));
+        p1 = _mm256_add_epi64(p1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pos + row + 4)));
+        nn = _mm256_sub_epi32(nn, _mm256_castps_si256(_mm256_cmp_ps(mi, mi, _CMP_UNORD_Q)));
+        ni = _mm256_sub_epi32(ni, _mm256_castps_si256(_mm256_cmp_ps(mi, kInf, _CMP_EQ_OQ)));
+        bm = _mm256_max_ps(mi, bm);  // mi > bm ? mi : bm
+        const __m256 finite_range = _mm256_cmp_ps(l, h, _CMP_ORD_Q);
+        mn = _mm256_blendv_ps(mn, l, _mm256_and_ps(finite_range, _mm256_cmp_ps(l, mn, _CMP_LT_OQ)));
+        mxv = _mm256_blendv_ps(mxv, h, _mm256_and_ps(finite_range, _mm256_cmp_ps(h, mxv, _CMP_GT_OQ)));
+      }
+      _mm256_storeu_ps(bmax + j0, bm);
+      _mm256_storeu_ps(vmin + j0, mn);
+      _mm256_storeu_ps(vmax + j0, mxv);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(nan + j0), nn);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(inf + j0), ni);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j0), p0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j0 + 4), p1);
+    }
+#endif
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t row = i * c + c0;
+      for (int64_t j = j0; j < cb; ++j) {
+        const float mi = m[row + j], l = lo[row + j], h = hi[row + j];
+        p[j] += pos[row + j];
+        nan[j] += mi != mi;
+        inf[j] += mi == std::numeric_limits<float>::infinity();  // m = max |x| >= 0
+        bmax[j] = mi > bmax[j] ? mi : bmax[j];
+        const bool finite_range = l == l && h == h;
+        vmin[j] = finite_range && l < vmin[j] ? l : vmin[j];
+        vmax[j] = finite_range && h > vmax[j] ? h : vmax[j];
+      }
+    }
+    for (int64_t j = 0; j < cb; ++j) {
+      const int64_t ch = c0 + j;
+      if (bmax[j] > mx[ch]) mx[ch] = bmax[j];
+      nan_samples[ch] += nan[j];
+      inf_samples[ch] += inf[j];
+      positive[ch] += p[j];
+      if (vmin[j] < value_min[ch]) value_min[ch] = vmin[j];
+      if (vmax[j] > value_max[ch]) value_max[ch] = vmax[j];
+    }
+  }
+}
+
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos, float* out_lo,
-                        float* out_hi) {
+                        float* out_hi, const Clamp* clamp) {
   switch (dtype) {
-    case DType::kFloat32: dispatch_flags<float>(x, v, out_max, out_pos, out_lo, out_hi); break;
-    case DType::kFloat16: dispatch_flags<simd::f16_t>(x, v, out_max, out_pos, out_lo, out_hi); break;
-    case DType::kBFloat16: dispatch_flags<simd::bf16_t>(x, v, out_max, out_pos, out_lo, out_hi); break;
+    case DType::kFloat32: dispatch_flags<float>(x, v, out_max, out_pos, out_lo, out_hi, clamp); break;
+    case DType::kFloat16: dispatch_flags<simd::f16_t>(x, v, out_max, out_pos, out_lo, out_hi, nullptr); break;
+    case DType::kBFloat16: dispatch_flags<simd::bf16_t>(x, v, out_max, out_pos, out_lo, out_hi, nullptr); break;
   }
 }
 

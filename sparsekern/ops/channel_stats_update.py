@@ -100,16 +100,20 @@ def channel_stats_update_reference(x, mx, nan_samples, inf_samples, pos, value_m
 
 
 def _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits, reference,
-               thresholds, pass2_counts, pass2_max) -> None:
+               thresholds, pass2_counts, pass2_max, clamp=None) -> None:
+    """``clamp``: (y, lo, hi), the clamp epilogue (y has x's strides, y may be x; x is not copied:
+    the caller checked that ``as_view4`` reads x itself)."""
     x, view = as_view4(x)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     t64 = None if thresholds is None else thresholds.to(device="cpu", dtype=torch.float64).contiguous()
+    y, lo, hi = (None, 0.0, 0.0) if clamp is None else clamp
     _backend.extension().channel_stats_cpu(
         x.data_ptr(), DTYPE_CODE[x.dtype], *view.args(), ptr(maxima),
         mx.data_ptr(), nan_samples.data_ptr(), inf_samples.data_ptr(), pos.data_ptr(),
         value_min.data_ptr(), value_max.data_ptr(),
         ptr(histogram), 0 if histogram is None else histogram.shape[1], hist_bits,
         ptr(reference), ptr(t64), 0 if t64 is None else t64.numel(), ptr(pass2_counts), ptr(pass2_max),
+        ptr(y), lo, hi,
     )
 
 
@@ -198,3 +202,53 @@ def channel_stats_update_impl(x: torch.Tensor, mx: torch.Tensor, nan_samples: to
     accumulate_reference(m, positive, lo, hi, positions, mx, nan_samples, inf_samples, pos, value_min, value_max,
                          host, histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max, pass2_samples)
     return m if keep_maxima else empty
+
+
+def clamp_stats_update_impl(x: torch.Tensor, y: torch.Tensor, lo: float, hi: float, *state, keep_maxima: bool,
+                            backend: str) -> torch.Tensor:
+    """``y = clamp(x, lo, hi)`` (``y`` may be ``x``: in place) and the statistics of ``y`` folded in as
+    ``channel_stats_update_impl(y, *state, None, keep_maxima, backend)`` would (same return value): a
+    ReLU (lo = 0, hi = inf) or ReLU6 / Hardtanh and its measurement in one pass over the activation.
+
+    ``state`` is channel_stats_update_impl's arguments from ``mx`` to ``pass2_samples``. The clamp
+    is torch.clamp's, bit for bit (-0.0 and NaN pass through). One fused C++ call on the cpp
+    backend for a float32 ``x`` that it reads in place (dense, rank <= 4, ``y`` with x's strides);
+    otherwise torch.clamp, then the statistics update. Eager only (not a registered op: analyze's
+    no-grad forwards use it, never a traced graph).
+    """
+    if y is not x and (y.shape != x.shape or y.dtype != x.dtype or y.device != x.device):
+        raise ValueError(f"clamp_stats_update: y must match x's shape, dtype and device, got {tuple(y.shape)} "
+                         f"{y.dtype} {y.device} for x {tuple(x.shape)} {x.dtype} {x.device}")
+    if _fusable(x, y, backend):
+        check_activation(x, OP)
+        mx, nan_samples, inf_samples, pos, value_min, value_max, host, histogram, hist_bits, reference, \
+            thresholds, pass2_counts, pass2_max, pass2_samples = state
+        _check_state(x, {"max": (mx, torch.float32), "nan_samples": (nan_samples, torch.int64),
+                         "inf_samples": (inf_samples, torch.int64), "positive": (pos, torch.int64),
+                         "value_min": (value_min, torch.float32), "value_max": (value_max, torch.float32)},
+                     histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples, host)
+        maxima = torch.empty((x.shape[0], x.shape[1]) if keep_maxima else (0,), dtype=torch.float32)
+        _fused_cpp(x, maxima if keep_maxima else None, mx, nan_samples, inf_samples, pos, value_min, value_max,
+                   histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max, clamp=(y, float(lo), float(hi)))
+        _count_host(host, pass2_samples, x.shape[0], math.prod(x.shape[2:]))
+        return maxima
+    torch.clamp(x, lo, hi, out=y)
+    return channel_stats_update_impl(y, *state, None, keep_maxima, backend)
+
+
+def _fusable(x: torch.Tensor, y: torch.Tensor, backend: str) -> bool:
+    """Whether the fused C++ clamp + statistics pass can run on (x, y) exactly as asked."""
+    if x.dtype != torch.float32 or x.dim() < 2 or x.dim() > 4 or x.shape[0] == 0 or x.numel() == 0:
+        return False
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    if not dense or y.stride() != x.stride():
+        return False
+    if _backend.resolve(backend, x.device, op=OP) != "cpp" or not hasattr(_backend.extension(), "channel_stats_cpu"):
+        return False
+    # y may alias x only as x itself (an element is read before it is written, by the same thread).
+    return y is x or y.data_ptr() == x.data_ptr() or not _overlap(x, y)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    size = a.numel() * a.element_size()
+    return a.data_ptr() < b.data_ptr() + size and b.data_ptr() < a.data_ptr() + size

@@ -138,12 +138,12 @@ def analyze(
         with torch.no_grad():
             if selectivity == "two-pass":
                 with SparsityTracker(network, selectivity="none", features=features, backend=backend,
-                                     checksums=True, leaf_modules=leaf_modules) as first:
+                                     checksums=True, leaf_modules=leaf_modules, fuse_activations=True) as first:
                     run("pass 1/2 (corpus max)")
                 _all_reduce(first, distributed)
                 references = {name: _reference(s) for name, s in first.stats.items()}
                 with SparsityTracker(network, selectivity="none", features=first.features, backend=backend,
-                                     checksums=True) as tracker:
+                                     checksums=True, fuse_activations=True) as tracker:
                     for name, s in tracker.stats.items():
                         s.set_reference_max(references[name], thresholds=(selectivity_threshold,))
                     run("pass 2/2 (selectivity)")
@@ -151,7 +151,7 @@ def analyze(
                 _agree(_corpus_change(run.batch_sizes, first, tracker), distributed, device)
             else:
                 with SparsityTracker(network, selectivity=selectivity, features=features, backend=backend,
-                                     leaf_modules=leaf_modules) as tracker:
+                                     leaf_modules=leaf_modules, fuse_activations=True) as tracker:
                     run("analyze")
                 _all_reduce(tracker, distributed)
     finally:

@@ -64,7 +64,7 @@ from sparsekern._backend import BACKENDS
 from sparsekern._layout import check_activation
 from sparsekern.errors import NonFiniteActivationError, StateDictError
 from sparsekern.ops.channel_absmax import traced
-from sparsekern.ops.channel_stats_update import HOST_FIELDS, channel_stats_update_impl
+from sparsekern.ops.channel_stats_update import HOST_FIELDS, channel_stats_update_impl, clamp_stats_update_impl
 from sparsekern.stats.checks import HEADER_FIELDS, check_header, check_reduced
 from sparsekern.stats.checksums import BatchChecksums
 from sparsekern.stats.counters import CHANNEL_FIELDS, RANGE_STATE_FIELDS, ChannelCounters, RangeCounters
@@ -255,20 +255,49 @@ class ChannelStats:
                 "under torch.compile (or two-pass counting with set_reference_max)"
             )
         self._ensure_state(c, x.device)
-        counters, ranges, tp = self._counters, self._range, self._two_pass
-        histogram = self._store.counts if self.mode == "histogram" else None
         # Eager calls skip the torch.library dispatcher (see ops.channel_absmax.traced); traced
         # ones go through the registered op.
         update = torch.ops.sparsekern.channel_stats_update_ if traced(x) else channel_stats_update_impl
-        m = update(
-            x, counters.max, counters.nan_samples, counters.inf_samples, counters.positive,
-            ranges.value_min, ranges.value_max, self._host, histogram, self.histogram_mantissa_bits,
-            None if tp is None else tp.reference, None if tp is None else tp.thresholds_tensor,
-            None if tp is None else tp.counts, None if tp is None else tp.max, None if tp is None else tp.samples_tensor,
-            enabled, keep, self.backend,
-        )
+        m = update(x, *self._op_state(), enabled, keep, self.backend)
         if not keep or (enabled is not None and not bool(enabled)):
             return
+        self._keep(m)
+
+    def update_clamped(self, x: torch.Tensor, lo: float, hi: float, *, inplace: bool = False) -> torch.Tensor:
+        """``y = torch.clamp(x, lo, hi)`` (into x itself with ``inplace``), measured as ``update(y)``
+        would, and returned: a ReLU (lo = 0, hi = inf) or ReLU6 (0, 6) and its statistics in one pass
+        over x where the kernel can (cpp backend, float32; otherwise torch.clamp, then ``update``).
+        Eager only: analyze runs the model's ReLU modules through it (``SparsityTracker``'s
+        ``fuse_activations``)."""
+        where = "ChannelStats.update_clamped"
+        check_activation(x, where)
+        if traced(x):
+            raise NotImplementedError(f"{where}: eager only; a traced graph measures with update()")
+        n, c = x.shape[0], x.shape[1]
+        self._check_compatible(c, x.device, where)
+        y = x if inplace else torch.empty_like(x)
+        if n == 0:
+            return torch.clamp(x, lo, hi, out=y)
+        keep = self.mode in ("exact", "memmap") or self.checksums
+        self._ensure_state(c, x.device)
+        m = clamp_stats_update_impl(x, y, lo, hi, *self._op_state(), keep_maxima=keep, backend=self.backend)
+        if keep:
+            self._keep(m)
+        return y
+
+    def _op_state(self) -> tuple:
+        """The state arguments of the update op, from ``mx`` to ``pass2_samples`` (see
+        ``sparsekern.ops.channel_stats_update``)."""
+        counters, ranges, tp = self._counters, self._range, self._two_pass
+        histogram = self._store.counts if self.mode == "histogram" else None
+        return (counters.max, counters.nan_samples, counters.inf_samples, counters.positive,
+                ranges.value_min, ranges.value_max, self._host, histogram, self.histogram_mantissa_bits,
+                None if tp is None else tp.reference, None if tp is None else tp.thresholds_tensor,
+                None if tp is None else tp.counts, None if tp is None else tp.max,
+                None if tp is None else tp.samples_tensor)
+
+    def _keep(self, m: torch.Tensor) -> None:
+        """The per-sample maxima of one update into the per-sample store and the checksums."""
         self._store.update(m)
         if self.checksums:
             self._checksums.record(m)

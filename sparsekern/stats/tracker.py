@@ -63,6 +63,14 @@ from sparsekern.stats.stores import MODES
 __all__ = ["SparsityTracker", "SparsityReport", "gamma_sparsity"]
 
 
+# The clamp bounds of the activation modules fuse_activations applies in the measuring kernel.
+_CLAMP_BOUNDS = {
+    nn.ReLU: lambda m: (0.0, float("inf")),
+    nn.ReLU6: lambda m: (0.0, 6.0),
+    nn.Hardtanh: lambda m: (float(m.min_val), float(m.max_val)),
+}
+
+
 class SparsityTracker:
     """Per-feature post-ReLU statistics of ``model``, collected by forward hooks.
 
@@ -76,10 +84,16 @@ class SparsityTracker:
     per measured forward (``ChannelStats.batch_checksums``; analyze compares two passes with them).
     ``leaf_modules``: classes or qualified names of modules torch.fx must not trace into (passed to
     ``find_features``; ignored when ``features`` is given).
+    ``fuse_activations``: run every measured nn.ReLU / nn.ReLU6 / nn.Hardtanh module through
+    ``ChannelStats.update_clamped`` in no-grad forwards (its forward is replaced until ``remove()``):
+    the clamp and the statistics in one pass over the activation instead of a clamp pass and a
+    measuring pass, with the same output bits. ``analyze`` uses it; forwards under autograd or
+    torch.compile take the module's own forward and the hook's path.
     """
 
     def __init__(self, model: nn.Module, *, selectivity: str = "histogram", features=None, every: int = 1,
-                 backend: str = "auto", memmap_dir=None, checksums: bool = False, leaf_modules=()):
+                 backend: str = "auto", memmap_dir=None, checksums: bool = False, leaf_modules=(),
+                 fuse_activations: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"SparsityTracker: expected an nn.Module, got {type(model).__name__}")
         if selectivity not in MODES:
@@ -125,8 +139,13 @@ class SparsityTracker:
         self._manual_steps = False
         self._calls: dict[str, int] = {}
         self._handles = [self.network.register_forward_pre_hook(self._on_model_forward)]
+        self._fused: list[nn.Module] = []  # modules whose forward is _fused_forward's until remove()
         for name in self._routes:
-            self._handles.append(modules[name].register_forward_hook(self._output_hook(name)))
+            if fuse_activations and self._fusable(name, modules[name]):
+                modules[name].forward = self._fused_forward(name, modules[name])
+                self._fused.append(modules[name])
+            else:
+                self._handles.append(modules[name].register_forward_hook(self._output_hook(name)))
 
     # --- hooks ---------------------------------------------------------------------------
 
@@ -157,33 +176,70 @@ class SparsityTracker:
         if not self._manual_steps:
             self._step.add_(1)
 
-    def _output_hook(self, module_name: str):
+    def _next_call(self, module_name: str) -> list[Feature] | None:
+        """Count one call of the hooked module; the features it feeds, or None when this forward
+        is not measured or the call feeds none."""
         routes = self._routes[module_name]
+        call = self._calls.get(module_name, 0)
+        self._calls[module_name] = call + 1
+        # Eager: skip at once (a CPU tensor, no sync). Compiled: the update op reads the flag.
+        if not torch.compiler.is_compiling() and not bool(self._measuring):
+            return None
+        features = routes.get(call)
+        if features is None:
+            if None not in routes:
+                return None  # a call the traced graph has no feature for (not a ReLU input)
+            features = [self._fallback_feature(routes[None][0], call)]
+            self._add_feature(features[0])
+        return features
 
+    def _measure(self, module_name: str, features: list[Feature], output) -> None:
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"SparsityTracker: module {module_name!r} returned a {type(output).__name__}, "
+                            "expected the activation tensor")
+        with torch.no_grad():
+            y = output.detach()
+            for f in features:
+                a = f.apply(y) if f.functional else y
+                if f.channel_dim != 1 and a.dim() > 2:
+                    a = a.movedim(f.channel_dim, 1)  # channels last (a Linear's output): a view
+                self.stats[f.name].update(a, enabled=self._measuring)
+
+    def _output_hook(self, module_name: str):
         def hook(module, args, output):
-            call = self._calls.get(module_name, 0)
-            self._calls[module_name] = call + 1
-            # Eager: skip at once (a CPU tensor, no sync). Compiled: the update op reads the flag.
-            if not torch.compiler.is_compiling() and not bool(self._measuring):
-                return
-            features = routes.get(call)
-            if features is None:
-                if None not in routes:
-                    return  # a call the traced graph has no feature for (not a ReLU input)
-                features = [self._fallback_feature(routes[None][0], call)]
-                self._add_feature(features[0])
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(f"SparsityTracker: module {module_name!r} returned a {type(output).__name__}, "
-                                "expected the activation tensor")
-            with torch.no_grad():
-                y = output.detach()
-                for f in features:
-                    a = f.apply(y) if f.functional else y
-                    if f.channel_dim != 1 and a.dim() > 2:
-                        a = a.movedim(f.channel_dim, 1)  # channels last (a Linear's output): a view
-                    self.stats[f.name].update(a, enabled=self._measuring)
+            features = self._next_call(module_name)
+            if features:
+                self._measure(module_name, features, output)
 
         return hook
+
+    def _fusable(self, module_name: str, module: nn.Module) -> bool:
+        """Whether the clamp of this module can be applied by the measuring kernel (see
+        ``fuse_activations``): a plain ReLU / ReLU6 / Hardtanh whose calls feed one feature each,
+        measured as is (no functional activation on top, channels in dim 1)."""
+        routes = self._routes[module_name]
+        return (type(module) in _CLAMP_BOUNDS and "forward" not in vars(module) and None not in routes
+                and all(len(fs) == 1 and not fs[0].functional and fs[0].channel_dim == 1 for fs in routes.values()))
+
+    def _fused_forward(self, module_name: str, module: nn.Module):
+        """The module's forward with the clamp and the statistics of its output in one kernel pass.
+        The same output bits as the module's own forward (torch.clamp's semantics); under autograd,
+        torch.compile or for a call that is not measured, the module's own forward and the hook's
+        path instead."""
+        own_forward = type(module).forward
+        lo, hi = _CLAMP_BOUNDS[type(module)](module)
+
+        def forward(input):
+            features = self._next_call(module_name)
+            if (features and isinstance(input, torch.Tensor) and not torch.is_grad_enabled()
+                    and not torch.compiler.is_compiling()):
+                return self.stats[features[0].name].update_clamped(input, lo, hi, inplace=module.inplace)
+            output = own_forward(module, input)
+            if features:
+                self._measure(module_name, features, output)
+            return output
+
+        return forward
 
     @staticmethod
     def _fallback_feature(base: Feature, call: int) -> Feature:
@@ -211,6 +267,9 @@ class SparsityTracker:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for module in self._fused:
+            del module.forward  # back to the class's forward
+        self._fused = []
 
     def __enter__(self) -> "SparsityTracker":
         return self
