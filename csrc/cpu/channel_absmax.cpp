@@ -324,7 +324,28 @@ void inner_channel_block(const T* x, const View4& v, int64_t n, int64_t c0, int6
 
 template <bool COUNT, bool RANGE>
 inline void write_block(const BlockAcc& acc, int64_t cb, int64_t t0, float* out, int64_t* pos, float* lo, float* hi) {
-  for (int64_t c = 0; c < cb; ++c) {
+  int64_t c = 0;
+#ifdef SPARSEKERN_AVX2
+  // 8 channels per step (with few positions per sample, as in late 3x3 stages, writing the results
+  // one channel at a time cost as much as reading the activation).
+  const __m256 nan = _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), zero = _mm256_setzero_ps();
+  for (; c + 8 <= cb; c += 8) {
+    // bad holds 0 or a nonzero pattern (a compare mask, which reads as NaN, or 1.0f): unordered-or-unequal.
+    const __m256 seen_nan = _mm256_cmp_ps(_mm256_loadu_ps(acc.bad + c), zero, _CMP_NEQ_UQ);
+    _mm256_storeu_ps(out + t0 + c, _mm256_blendv_ps(_mm256_loadu_ps(acc.mx + c), nan, seen_nan));
+    if (COUNT) {
+      const __m256i cnt = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc.cnt + c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + t0 + c), _mm256_cvtepi32_epi64(_mm256_castsi256_si128(cnt)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pos + t0 + c + 4),
+                          _mm256_cvtepi32_epi64(_mm256_extracti128_si256(cnt, 1)));
+    }
+    if (RANGE) {
+      _mm256_storeu_ps(lo + t0 + c, _mm256_blendv_ps(_mm256_loadu_ps(acc.lo + c), nan, seen_nan));
+      _mm256_storeu_ps(hi + t0 + c, _mm256_blendv_ps(_mm256_loadu_ps(acc.hi + c), nan, seen_nan));
+    }
+  }
+#endif
+  for (; c < cb; ++c) {
     RowAcc r;
     r.mx = acc.mx[c];
     r.nan = acc.bad[c] != 0.0f;
