@@ -781,21 +781,29 @@ def test_cuda_batch_checksums_never_synchronise_and_equal_cpu():
 
 @pytest.mark.parametrize("bits", [1, 3, 5])
 def test_histogram_selectivity_matches_the_bucket_mask_definition(bits):
-    """The prefix-count selectivity equals the definition: buckets whose largest (smallest) value
-    over the corpus max is below t, as a C x buckets float64 mask; zero, infinite and tiny maxima too."""
+    """The window / prefix-count selectivity equals the definition: buckets whose largest (smallest)
+    value over the corpus max is below t, as a C x buckets float64 mask; zero, infinite, tiny and
+    huge maxima, NaN samples and thresholds far below the max too."""
     from sparsekern.stats.stores.histogram import HistogramStore, _bucket_bounds
 
-    store, c, n = HistogramStore(bits), 50, 405
-    store.start(c, torch.device("cpu"))
+    c, n = 50, 405
     g = torch.Generator().manual_seed(bits)
-    m = torch.cat([torch.rand(400, c, generator=g) * torch.logspace(-40, 30, c).float(), torch.zeros(5, c)])
-    m[3, 7], m[4, 8] = float("nan"), float("inf")
-    store.update(m)
+    base = torch.cat([torch.rand(400, c, generator=g) * torch.logspace(-40, 30, c).float(), torch.zeros(5, c)])
+    with_nan = base.clone()
+    with_nan[3, 7] = float("nan")
+    with_inf = with_nan.clone()
+    with_inf[4, 8] = float("inf")  # the window needs a finite max: this store takes the prefix sums
+    tiny = torch.where(base > base.median(), 1e-45, 0.0)
+    wide = base.clone()
+    wide[0] = 1e30  # thresholds far below the max: windows wider than _MAX_WINDOW
     smallest, largest = _bucket_bounds(bits)
-    finite_max = m.nan_to_num(0.0).amax(dim=0)
-    for corpus_max in (finite_max, finite_max * 0.37, torch.zeros(c), torch.full((c,), float("inf")),
-                       torch.full((c,), 1e-45)):
-        for t in (1e-3, 0.1234567, 0.5, 1.0):
+    # The store's contract: corpus_max is the max of the (non-NaN) maxima it counted.
+    for m in (base, with_nan, with_inf, base * 0.37, torch.zeros(n, c), tiny, wide):
+        store = HistogramStore(bits)
+        store.start(c, torch.device("cpu"))
+        store.update(m)
+        corpus_max = torch.where(torch.isnan(m), 0.0, m).amax(dim=0)
+        for t in (1e-30, 1e-3, 0.1234567, 0.5, 1.0):
             value, bound = store.selectivity(t, corpus_max, n)
             ratio_max = corpus_max.double().unsqueeze(1)
             all_below, some_below = largest / ratio_max < t, smallest / ratio_max < t

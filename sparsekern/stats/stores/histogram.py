@@ -70,6 +70,41 @@ def _prefix_sums(counts: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
                       for i in range(0, counts.shape[0], step)])
 
 
+# The widest window of buckets _count_below reads per channel; wider ones (thresholds far below
+# 2^-32 of the max) take the full prefix sums.
+_MAX_WINDOW = 1024
+
+
+def _occupied_end(corpus_max: torch.Tensor, bits: int) -> torch.Tensor:
+    """(C,) int64: one past the highest finite bucket a channel can occupy (its corpus max's bucket:
+    the maxima are <= the corpus max and the buckets are ordered); -1 where the max is not finite
+    (an Inf sample: the finite maxima may be anywhere)."""
+    mx = corpus_max.to(torch.float32)
+    key = torch.where(mx > 0, (mx.view(torch.int32) >> (23 - bits)).to(torch.int64) + 1, 0)
+    return torch.where(torch.isfinite(mx), key + 1, -1)
+
+
+def _count_below(counts: torch.Tensor, k: torch.Tensor, top: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """(C,) int64: the samples in finite buckets [0, k[c]) of every channel.
+
+    Read as the finite samples minus those in buckets [k, top): the threshold sits within a few
+    dozen buckets of the max (log2(1 / t) * 2^bits), so this window, not the whole row of 2041
+    buckets, is all that needs reading. Channels without a finite top, or windows wider than
+    _MAX_WINDOW, take the prefix sums."""
+    finite_total = num_samples - counts[:, -1]
+    width = (top - k).clamp(min=0)
+    general = top < 0
+    if bool(general.any()) or int(width.max()) > _MAX_WINDOW:
+        return _prefix_sums(counts[:, :-1], k)
+    w = int(width.max())
+    if w == 0:
+        return finite_total
+    index = k.unsqueeze(1) + torch.arange(w, device=counts.device)
+    inside = index < top.unsqueeze(1)
+    window = counts.gather(1, index.clamp(max=counts.shape[1] - 2))
+    return finite_total - torch.where(inside, window, 0).sum(dim=1)
+
+
 class HistogramStore(SelectivityStore):
     """(C, buckets) int64 counts on the stats device: C x (255 * 2^bits + 2) x 8 bytes."""
 
@@ -114,9 +149,9 @@ class HistogramStore(SelectivityStore):
         # value is, and entirely at/above iff its smallest is; at most one bucket straddles. Both
         # tests hold on a prefix of the finite buckets: count them per channel, then sum each
         # channel's counts over its prefix.
-        finite = self._counts[:, :-1]
-        all_below = _prefix_sums(finite, _prefix_below(largest[:-1], corpus_max, t))
-        some_below = _prefix_sums(finite, _prefix_below(smallest[:-1], corpus_max, t))
+        top = _occupied_end(corpus_max, self.bits)
+        all_below = _count_below(self._counts, _prefix_below(largest[:-1], corpus_max, t), top, num_samples)
+        some_below = _count_below(self._counts, _prefix_below(smallest[:-1], corpus_max, t), top, num_samples)
         below = all_below.to(torch.float64)
         straddle = (some_below - all_below).to(torch.float64)
         n = num_samples
