@@ -22,6 +22,10 @@ Selectivity (fraction of samples with m[n, c] / max_n m[n, c] < t) needs the cor
 * ``"histogram"``: one pass, bounded memory, approximate with a reported error bound.
 * ``"memmap"``: one pass, exact, per-sample maxima in temporary files. ``"none"``: no selectivity.
 
+Each ReLU / ReLU6 / Hardtanh module's clamp runs in the measuring kernel (``SparsityTracker``'s
+``fuse_activations``: CPU float32, the same output bits as the module), so measuring adds no read of
+those activations; other activations are measured by forward hooks.
+
 Distributed: when torch.distributed is initialised, each rank analyses the shard its loader
 yields (give it a DistributedSampler) and the statistics are all-reduced after every pass, so
 every rank returns the statistics of the whole corpus: exactly those of one process analysing

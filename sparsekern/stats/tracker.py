@@ -85,7 +85,8 @@ class SparsityTracker:
     ``leaf_modules``: classes or qualified names of modules torch.fx must not trace into (passed to
     ``find_features``; ignored when ``features`` is given).
     ``fuse_activations``: run every measured nn.ReLU / nn.ReLU6 / nn.Hardtanh module through
-    ``ChannelStats.update_clamped`` in no-grad forwards (its forward is replaced until ``remove()``):
+    ``ChannelStats.update_clamped`` in no-grad forwards of CPU float32 activations (its forward is
+    replaced until ``remove()``):
     the clamp and the statistics in one pass over the activation instead of a clamp pass and a
     measuring pass, with the same output bits. ``analyze`` uses it; forwards under autograd or
     torch.compile take the module's own forward and the hook's path.
@@ -224,14 +225,17 @@ class SparsityTracker:
     def _fused_forward(self, module_name: str, module: nn.Module):
         """The module's forward with the clamp and the statistics of its output in one kernel pass.
         The same output bits as the module's own forward (torch.clamp's semantics); under autograd,
-        torch.compile or for a call that is not measured, the module's own forward and the hook's
-        path instead."""
+        torch.compile, off the CPU, for other dtypes or for a call that is not measured, the module's
+        own forward and the hook's path instead."""
         own_forward = type(module).forward
         lo, hi = _CLAMP_BOUNDS[type(module)](module)
 
         def forward(input):
             features = self._next_call(module_name)
-            if (features and isinstance(input, torch.Tensor) and not torch.is_grad_enabled()
+            # The fused kernel is the CPU float32 one; elsewhere the module's own forward keeps its
+            # exact bits (a GPU's relu and clamp need not agree on -0.0).
+            if (features and isinstance(input, torch.Tensor) and input.device.type == "cpu"
+                    and input.dtype == torch.float32 and not torch.is_grad_enabled()
                     and not torch.compiler.is_compiling()):
                 return self.stats[features[0].name].update_clamped(input, lo, hi, inplace=module.inplace)
             output = own_forward(module, input)
