@@ -132,8 +132,13 @@ def _fused_cuda(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_m
     )
 
 
-def _check_state(x, tensors: dict, histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples,
-                 host) -> None:
+def _check_state(x, mx, nan_samples, inf_samples, pos, value_min, value_max, host, histogram, hist_bits, reference,
+                 thresholds, pass2_counts, pass2_max, pass2_samples) -> None:
+    """Raise ValueError unless the accumulators (the op's arguments from ``mx`` to ``pass2_samples``)
+    fit x."""
+    tensors = {"max": (mx, torch.float32), "nan_samples": (nan_samples, torch.int64),
+               "inf_samples": (inf_samples, torch.int64), "positive": (pos, torch.int64),
+               "value_min": (value_min, torch.float32), "value_max": (value_max, torch.float32)}
     c = x.shape[1]
     for name, (t, dtype) in tensors.items():
         if t.dtype != dtype or tuple(t.shape) != (c,) or t.device != x.device or not t.is_contiguous():
@@ -169,10 +174,8 @@ def channel_stats_update_impl(x: torch.Tensor, mx: torch.Tensor, nan_samples: to
     if enabled is not None and not bool(enabled):
         return empty.zero_()  # defined values (opcheck compares outputs); nothing else changes
     check_activation(x, OP)
-    _check_state(x, {"max": (mx, torch.float32), "nan_samples": (nan_samples, torch.int64),
-                     "inf_samples": (inf_samples, torch.int64), "positive": (pos, torch.int64),
-                     "value_min": (value_min, torch.float32), "value_max": (value_max, torch.float32)},
-                 histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples, host)
+    _check_state(x, mx, nan_samples, inf_samples, pos, value_min, value_max, host, histogram, hist_bits, reference,
+                 thresholds, pass2_counts, pass2_max, pass2_samples)
     if n == 0:
         return empty
     chosen = _backend.resolve(backend, x.device, op=OP)
@@ -219,14 +222,11 @@ def clamp_stats_update_impl(x: torch.Tensor, y: torch.Tensor, lo: float, hi: flo
     if y is not x and (y.shape != x.shape or y.dtype != x.dtype or y.device != x.device):
         raise ValueError(f"clamp_stats_update: y must match x's shape, dtype and device, got {tuple(y.shape)} "
                          f"{y.dtype} {y.device} for x {tuple(x.shape)} {x.dtype} {x.device}")
-    if _fusable(x, y, backend):
+    if _fused_clamp_applies(x, y, backend):
         check_activation(x, OP)
+        _check_state(x, *state)
         mx, nan_samples, inf_samples, pos, value_min, value_max, host, histogram, hist_bits, reference, \
             thresholds, pass2_counts, pass2_max, pass2_samples = state
-        _check_state(x, {"max": (mx, torch.float32), "nan_samples": (nan_samples, torch.int64),
-                         "inf_samples": (inf_samples, torch.int64), "positive": (pos, torch.int64),
-                         "value_min": (value_min, torch.float32), "value_max": (value_max, torch.float32)},
-                     histogram, reference, thresholds, pass2_counts, pass2_max, pass2_samples, host)
         maxima = torch.empty((x.shape[0], x.shape[1]) if keep_maxima else (0,), dtype=torch.float32)
         _fused_cpp(x, maxima if keep_maxima else None, mx, nan_samples, inf_samples, pos, value_min, value_max,
                    histogram, hist_bits, reference, thresholds, pass2_counts, pass2_max, clamp=(y, float(lo), float(hi)))
@@ -236,7 +236,7 @@ def clamp_stats_update_impl(x: torch.Tensor, y: torch.Tensor, lo: float, hi: flo
     return channel_stats_update_impl(y, *state, None, keep_maxima, backend)
 
 
-def _fusable(x: torch.Tensor, y: torch.Tensor, backend: str) -> bool:
+def _fused_clamp_applies(x: torch.Tensor, y: torch.Tensor, backend: str) -> bool:
     """Whether the fused C++ clamp + statistics pass can run on (x, y) exactly as asked."""
     if x.dtype != torch.float32 or x.dim() < 2 or x.dim() > 4 or x.shape[0] == 0 or x.numel() == 0:
         return False

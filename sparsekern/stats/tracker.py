@@ -142,7 +142,7 @@ class SparsityTracker:
         self._handles = [self.network.register_forward_pre_hook(self._on_model_forward)]
         self._fused: list[nn.Module] = []  # modules whose forward is _fused_forward's until remove()
         for name in self._routes:
-            if fuse_activations and self._fusable(name, modules[name]):
+            if fuse_activations and self._clamp_module(name, modules[name]):
                 modules[name].forward = self._fused_forward(name, modules[name])
                 self._fused.append(modules[name])
             else:
@@ -214,7 +214,7 @@ class SparsityTracker:
 
         return hook
 
-    def _fusable(self, module_name: str, module: nn.Module) -> bool:
+    def _clamp_module(self, module_name: str, module: nn.Module) -> bool:
         """Whether the clamp of this module can be applied by the measuring kernel (see
         ``fuse_activations``): a plain ReLU / ReLU6 / Hardtanh whose calls feed one feature each,
         measured as is (no functional activation on top, channels in dim 1)."""
