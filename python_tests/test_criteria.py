@@ -10,8 +10,8 @@ from torch import nn
 
 import sparsekern
 from sparsekern.prune import (
-    CGES, APoZ, ConstantGamma, DeadByActivation, L1Norm, PrunePlan, Slimming, SplitLBIOrder, analyze_dependencies,
-    prune_model,
+    CGES, APoZ, ConstantGamma, DeadByActivation, L1Norm, PrunePlan, Selectivity, Slimming, SplitLBIOrder,
+    analyze_dependencies, prune_model,
 )
 from sparsekern.prune.criteria import GivenScores, unit_layers
 
@@ -95,6 +95,33 @@ def test_dead_by_activation_and_apoz_scores_match_hooked_activations():
         assert torch.allclose(apoz.scores()[name], positive, atol=1e-12, rtol=0)
         assert dead.marked()[name].values == {c: 0.0 for c in torch.nonzero(corpus_max < 1e-12).flatten().tolist()}
     assert set(dead.marked()["3"].values) >= {0, 6}
+
+
+def test_selectivity_scores_are_universality_from_hooked_activations():
+    net = small_net()
+    make_constant(net[4], [0, 6], -1.0)  # dead on every input: selectivity 1, scores 0
+    batches = [torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    batches[1][:, :, :4] *= 40.0  # some samples far stronger than others: selective channels
+    result = sparsekern.analyze(net, batches, progress=False, selectivity="exact")
+    maps = post_relu(net, batches)
+    for threshold in (1e-3, 0.5):
+        scores = Selectivity(result, threshold).scores()
+        assert list(scores) == list(UNITS)
+        for name in UNITS:
+            per_sample = maps[name].amax((2, 3))  # m[n, c], float64
+            corpus_max = per_sample.amax(0)
+            below = per_sample < threshold * corpus_max
+            universality = torch.where(corpus_max > 0, 1.0 - below.double().mean(0), 0.0)
+            assert torch.allclose(scores[name], universality, atol=1e-12, rtol=0), (name, threshold)
+    assert scores["3"][[0, 6]].tolist() == [0.0, 0.0]
+    assert len(set(Selectivity(result, 0.5).scores()["0"].tolist())) > 1  # the test distinguishes channels
+    plan = PrunePlan.from_criterion(Selectivity(result), net, 0.5)
+    assert not plan.exact and not {0, 6} & set(plan.layers["3"].kept)
+    assert Selectivity.needs_model is False and not Selectivity.exact
+    with pytest.raises(ValueError, match="positive finite"):
+        Selectivity(result, 0.0)
+    with pytest.raises(ValueError, match="keeps no per-sample maxima"):
+        Selectivity(analysis(net, batches)).scores()
 
 
 def test_split_lbi_order_scores_the_first_entered_highest():

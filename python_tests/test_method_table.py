@@ -243,6 +243,37 @@ def test_finished_runs_are_reused_from_another_directory(quick_run, tmp_path, ca
         assert [r[key] for r in again["rows"]] == [r[key] for r in results["rows"]], key
 
 
+def test_methods_restrict_the_rows_and_the_trainings(quick_run, tmp_path, capsys):
+    """--methods l1-norm,apoz,selectivity needs the Adam + L2 network only; the APoZ and selectivity
+    rows' plans are what their criteria choose on an independent (exact-mode) analysis of the corpus."""
+    from sparsekern import analyze
+    from sparsekern.prune.criteria import APoZ, Selectivity
+    from sparsekern.train.loop import load_trained
+
+    out, results = quick_run
+    capsys.readouterr()
+    other = tmp_path / "subset"
+    assert cli_main(["compare-methods", "--out", str(other), "--reuse-runs", str(out / "runs"),
+                     "--methods", "l1-norm,apoz,selectivity", *QUICK]) == 0
+    assert capsys.readouterr().err.count("reusing the finished run") == 1
+    again = json.loads((other / "method_table.json").read_text())
+    assert list(again["runs"]) == ["adam-l2"]
+    assert [r["method"] for r in again["rows"]] == ["implicit", "l1-norm", "apoz", "selectivity"]
+    before = {r["method"]: r for r in results["rows"]}
+    for row in again["rows"]:  # the same network and corpus: the same rows as in the full table
+        assert row["curve"] == before[row["method"]]["curve"], row["method"]
+    dense, _ = load_trained(results["runs"]["adam-l2"]["run_dir"], "cpu")
+    x_corpus, _ = analysis_corpus(results["analysis_samples"])
+    exact = analyze(dense, [x_corpus], progress=False, selectivity="exact")
+    assert len(set(torch.cat(list(Selectivity(exact).scores().values())).tolist())) > 1  # not all tied
+    for key, criterion in (("apoz", APoZ(exact)), ("selectivity", Selectivity(exact))):
+        row = next(r for r in again["rows"] if r["method"] == key)
+        plan = PrunePlan.load(other / row["plan"])
+        want = PrunePlan.from_criterion(criterion, dense, 1.0 - row["selected_fraction"])
+        assert {n: layer.kept for n, layer in plan.layers.items()} == \
+            {n: layer.kept for n, layer in want.layers.items()}, key
+
+
 # ---------------------------------------------------------------------- config errors
 def test_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="tolerance_pct"):
@@ -255,6 +286,12 @@ def test_config_errors_name_the_field():
         MethodTableConfig(fractions=())
     with pytest.raises(ConfigError, match="cges_strength"):
         MethodTableConfig(cges_strength=0.0)
+    with pytest.raises(ConfigError, match="methods=.*expected distinct methods of l1-norm"):
+        MethodTableConfig(methods=("l1-norm", "magnitude"))
+    with pytest.raises(ConfigError, match="methods"):
+        MethodTableConfig(methods=("apoz", "apoz"))
+    assert MethodTableConfig(methods=("apoz",)).trainings() == ("adam-l2",)
+    assert MethodTableConfig(methods=("cges", "l1-norm")).trainings() == ("adam-l2", "cges")
     assert cli_main(["compare-methods", "--out", "/nonexistent/never", "--fractions", "0.5,1", *COMMON]) == 2
 
 

@@ -5,7 +5,7 @@ remove with no accuracy loss, and what the pruned network costs and runs at.
     sparsekern compare-methods --out /tmp/mt --quick --dataset synthetic
     sparsekern compare-methods --aggregate runs/mt-s0,runs/mt-s1,runs/mt-s2 --out runs/mt   # mean ± std over seeds
 
-Four BasicNets are trained (one seed, the same width, data and step budget), and five methods
+Four BasicNets are trained (one seed, the same width, data and step budget), and seven methods
 prune them, without fine-tuning:
 
     implicit     Adam + L2 (the reproduction's run): remove the filters implicit sparsity left
@@ -21,6 +21,16 @@ prune them, without fine-tuning:
     Split LBI    group Split LBI (conv filters, Linear rows; Fu et al.): per layer, the filters
                  that entered Gamma's support last (``SplitLBI.importance``), the same fraction
                  in every layer
+    APoZ         the same Adam + L2 network, Hu et al. 2016 ("Network Trimming"): per layer, the
+                 filters whose post-ReLU outputs are most often 0 over the training corpus
+    selectivity  the same Adam + L2 network, the paper's corollary: per layer, the most selective
+                 filters first (max below 1e-3 x the corpus max on the most training images;
+                 :class:`sparsekern.prune.criteria.Selectivity`)
+
+``--methods`` restricts the swept rows (the implicit row is always there); a training no chosen
+method needs is not run, e.g. ``--methods l1-norm,apoz,selectivity`` trains the Adam + L2 network
+only. APoZ and selectivity come from one analysis of that network over the corpus the implicit
+plan is measured on (``analyze_samples``), selectivity by its two passes (exact counts).
 
 Every method removes filters of the same layers, the Conv layers followed by a BN
 (``prune.baselines.unit_layers``; the classifier is never pruned), by surgery
@@ -81,11 +91,12 @@ from sparsekern.experiments.method_table_output import OUTPUT_STEM, write_output
 from sparsekern.experiments.method_table_seeds import SEEDS_STEM, aggregate_markdown, aggregate_tables
 from sparsekern.prune.baselines import l1_norm_plan, slimming_plan, unit_layers
 from sparsekern.prune.compare import compare_logits, unit_keep_ratio
-from sparsekern.prune.criteria import CGES, SplitLBIOrder
+from sparsekern.prune.criteria import APoZ, CGES, Selectivity, SplitLBIOrder
 from sparsekern.prune.flops import count_flops, count_params
 from sparsekern.prune.implicit import implicit_plan
 from sparsekern.prune.plan import PrunePlan
 from sparsekern.prune.surgery import prune_model
+from sparsekern.stats.analyze import analyze
 from sparsekern.train.config import RunConfig
 from sparsekern.train.loop import resolve_device
 from sparsekern.train.sweep import is_finished
@@ -113,7 +124,14 @@ METHODS = {m.key: m for m in (
     Method("cges", "CGES", "cges", "exactly-zero / unread filters first, then smallest |gamma|, global"),
     Method("split-lbi", "Split LBI (group)", "slbi-group",
            "last to enter Gamma's support (then smaller ||Gamma||, ||W||), same fraction per layer"),
+    Method("apoz", "APoZ (Hu et al.)", "adam-l2",
+           "most zeros after ReLU over the training corpus first, same fraction per layer"),
+    Method("selectivity", "selectivity", "adam-l2",
+           "most selective over the training corpus first (max < 1e-3 x corpus max on the most images), "
+           "same fraction per layer"),
 )}
+SWEPT = tuple(key for key in METHODS if key != "implicit")
+NEEDS_ANALYSIS = ("apoz", "selectivity")  # swept methods whose scores come from an analysis
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,8 @@ class MethodTableConfig:
     device: str = option("auto", "auto | cpu | cuda | cuda:N")
     threads: int | None = option(None, "torch threads per run and for the measurements (default: torch's)")
     workers: int = option(1, "runs trained in parallel (subprocesses)")
+    methods: tuple[str, ...] = option(SWEPT, "swept methods (the implicit row is always measured); trainings "
+                                             "no chosen method needs are not run")
 
     def __post_init__(self):
         check_positive(self, ("width", "batch_size", "epochs", "steps", "eval_every", "adam_lr", "l2_strength",
@@ -170,6 +190,14 @@ class MethodTableConfig:
             raise ConfigError(f"seed={self.seed!r}: must be an int >= 0")
         if isinstance(self.reuse_runs, str):
             raise ConfigError(f"reuse_runs={self.reuse_runs!r}: expected a tuple of directories")
+        if isinstance(self.methods, str) or len(set(self.methods)) != len(self.methods) or \
+                not set(self.methods) <= set(SWEPT):
+            raise ConfigError(f"methods={self.methods!r}: expected distinct methods of {', '.join(SWEPT)}")
+
+    def trainings(self) -> tuple[str, ...]:
+        """The trainings the chosen methods prune, in TRAININGS order (the implicit row's always)."""
+        needed = {"adam-l2"} | {METHODS[key].training for key in self.methods}
+        return tuple(t for t in TRAININGS if t in needed)
 
     def quick(self) -> "MethodTableConfig":
         """A tiny version for tests and smoke runs: width 0.125, 30 steps on 512 samples, 4 fractions."""
@@ -260,8 +288,9 @@ def slbi_plan(model: nn.Module, optimizer, keep_ratio: float) -> PrunePlan:
     return PrunePlan.from_criterion(SplitLBIOrder(optimizer), model, keep_ratio)
 
 
-def plan_maker(method: str, model: nn.Module, optimization, example_inputs=None) -> Callable:
-    """keep ratio -> PrunePlan of a swept method (``example_inputs``: CGES's channel graph batch)."""
+def plan_maker(method: str, model: nn.Module, optimization, example_inputs=None, analysis=None) -> Callable:
+    """keep ratio -> PrunePlan of a swept method (``example_inputs``: CGES's channel graph batch;
+    ``analysis``: the ``analyze`` result APoZ and selectivity score, with two-pass selectivity)."""
     if method == "l1-norm":
         return lambda keep: l1_norm_plan(model, keep)
     if method == "slimming":
@@ -270,6 +299,11 @@ def plan_maker(method: str, model: nn.Module, optimization, example_inputs=None)
         return lambda keep: cges_plan(model, keep, example_inputs)
     if method == "split-lbi":
         return lambda keep: slbi_plan(model, optimization.optimizer, keep)
+    if method in NEEDS_ANALYSIS:
+        if analysis is None:
+            raise ValueError(f"{method!r} scores an analysis of the model; none was given")
+        criterion = APoZ(analysis) if method == "apoz" else Selectivity(analysis)
+        return lambda keep: PrunePlan.from_criterion(criterion, model, keep)
     raise ValueError(f"{method!r} is not a swept method")
 
 
@@ -288,7 +322,7 @@ def resolve_runs(config: MethodTableConfig, restart: bool = False) -> tuple[dict
     under ``<out_dir>/runs`` but finished, with the same id, under a ``reuse_runs`` directory is
     taken from there (read only); ``restart`` ignores ``reuse_runs``."""
     runs, reused = {}, set()
-    for training in TRAININGS:
+    for training in config.trainings():
         run = config.run_config(training)
         if not restart and not is_finished(run):
             for directory in config.reuse_runs:
@@ -304,7 +338,7 @@ def resolve_runs(config: MethodTableConfig, restart: bool = False) -> tuple[dict
 # ---------------------------------------------------------------------- the experiment
 def run_method_table(config: MethodTableConfig, *, restart: bool = False, progress: bool = True,
                      log=print) -> dict:
-    """Train (or reuse) the four networks, prune, choose, time, write the files; returns
+    """Train (or reuse) the networks the methods need, prune, choose, time, write the files; returns
     method_table.json's content."""
     runs, reused = resolve_runs(config, restart)
     for training in sorted(reused):
@@ -388,10 +422,14 @@ def measure(config: MethodTableConfig, runs: dict, reused: set, device: torch.de
     add_row(method, pruned, report, plan, None, [entry], {"logits_vs_dense": logits, "logits_on_corpus": on_corpus})
 
     # the swept methods
-    for key in ("l1-norm", "slimming", "cges", "split-lbi"):
+    analysis = None
+    if set(NEEDS_ANALYSIS) & set(config.methods):
+        analysis = analyze(trained["adam-l2"][0], make_loader(corpus, config.eval_batch_size, shuffle=False),
+                           progress=False, selectivity="two-pass")
+    for key in (k for k in SWEPT if k in config.methods):
         method = METHODS[key]
         model, optimization = trained[method.training]
-        make_plan = plan_maker(key, model, optimization, batch)
+        make_plan = plan_maker(key, model, optimization, batch, analysis)
         curve = [point(model, make_plan(1.0 - f), f)[0] for f in sorted(config.fractions)]
         fraction = select_fraction([(p["fraction"], p["select_accuracy_pct"]) for p in curve],
                                    dense[method.training][0], config.tolerance_pct)

@@ -7,7 +7,8 @@
     plan.save("plan.json"); PrunePlan.load("plan.json").apply(fresh_model, batch)
 
 - ``criteria.py``: which filters to drop, one protocol (scores per channel, exact or a ranking):
-  dead by activation, constant by |gamma|, L1-norm, Slimming, CGES, Split LBI order, APoZ;
+  dead by activation, constant by |gamma|, L1-norm, Slimming, CGES, Split LBI order, APoZ,
+  selectivity;
 - ``plan.py``: PrunePlan (``from_criterion``, and from dead masks, gamma, an analysis, or
   scores) and its JSON manifest;
 - ``graph.py``: channel dependency analysis with torch.fx (BN, activations, residual adds,
@@ -25,8 +26,8 @@ Timing dense versus pruned is ``sparsekern.bench``, run directories and the base
 """
 from sparsekern._deprecated import deprecated_paths
 from sparsekern.prune.criteria import (
-    CGES, APoZ, ConstantGamma, Criterion, DeadByActivation, ExactCriterion, L1Norm, Slimming, SplitLBIOrder,
-    bn_gamma_scores, filter_l1_scores,
+    CGES, APoZ, ConstantGamma, Criterion, DeadByActivation, ExactCriterion, L1Norm, Selectivity, Slimming,
+    SplitLBIOrder, bn_gamma_scores, filter_l1_scores,
 )
 from sparsekern.prune.flops import count_flops, count_macs, count_params, macs_by_layer
 from sparsekern.prune.fold import fold_bn, foldable_pairs
@@ -68,6 +69,7 @@ __all__ = [
     "CGES",
     "SplitLBIOrder",
     "APoZ",
+    "Selectivity",
 ]
 
 __getattr__ = deprecated_paths(__name__, {

@@ -17,7 +17,8 @@ score threshold; every layer keeps at least one channel, and ties keep the lower
 - rankings only order channels; removing the low ones changes the outputs, so their plans are
   lossy: :class:`L1Norm` (Li et al. 2017), :class:`Slimming` (|gamma| as importance, Liu et al.
   2017), :class:`CGES` (exact zeros first, then |gamma|), :class:`SplitLBIOrder` (entry order
-  into Split LBI's support) and :class:`APoZ` (Hu et al. 2016). An exact criterion used with
+  into Split LBI's support), :class:`APoZ` (Hu et al. 2016) and :class:`Selectivity` (the
+  paper's corollary: the most selective features go first). An exact criterion used with
   ``keep=`` is a ranking too (its scores are corpus maxima or |gamma|).
 
 ``scope`` is where a keep ratio applies unless the plan says otherwise ("layer": the same
@@ -197,6 +198,27 @@ class APoZ(Criterion):
 
     def scores(self, model: Optional[nn.Module] = None) -> dict:
         return _by_layer(self.result, lambda s: 1.0 - s.apoz(), torch.maximum)
+
+
+@dataclass(frozen=True)
+class Selectivity(Criterion):
+    """Feature selectivity in ``result`` (SCIENCE.md: the fraction of samples on which a channel's
+    max stays below ``threshold`` x its corpus max) as a pruning rule: the paper's corollary that
+    selective features are the ones regularization pushes to zero, so they matter least. Scores:
+    universality, 1 - selectivity (a never-active channel scores 0); of two features of one layer,
+    the larger. ``result`` must measure selectivity at ``threshold`` (``analyze``'s default
+    two-pass mode does at 1e-3); channels of equal universality keep the lower index."""
+
+    result: Any
+    threshold: float = 1e-3
+    name: ClassVar[str] = "selectivity"
+    needs_model: ClassVar[bool] = False
+
+    def __post_init__(self):
+        check_threshold(self.threshold)
+
+    def scores(self, model: Optional[nn.Module] = None) -> dict:
+        return _by_layer(self.result, lambda s: s.selectivity(self.threshold).universality, torch.maximum)
 
 
 # --- criteria of the weights ------------------------------------------------------------------
