@@ -33,8 +33,8 @@ def test_slbi_options_only_exist_for_slbi_and_keep_other_run_ids():
     # Other optimizers ignore the options (canonical config), and their identity has exactly the
     # fields it had before the options existed, so existing run ids and checkpoints stay valid.
     assert RunConfig(steps=100, slbi_nu=50.0, slbi_kappa=2.0) == adam
-    # ranks / sync_bn (data-parallel training) join the identity only when set, likewise.
-    names = {f.name for f in dataclasses.fields(RunConfig)} - {"ranks", "sync_bn"}
+    # ranks / sync_bn (data-parallel training) and log_mechanism join the identity only when set, likewise.
+    names = {f.name for f in dataclasses.fields(RunConfig)} - {"ranks", "sync_bn", "log_mechanism"}
     assert set(adam.identity()) == names - NOT_IDENTITY - SLBI_FIELDS
     assert "slbi_kappa" not in adam.to_toml()
 

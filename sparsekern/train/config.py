@@ -18,6 +18,7 @@ from pathlib import Path
 from sparsekern._flags import field_kind
 from sparsekern.errors import ConfigError
 from sparsekern.stats.analyze import SELECTIVITY_MODES
+from sparsekern.train.mechanism import check_supported
 from sparsekern.train.optim import optimizer_names, regularizer_names  # plug-ins may add names
 
 LR_SCHEDULES = ("constant", "step", "cosine")
@@ -71,6 +72,10 @@ class RunConfig:
     eval_every: int | None = _opt(None, "evaluate + checkpoint every N steps (default: once per epoch)")
     eval_batch_size: int = _opt(500, "batch size for evaluation and the final analysis")
     track_selectivity: bool = _opt(False, "also track per-feature selectivity during training (costs time)")
+    log_mechanism: bool = _opt(False, "log per BN channel, at each eval point, the sizes of the regulariser's and the "
+                                      "loss gradient's updates of gamma over the interval and its selectivity on the "
+                                      "training stream (sparsekern.train.mechanism; implies track_selectivity's "
+                                      "tracker)")
     selectivity: str = _opt("two-pass", "final analysis of selectivity: two-pass | exact | histogram | memmap | none")
     analyze_samples: int | None = _opt(None, "final analysis on the first N training samples (default: all)")
     # --- where it runs (not part of the run id)
@@ -124,6 +129,8 @@ class RunConfig:
         if self.ranks is not None and self.batch_size % self.ranks:
             raise ConfigError(f"batch_size={self.batch_size}: the global batch must split evenly between "
                               f"ranks={self.ranks} (each rank trains on batch_size / ranks samples)")
+        if self.log_mechanism:
+            check_supported(self.optimizer, self.reg)
         if self.reg != "none" and self.reg_strength == 0:
             raise ConfigError(f"reg_strength=0.0: must be > 0 when reg={self.reg!r} (use reg='none')")
         if self.name is not None:
@@ -205,7 +212,8 @@ class RunConfig:
 NOT_IDENTITY = frozenset({"data_root", "device", "out_dir", "name", "threads", "eval_batch_size"})
 
 # Fields left out of the identity while they have this value (options added after runs existed).
-_UNSET_IDENTITY = {**{name: None for name in SLBI_DEFAULTS}, "ranks": None, "sync_bn": False}
+_UNSET_IDENTITY = {**{name: None for name in SLBI_DEFAULTS}, "ranks": None, "sync_bn": False,
+                   "log_mechanism": False}
 
 FIELD_NAMES = tuple(f.name for f in dataclasses.fields(RunConfig))
 

@@ -310,7 +310,8 @@ class _Run:
     def _train(self, end: int) -> None:
         """Train to step ``end``, with the tracker and the TensorBoard writer open meanwhile."""
 
-        self.tracker_mode = "histogram" if self.config.track_selectivity else "none"
+        tracks = self.config.track_selectivity or self.config.log_mechanism
+        self.tracker_mode = "histogram" if tracks else "none"
         self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode)
         # Events after the checkpointed step came from an attempt that did not reach its next
         # checkpoint: TensorBoard hides them (purge_step). The checkpointed step's own scalars were
@@ -398,6 +399,8 @@ class _Run:
             "layers": layers,
             "total": _totals(layers),
         }
+        if self.optimization.update_split is not None:
+            metrics["mechanism"] = _mechanism_rows(self.optimization.update_split.window(), self.tracker, features)
         self.tracker = SparsityTracker(self.model, selectivity=self.tracker_mode, features=features)
         self.context.on_main(self._write_eval_point, metrics)  # the other ranks wait for the checkpoint
         return metrics
@@ -629,6 +632,27 @@ def _layer_rows(report, model: nn.Module, features, stats=None, with_selectivity
                 if with_selectivity else None
             )
         rows.append(row)
+    return rows
+
+
+def _mechanism_rows(updates: dict, tracker: SparsityTracker, features) -> dict:
+    """metrics.jsonl's "mechanism": per feature with a BN scale, per channel over the interval, the
+    sizes of gamma's regulariser and loss updates (``UpdateSplit.window``), and the selectivity and
+    max on the training stream (the tracker's window: BN in training mode, histogram selectivity)."""
+    rows = {}
+    for feature in features:
+        bn = getattr(feature, "bn_module_name", None)
+        if bn not in updates:
+            continue
+        stats = tracker.stats[feature.name]
+        selectivity = stats.selectivity(SELECTIVITY_THRESHOLD, on_nan="exclude").value.double().cpu().tolist()
+        rows[feature.name] = {
+            "bn": bn,
+            "reg_update": updates[bn]["reg"],
+            "loss_update": updates[bn]["loss"],
+            "selectivity": [None if math.isnan(v) else v for v in selectivity],
+            "window_max": stats.corpus_max.double().cpu().tolist(),
+        }
     return rows
 
 

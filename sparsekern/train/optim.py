@@ -38,6 +38,7 @@ from sparsekern.regularize import (
     SplitLBI,
     make_regularizer,
 )
+from sparsekern.train.mechanism import UpdateSplit, batchnorm_scales
 
 NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
@@ -165,6 +166,12 @@ class Optimization:
             self.optimizer,
             ScheduleFactor(config.lr_schedule, total_steps, config.lr_milestones, config.lr_decay),
         )
+        # log_mechanism: each step's update of the BN scales split into loss and regulariser parts.
+        self.update_split = None
+        if config.log_mechanism:
+            decayed = config.reg == "wd" and config.reg_bn
+            self.update_split = UpdateSplit(self.optimizer, config.optimizer, batchnorm_scales(model),
+                                            decoupled_strength=config.reg_strength if decayed else 0.0, lr0=config.lr)
 
     @property
     def lr(self) -> float:
@@ -177,7 +184,11 @@ class Optimization:
     def step(self) -> None:
         """optimizer.step(), then the regulariser's post-step with this step's lr, then advance the schedule."""
         lr = self.lr
+        if self.update_split is not None:
+            self.update_split.before_step()
         self.optimizer.step()
+        if self.update_split is not None:
+            self.update_split.after_step(lr)
         self.regularizer.step(lr)
         self.scheduler.step()
 
@@ -188,13 +199,18 @@ class Optimization:
             record_epoch(epoch)
 
     def state_dict(self) -> dict:
-        return {
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "regularizer": self.regularizer.state_dict(),
         }
+        if self.update_split is not None:
+            state["update_split"] = self.update_split.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.regularizer.load_state_dict(state["regularizer"])
+        if self.update_split is not None:
+            self.update_split.load_state_dict(state["update_split"])
