@@ -1,7 +1,8 @@
 """The paper's remaining claims on Fashion-MNIST (3 seeds), as one resumable sweep.
 
     python scripts/reproduce_extended.py [--out docs/results/reproduction-extended] [--workers 1]
-                                         [--seeds 0,1,2] [--only strength,optimizers] [--tables-only]
+                                         [--seeds 0,1,2] [--only strength,optimizers,mechanism,pruning]
+                                         [--tables-only]
 
 Every run is the quick setting of ``scripts/reproduce.py`` (BasicNet width 0.25, batch 20,
 2 epochs = 6000 steps) with one thing changed:
@@ -11,6 +12,10 @@ Every run is the quick setting of ``scripts/reproduce.py`` (BasicNet width 0.25,
                rule: twice the optimizer's torch default (Adam 2e-3, AdaMax 4e-3, AdaGrad 2e-2,
                AdaDelta 2.0, RMSprop 2e-2), momentum SGD 0.02 = twice the full setting's 0.01;
                the quick setting raised Adam and SGD by the same factor.
+  mechanism:   Adam and momentum SGD with L2 2e-3 and log_mechanism (gamma's regulariser vs loss
+               updates per BN channel and 500-step interval, next to its selectivity)
+  pruning:     `sparsekern compare-methods --methods l1-norm,apoz,selectivity` per seed (the Adam + L2
+               network trained again, keeping its checkpoint), combined over the seeds
 Runs that ``scripts/reproduce.py`` already made (same identity) are read from its directory,
 not trained again. ``--tables-only`` trains nothing and writes the tables from the runs finished
 so far (``sparsekern.experiments.reproduction_extended``).
@@ -21,7 +26,11 @@ import argparse
 from pathlib import Path
 
 from sparsekern.experiments import reproduction_extended as rx
+from sparsekern.experiments.method_table import run_method_table
+from sparsekern.experiments.method_table_output import OUTPUT_STEM
 from sparsekern.train.sweep import run_many
+
+GROUPS = (*rx.GROUPS, "pruning")
 
 
 def main(argv=None) -> None:
@@ -31,16 +40,25 @@ def main(argv=None) -> None:
                    help="sweep directory whose finished runs are read instead of trained again")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--only", default=",".join(rx.GROUPS), help=f"comma-separated groups of {list(rx.GROUPS)}")
+    p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of {list(GROUPS)}")
     p.add_argument("--tables-only", action="store_true", help="train nothing: tables from the finished runs")
     a = p.parse_args(argv)
     out, reuse = Path(a.out), Path(a.reuse)
     seeds = [int(s) for s in a.seeds.split(",")]
     groups = [g for g in a.only.split(",") if g]
+    unknown = sorted(set(groups) - set(GROUPS))
+    if unknown:
+        p.error(f"unknown group(s) {unknown}: expected some of {list(GROUPS)}")
     if not a.tables_only:
-        pending = [c for c in rx.planned_configs(out, seeds, groups) if rx.finished_dir(c, out, reuse) is None]
+        runs = [g for g in groups if g != "pruning"]
+        pending = [c for c in rx.planned_configs(out, seeds, runs) if rx.finished_dir(c, out, reuse) is None]
         print(f"{len(pending)} run(s) to train", flush=True)
         run_many(pending, workers=a.workers, progress=False)
+        if "pruning" in groups:
+            for seed in seeds:
+                config = rx.pruning_config(out, seed)
+                if not (Path(config.out_dir) / f"{OUTPUT_STEM}.json").is_file():
+                    run_method_table(config, progress=False)
     for path in rx.write_tables(out, reuse, seeds):
         print("wrote", path)
 

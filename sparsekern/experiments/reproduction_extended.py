@@ -1,22 +1,41 @@
 """The paper's remaining claims on Fashion-MNIST: regularisation strength, optimizers, accuracy-matched
-L2 vs WD (``scripts/reproduce_extended.py`` trains the runs; this module plans them and writes the
-tables from the finished ones).
+L2 vs WD, the selectivity mechanism, selectivity as a pruning rule (``scripts/reproduce_extended.py``
+trains the runs; this module plans them and writes the tables from the finished ones).
 
 Every run is the quick setting of ``scripts/reproduce.py`` with one thing changed, so the runs that
 script made are reused: a planned run whose identity (``RunConfig.run_id``) already has a result in
 the reused sweep directory is read from there.
+
+The mechanism runs are Adam and momentum SGD with L2 2e-3 (the optimizer table's settings) and
+``log_mechanism``: at every eval point (500 steps), per BN channel, the summed sizes of gamma's
+regulariser and loss-gradient updates over the interval (``sparsekern.train.mechanism``) and the
+channel's selectivity on the interval's training stream. Each (channel, interval) where the channel
+was active and had a loss gradient is a point (selectivity, reg / loss); the table gives Spearman's
+rank correlation over a run's points, mean ± std over seeds, and the ratio's median among
+non-selective and selective points.
+
+The pruning rows are ``sparsekern compare-methods --methods l1-norm,apoz,selectivity`` per seed
+(``PRUNING_DIR/seed-N``: the Adam + L2 network trained again with its checkpoint, which the
+reproduction's runs do not keep), combined over seeds by the method table's own aggregation.
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
+import json
+
+import numpy as np
+
 from ..report.figures import pyplot
 from ..report.tables import Table, mean_std
 from ..train.checkpoint import atomic_write_text
 from ..train.config import RunConfig
-from ..train.loop import read_result, run_files
+from ..train.loop import read_metrics, read_result, run_files
 from ..train.sweep import expand_grid
+from .method_table import MethodTableConfig
+from .method_table_output import OUTPUT_STEM
+from .method_table_seeds import SEEDS_STEM, aggregate_markdown, aggregate_tables
 
 STRENGTHS = (0.0, 1e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 # Learning-rate rule: twice torch's default for the optimizer; momentum SGD (no torch default) twice
@@ -26,7 +45,12 @@ OPTIMIZER_NAMES = {"adam": "Adam", "adamax": "AdaMax", "adagrad": "AdaGrad", "ad
                    "rmsprop": "RMSprop", "momentum": "momentum SGD"}
 # The WD strength whose test error matches L2 2e-3's (one seed, docs/results/reproduction/extra-runs).
 MATCHED_WD = 5e-4
-GROUPS = ("strength", "optimizers")
+GROUPS = ("strength", "optimizers", "mechanism")  # the RunConfig groups; the pruning rows are method tables
+MECHANISM_OPTIMIZERS = ("adam", "momentum")
+PRUNING_DIR = "pruning"
+PRUNING_METHODS = ("l1-norm", "apoz", "selectivity")
+# Selectivity bands of the mechanism table's medians.
+NON_SELECTIVE, SELECTIVE = 0.1, 0.5
 
 
 # The quick setting of scripts/reproduce.py (sparsekern.demo.QUICK, which this layer cannot import;
@@ -52,7 +76,12 @@ def _optimizer_rows() -> list[dict]:
             for name, lr in OPTIMIZER_LRS.items()]
 
 
-_ROWS = {"strength": _strength_rows, "optimizers": _optimizer_rows}
+def _mechanism_rows() -> list[dict]:
+    return [dict(_base(), optimizer=name, lr=OPTIMIZER_LRS[name], reg="l2", reg_strength=L2_STRENGTH,
+                 log_mechanism=True) for name in MECHANISM_OPTIMIZERS]
+
+
+_ROWS = {"strength": _strength_rows, "optimizers": _optimizer_rows, "mechanism": _mechanism_rows}
 
 
 def planned_configs(out, seeds, groups=GROUPS) -> list[RunConfig]:
@@ -81,18 +110,20 @@ def finished_dir(config: RunConfig, out, reuse=None) -> Path | None:
     return None
 
 
+def _finished_dirs(row: dict, out, reuse, seeds) -> list[Path]:
+    """The run directories of the finished seeds of one row."""
+    dirs = []
+    for seed in seeds:
+        (config,) = expand_grid(row, {"seed": [seed]}, out)
+        run_dir = finished_dir(config, out, reuse)
+        if run_dir is not None:
+            dirs.append(run_dir)
+    return dirs
+
+
 def _results(rows: list[dict], out, reuse, seeds) -> list[list[dict]]:
     """Per row, the results of its finished seeds."""
-    found = []
-    for row in rows:
-        results = []
-        for seed in seeds:
-            (config,) = expand_grid(row, {"seed": [seed]}, out)
-            run_dir = finished_dir(config, out, reuse)
-            if run_dir is not None:
-                results.append(read_result(run_dir))
-        found.append(results)
-    return found
+    return [[read_result(d) for d in _finished_dirs(row, out, reuse, seeds)] for row in rows]
 
 
 def _cells(results: list[dict]) -> list:
@@ -178,18 +209,136 @@ def strength_figure(out, reuse, seeds, path) -> Path:
     return Path(path)
 
 
+# ---------------------------------------------------------------------- the mechanism
+def mechanism_points(run_dir) -> tuple[np.ndarray, np.ndarray]:
+    """(selectivity, reg / loss update ratio) of every (BN channel, eval interval) of a
+    ``log_mechanism`` run in which the channel was active and had a loss gradient."""
+    selectivity, ratio = [], []
+    lines = read_metrics(run_dir)
+    if not lines or "mechanism" not in lines[0]:
+        raise ValueError(f"{run_dir}: metrics.jsonl has no mechanism rows (train with log_mechanism=True)")
+    for line in lines:
+        for row in line["mechanism"].values():
+            for s, top, reg, loss in zip(row["selectivity"], row["window_max"], row["reg_update"], row["loss_update"]):
+                if s is not None and top > 0 and loss > 0:
+                    selectivity.append(s)
+                    ratio.append(reg / loss)
+    return np.asarray(selectivity, dtype=np.float64), np.asarray(ratio, dtype=np.float64)
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their mean rank (what Spearman's rho needs)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(1, len(values) + 1)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation of two equal-length samples (NaN when either is constant)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError(f"spearman: need two samples of one length >= 2, got {len(x)} and {len(y)}")
+    rx, ry = _ranks(x) - (len(x) + 1) / 2, _ranks(y) - (len(y) + 1) / 2
+    denominator = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float("nan") if denominator == 0 else float((rx * ry).sum() / denominator)
+
+
+def _median_or_none(values: np.ndarray):
+    return float(np.median(values)) if len(values) else None
+
+
+def _seed_stats(values: list):
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return mean_std(values) if values else None
+
+
+def mechanism_table(out, reuse, seeds) -> Table:
+    lines = []
+    for row in _mechanism_rows():
+        runs = [mechanism_points(d) for d in _finished_dirs(row, out, reuse, seeds)]
+        per_run = {"rho": [], "non": [], "sel": [], "selective": [], "mean": []}
+        for selectivity, ratio in runs:
+            per_run["rho"].append(spearman(selectivity, ratio))
+            per_run["non"].append(_median_or_none(ratio[selectivity < NON_SELECTIVE]))
+            per_run["sel"].append(_median_or_none(ratio[selectivity >= SELECTIVE]))
+            per_run["selective"].append(100.0 * float((selectivity >= SELECTIVE).mean()))
+            per_run["mean"].append(float(selectivity.mean()))
+        lines.append([OPTIMIZER_NAMES[row["optimizer"]], len(runs), sum(len(s) for s, _ in runs),
+                      *(_seed_stats(per_run[k]) for k in ("rho", "non", "sel", "selective", "mean"))])
+    return Table("table_mechanism",
+                 f"Regulariser vs loss-gradient updates of gamma against selectivity (L2 {L2_STRENGTH:g})",
+                 ["optimizer", "seeds", "points", "Spearman ρ (selectivity, reg/loss)",
+                  f"median reg/loss, selectivity < {NON_SELECTIVE:g}",
+                  f"median reg/loss, selectivity ≥ {SELECTIVE:g}", f"points with selectivity ≥ {SELECTIVE:g} (%)",
+                  "mean selectivity"], lines)
+
+
+def mechanism_figure(out, reuse, seeds, path) -> Path:
+    """reg / loss ratio (log) against selectivity, one panel per optimizer, every seed's points."""
+    plt = pyplot()
+    rows = _mechanism_rows()
+    fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 3.6), sharey=True, squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        rhos = []
+        for run_dir in _finished_dirs(row, out, reuse, seeds):
+            selectivity, ratio = mechanism_points(run_dir)
+            rhos.append(spearman(selectivity, ratio))
+            keep = ratio > 0
+            ax.scatter(selectivity[keep], ratio[keep], s=3, alpha=0.25, label=f"seed {read_result(run_dir)['config']['seed']}")
+        ax.set_yscale("log")
+        ax.set_xlabel("selectivity on the interval's training stream")
+        rho = "no runs" if not rhos else "ρ = " + ", ".join(f"{r:.2f}" for r in rhos)
+        ax.set_title(f"{OPTIMIZER_NAMES[row['optimizer']]} + L2 {L2_STRENGTH:g} ({rho})", fontsize=9)
+        if rhos:
+            ax.legend(fontsize=7, markerscale=3)
+    axes[0][0].set_ylabel("Σ|reg update| / Σ|loss update| of γ")
+    fig.suptitle("Per BN channel and 500-step interval: BasicNet w0.25, Fashion-MNIST, batch 20", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------- pruning rows
+def pruning_config(out, seed: int) -> MethodTableConfig:
+    """The method table of one seed with the APoZ and selectivity rows next to L1-norm and implicit."""
+    return MethodTableConfig(out_dir=str(Path(out) / PRUNING_DIR / f"seed-{seed}"), seed=seed,
+                             methods=PRUNING_METHODS, threads=1, device="cpu")
+
+
+def write_pruning_table(out, seeds) -> list[Path]:
+    """``PRUNING_DIR/method_table_seeds.{json,md}`` over the seeds whose method table is written."""
+    directories = [Path(out) / PRUNING_DIR / f"seed-{seed}" for seed in seeds]
+    directories = [d for d in directories if (d / f"{OUTPUT_STEM}.json").is_file()]
+    if len(directories) < 2:  # one seed: its own method_table.md is the table
+        return [d / f"{OUTPUT_STEM}.md" for d in directories]
+    result = aggregate_tables(directories)
+    where = Path(out) / PRUNING_DIR
+    atomic_write_text(where / f"{SEEDS_STEM}.json", json.dumps(result, indent=1) + "\n")
+    atomic_write_text(where / f"{SEEDS_STEM}.md", aggregate_markdown(result, where=where))
+    return [where / f"{SEEDS_STEM}.json", where / f"{SEEDS_STEM}.md"]
+
+
 def write_tables(out, reuse, seeds) -> list[Path]:
-    """table_strength / table_optimizers / table_matched_l2_wd (.md, .csv) and fig_strength.png."""
+    """table_strength / table_optimizers / table_matched_l2_wd / table_mechanism (.md, .csv),
+    fig_strength.png, fig_mechanism.png and the pruning rows' seed table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for table in (strength_table(out, reuse, seeds), optimizer_table(out, reuse, seeds),
-                  matched_table(out, reuse, seeds)):
-        text = f"# {table.title}\n\n{_SETTING}\n\n{table.to_markdown()}\n"
+                  matched_table(out, reuse, seeds), mechanism_table(out, reuse, seeds)):
+        setting = _MECHANISM_SETTING if table.name == "table_mechanism" else ""
+        text = f"# {table.title}\n\n{_SETTING}{setting}\n\n{table.to_markdown()}\n"
         atomic_write_text(out / f"{table.name}.md", text)
         atomic_write_text(out / f"{table.name}.csv", table.to_csv())
         written += [out / f"{table.name}.md", out / f"{table.name}.csv"]
     written.append(strength_figure(out, reuse, seeds, out / "fig_strength.png"))
+    written.append(mechanism_figure(out, reuse, seeds, out / "fig_mechanism.png"))
+    written += write_pruning_table(out, seeds)
     return written
 
 
@@ -197,3 +346,10 @@ _SETTING = ("BasicNet width 0.25 on Fashion-MNIST, batch 20, 2 epochs (6000 step
             "inactive by activation: max post-BN+ReLU output below 1e-12 on all 60000 training images; "
             "by |γ|: below 1e-3. Mean ± sample std over the seeds shown; "
             "regenerate with `python scripts/reproduce_extended.py --tables-only`.")
+_MECHANISM_SETTING = (
+    "\n\nA point is one BN channel in one 500-step interval in which it was active (max > 0 on the interval's "
+    "training batches) and had a loss gradient: its selectivity on those batches (BN in training mode, "
+    "histogram counts) and Σ|regulariser part| / Σ|loss part| of γ's updates over the interval, the update "
+    "split exactly by `sparsekern.train.mechanism` (Adam's second moment scales both parts alike within a "
+    "step). ρ: Spearman's rank correlation over a run's points, mean ± std over seeds; the medians and "
+    "shares are per run, then averaged.")
