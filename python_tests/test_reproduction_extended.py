@@ -20,9 +20,10 @@ def test_plan_is_seed_major_without_duplicates(tmp_path):
     ids = [c.run_id() for c in configs]
     assert len(ids) == len(set(ids))
     # per seed: 1 unregularised + 5 strengths x {L2, WD} + 6 optimizers, minus Adam L2 2e-3 counted
-    # twice, + 2 mechanism runs (their own identity: log_mechanism joins it)
-    assert len(ids) == 2 * (1 + 10 + 6 - 1 + 2)
-    assert [c.seed for c in configs] == [0] * 18 + [1] * 18
+    # twice, + 2 mechanism runs (their own identity: log_mechanism joins it) + 2 VGG-16 budgets
+    assert len(ids) == 2 * (1 + 10 + 6 - 1 + 2 + 2)
+    assert [c.seed for c in configs] == [0] * 20 + [1] * 20
+    assert [(c.model, c.epochs) for c in configs if c.model == "vgg16" and c.seed == 1] == [("vgg16", 2), ("vgg16", 10)]
     lrs = {c.optimizer: c.lr for c in configs if c.reg == "l2" and c.reg_strength == 2e-3 and not c.log_mechanism}
     assert lrs == rx.OPTIMIZER_LRS
     mechanism = [c for c in configs if c.log_mechanism and c.seed == 0]
@@ -155,3 +156,22 @@ def test_pruning_rows_are_combined_over_the_seeds_written(tmp_path):
     combined = json.loads(written[0].read_text())
     assert combined["seeds"] == [0, 1] and len(combined["rows"]) == len(source["rows"])
     assert "mean ± std over seeds 0, 1" in written[1].read_text()
+
+
+def test_vgg_table_counts_dead_or_constant_filters_once(tmp_path):
+    out, reuse = tmp_path / "ext", [tmp_path / "old", tmp_path / "harvest"]
+    two_epochs = rx.planned_configs(out, [0], ["vgg16"])[0]
+    layers = [
+        # channel 1 dead and |gamma| tiny: counted once; channel 2 |gamma| < 1e-3 only; 3 alive
+        {"channels": 4, "dead_mask": [False, True, False, False], "gamma": [0.5, 1e-4, -5e-4, 0.2]},
+        {"channels": 2, "dead_mask": [True, False], "gamma": None},  # no BN scale: by activation only
+    ]
+    result = {"layers": layers, "total": {"dead_by_activation_pct": 33.3, "dead_by_gamma_pct": 25.0},
+              "test_error": 0.15, "steps": 6000}
+    assert rx.removable_exactly_pct(result) == pytest.approx(100 * 3 / 6)
+    run_dir = reuse[1] / "runs" / two_epochs.run_id()  # found in the second reused sweep
+    run_dir.mkdir(parents=True)
+    (run_dir / "result.json").write_text(json.dumps(result))
+    table = rx.vgg_table(out, reuse, [0, 1])
+    assert table.rows[0][:3] == [2, 6000, 1] and table.rows[0][3]["mean"] == pytest.approx(50.0)
+    assert table.rows[1] == [10, None, 0, None, None, None, None]

@@ -14,10 +14,11 @@ Every run is the quick setting of ``scripts/reproduce.py`` (BasicNet width 0.25,
                the quick setting raised Adam and SGD by the same factor.
   mechanism:   Adam and momentum SGD with L2 2e-3 and log_mechanism (gamma's regulariser vs loss
                updates per BN channel and 500-step interval, next to its selectivity)
+  vgg16:       VGG-16 width 0.25, Adam + L2 2e-3, 2 and 10 epochs: % of filters removable exactly
   pruning:     `sparsekern compare-methods --methods l1-norm,apoz,selectivity` per seed (the Adam + L2
                network trained again, keeping its checkpoint), combined over the seeds
-Runs that ``scripts/reproduce.py`` already made (same identity) are read from its directory,
-not trained again. ``--tables-only`` trains nothing and writes the tables from the runs finished
+Runs that ``scripts/reproduce.py`` or the harvest already made (same identity) are read from their
+directories, not trained again. ``--tables-only`` trains nothing and writes the tables from the runs finished
 so far (``sparsekern.experiments.reproduction_extended``).
 """
 from __future__ import annotations
@@ -36,14 +37,14 @@ GROUPS = (*rx.GROUPS, "pruning")
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/results/reproduction-extended")
-    p.add_argument("--reuse", default="docs/results/reproduction",
-                   help="sweep directory whose finished runs are read instead of trained again")
+    p.add_argument("--reuse", default="docs/results/reproduction,docs/results/harvest",
+                   help="comma-separated sweep directories whose finished runs are read instead of trained again")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--only", default=",".join(GROUPS), help=f"comma-separated groups of {list(GROUPS)}")
     p.add_argument("--tables-only", action="store_true", help="train nothing: tables from the finished runs")
     a = p.parse_args(argv)
-    out, reuse = Path(a.out), Path(a.reuse)
+    out, reuse = Path(a.out), [Path(r) for r in a.reuse.split(",") if r]
     seeds = [int(s) for s in a.seeds.split(",")]
     groups = [g for g in a.only.split(",") if g]
     unknown = sorted(set(groups) - set(GROUPS))
