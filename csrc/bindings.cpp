@@ -151,6 +151,10 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   m.def(
+      "maxima_checksum_cpu",
+      [](uintptr_t m, int64_t count) { return sparsekern::maxima_checksum_cpu(ptr<const float>(m), count); },
+      py::arg("m"), py::arg("count"), py::call_guard<py::gil_scoped_release>());
+  m.def(
       "bn_relu_cpu",
       [](uintptr_t x, int dtype, int64_t n, int64_t c, int64_t r, int64_t l, int64_t sn, int64_t sc, int64_t sr,
          int64_t sl, uintptr_t scale, uintptr_t shift, uintptr_t dead, uintptr_t y, int64_t ysn, int64_t ysc,

@@ -21,6 +21,7 @@ namespace sparsekern {
 
 using ChannelAbsmaxFn = decltype(channel_absmax_cpu);
 using BnReluFn = decltype(bn_relu_cpu);
+using ChecksumFn = decltype(maxima_checksum_cpu);
 // channel_stats_cpu's per-channel accumulation of one batch's (N, C) results (csrc/cpu/channel_absmax.cpp).
 using StatsAccumulateFn = void(const float* m, const float* lo, const float* hi, const int64_t* pos, int64_t n,
                                int64_t c, float* mx, int64_t* nan_samples, int64_t* inf_samples, int64_t* positive,
@@ -32,6 +33,7 @@ using StatsAccumulateFn = void(const float* m, const float* lo, const float* hi,
   ChannelAbsmaxFn channel_absmax_cpu;   \
   StatsAccumulateFn channel_stats_accumulate; \
   BnReluFn bn_relu_cpu;                 \
+  ChecksumFn maxima_checksum_cpu;       \
   }
 #ifdef SPARSEKERN_HAVE_ISA_NATIVE
 SPARSEKERN_VARIANT_KERNELS(native)
@@ -73,11 +75,12 @@ struct Variant {
   ChannelAbsmaxFn* channel_absmax;
   StatsAccumulateFn* stats_accumulate;
   BnReluFn* bn_relu;
+  ChecksumFn* maxima_checksum;
 };
 
 // One row of kVariants: a variant's name, its CPU check and its kernels (one line per new op here).
 #define SPARSEKERN_VARIANT(isa, supported) \
-  {#isa, supported, isa::channel_absmax_cpu, isa::channel_stats_accumulate, isa::bn_relu_cpu}
+  {#isa, supported, isa::channel_absmax_cpu, isa::channel_stats_accumulate, isa::bn_relu_cpu, isa::maxima_checksum_cpu}
 
 // Best first. native is the build machine's own target: it is the only variant of such a build.
 const Variant kVariants[] = {
@@ -152,6 +155,8 @@ void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_m
                         float* out_hi, const Clamp* clamp) {
   active().load()->channel_absmax(x, dtype, v, out_max, out_pos, out_lo, out_hi, clamp);
 }
+
+int64_t maxima_checksum_cpu(const float* m, int64_t count) { return active().load()->maxima_checksum(m, count); }
 
 void bn_relu_cpu(const void* x, DType dtype, const View4& vx, const float* scale, const float* shift,
                  const uint8_t* dead, bool write_dead, void* y, const View4& vy, float* out_max) {

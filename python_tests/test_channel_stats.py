@@ -728,6 +728,26 @@ def test_batch_checksums_ignore_the_sign_of_zero_and_the_nan_payload():
     assert torch.equal(a.batch_checksums(), b.batch_checksums())
 
 
+@pytest.mark.skipif(_backend.extension() is None, reason="needs the C++ extension")
+def test_host_checksum_equals_the_torch_definition():
+    """The extension's one-pass sum against checksums.checksum (torch ops) and the numpy reference:
+    NaNs of either sign and any payload, +-0.0, +-Inf, subnormals, and sums beyond int32."""
+    from sparsekern.ops.channel_stats_update import host_checksum
+    from sparsekern.stats.checksums import checksum
+
+    g = torch.Generator().manual_seed(3)
+    m = torch.rand(64, 1280, generator=g) * 1e30  # bit patterns near 2^31: the int64 sum overflows int32
+    specials = torch.tensor([0x7FC00000, 0xFFC00001 - 2**32, 0x7F800001, 0x00000001, 0x80000000 - 2**32,
+                             0x7F800000, 0xFF800000 - 2**32], dtype=torch.int64).to(torch.int32).view(torch.float32)
+    m.view(-1)[:: 997][: specials.numel()] = specials
+    bits = m.numpy().view(np.int32).astype(np.int64)
+    bits[np.isnan(m.numpy())] = -1
+    bits[m.numpy() == 0] = 0
+    assert host_checksum(m) == int(checksum(m)) == int(bits.sum())
+    assert abs(int(bits.sum())) > 2**31
+    assert host_checksum(m[:, ::2]) is None and host_checksum(m.double()) is None  # torch ops take those
+
+
 # ---------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

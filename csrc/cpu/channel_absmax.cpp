@@ -24,6 +24,7 @@
 #include "sparsekern/channel_absmax.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -524,6 +525,22 @@ void channel_stats_accumulate(const float* m, const float* lo, const float* hi, 
       if (vmax[j] > value_max[ch]) value_max[ch] = vmax[j];
     }
   }
+}
+
+int64_t maxima_checksum_cpu(const float* m, int64_t count) {
+  // Integer tests on the bit patterns, without branches, so that the loop vectorises (in int64 lanes:
+  // a sum of int32 bit patterns overflows int32 after two of them).
+  int64_t sum = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    int32_t bits;
+    std::memcpy(&bits, m + i, sizeof bits);
+    const int32_t magnitude = bits & 0x7fffffff;
+    // Masks rather than a conditional (GCC does not vectorise that one): NaN -> -1, +-0.0 -> 0.
+    const int32_t nan = -static_cast<int32_t>(magnitude > 0x7f800000);
+    const int32_t keep = -static_cast<int32_t>(magnitude != 0) & ~nan;
+    sum += static_cast<int64_t>((bits & keep) | nan);
+  }
+  return sum;
 }
 
 void channel_absmax_cpu(const void* x, DType dtype, const View4& v, float* out_max, int64_t* out_pos, float* out_lo,

@@ -99,6 +99,16 @@ def channel_stats_update_reference(x, mx, nan_samples, inf_samples, pos, value_m
     return r[0] if keep_maxima else r[0].new_empty(0)
 
 
+def host_checksum(m: torch.Tensor) -> Optional[int]:
+    """The checksum of ``sparsekern.stats.checksums.checksum`` (int64 sum of the maxima's bit
+    patterns, NaN as -1, +-0.0 as 0) as a Python int, by the C++ extension in one pass over a
+    contiguous float32 CPU ``m``; None when that does not apply (the caller uses torch ops)."""
+    ext = _backend.extension()
+    if ext is None or m.device.type != "cpu" or m.dtype != torch.float32 or not m.is_contiguous():
+        return None
+    return ext.maxima_checksum_cpu(m.data_ptr(), m.numel())
+
+
 def _fused_cpp(x, maxima, mx, nan_samples, inf_samples, pos, value_min, value_max, histogram, hist_bits, reference,
                thresholds, pass2_counts, pass2_max, clamp=None) -> None:
     """``clamp``: (y, lo, hi), the clamp epilogue (y has x's strides, y may be x; x is not copied:

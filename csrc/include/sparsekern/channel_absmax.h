@@ -38,6 +38,10 @@ void channel_stats_cpu(const void* x, DType dtype, const View4& v, float* maxima
                        const double* thresholds, int64_t num_thresholds, int64_t* pass2_counts, float* pass2_max,
                        const Clamp* clamp);
 
+// sparsekern/stats/checksums.py's checksum of `count` float32 maxima, in one pass: the int64 sum of
+// their bit patterns, with every NaN counted as -1 and +-0.0 as 0.
+int64_t maxima_checksum_cpu(const float* m, int64_t count);
+
 #ifdef SPARSEKERN_WITH_CUDA
 // Same contract on device pointers, launched on the current device (the caller makes it the
 // one holding x: sparsekern/_backend.py, cuda_device) and `stream` (a cudaStream_t there).
