@@ -93,7 +93,6 @@ class UpdateSplit:
         zeros = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in self.scales.items()}
         self.moment = {part: {n: z.clone() for n, z in zeros.items()} for part in ("loss", "reg")}
         self.sums = {part: {n: z.clone() for n, z in zeros.items()} for part in ("loss", "reg")}
-        self.steps = 0  # in the current window
         self._grads: dict = {}
         # This step's parts, signed, as amounts subtracted from gamma: {name: (loss part, reg part)}.
         self.last: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -122,7 +121,6 @@ class UpdateSplit:
                 self.sums[part][name] += value.abs()
             self.last[name] = (parts["loss"], parts["reg"])
         self._grads = {}
-        self.steps += 1
 
     def _advance(self, group: dict, moment: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """M's recursion of this optimizer, applied to one part (in place); returns the part's M."""
@@ -154,17 +152,14 @@ class UpdateSplit:
         for part in self.sums.values():
             for value in part.values():
                 value.zero_()
-        self.steps = 0
         return out
 
     def state_dict(self) -> dict:
         return {"moment": {k: {n: v.clone() for n, v in d.items()} for k, d in self.moment.items()},
-                "sums": {k: {n: v.clone() for n, v in d.items()} for k, d in self.sums.items()},
-                "steps": self.steps}
+                "sums": {k: {n: v.clone() for n, v in d.items()} for k, d in self.sums.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("moment", "sums"):
             for part, values in state[key].items():
                 for name, value in values.items():
                     getattr(self, key)[part][name].copy_(value)
-        self.steps = int(state["steps"])
