@@ -244,8 +244,9 @@ def test_finished_runs_are_reused_from_another_directory(quick_run, tmp_path, ca
 
 
 def test_methods_restrict_the_rows_and_the_trainings(quick_run, tmp_path, capsys):
-    """--methods l1-norm,apoz,selectivity needs the Adam + L2 network only; the APoZ and selectivity
-    rows' plans are what their criteria choose on an independent (exact-mode) analysis of the corpus."""
+    """--methods l1-norm,apoz,selectivity,selectivity-global needs the Adam + L2 network only; the APoZ
+    and selectivity rows' plans are what their criteria choose, per layer or under one global
+    threshold, on an independent (exact-mode) analysis of the corpus."""
     from sparsekern import analyze
     from sparsekern.prune.criteria import APoZ, Selectivity
     from sparsekern.train.loop import load_trained
@@ -254,11 +255,11 @@ def test_methods_restrict_the_rows_and_the_trainings(quick_run, tmp_path, capsys
     capsys.readouterr()
     other = tmp_path / "subset"
     assert cli_main(["compare-methods", "--out", str(other), "--reuse-runs", str(out / "runs"),
-                     "--methods", "l1-norm,apoz,selectivity", *QUICK]) == 0
+                     "--methods", "l1-norm,apoz,selectivity,selectivity-global", *QUICK]) == 0
     assert capsys.readouterr().err.count("reusing the finished run") == 1
     again = json.loads((other / "method_table.json").read_text())
     assert list(again["runs"]) == ["adam-l2"]
-    assert [r["method"] for r in again["rows"]] == ["implicit", "l1-norm", "apoz", "selectivity"]
+    assert [r["method"] for r in again["rows"]] == ["implicit", "l1-norm", "apoz", "selectivity", "selectivity-global"]
     before = {r["method"]: r for r in results["rows"]}
     for row in again["rows"]:  # the same network and corpus: the same rows as in the full table
         assert row["curve"] == before[row["method"]]["curve"], row["method"]
@@ -266,12 +267,16 @@ def test_methods_restrict_the_rows_and_the_trainings(quick_run, tmp_path, capsys
     x_corpus, _ = analysis_corpus(results["analysis_samples"])
     exact = analyze(dense, [x_corpus], progress=False, selectivity="exact")
     assert len(set(torch.cat(list(Selectivity(exact).scores().values())).tolist())) > 1  # not all tied
-    for key, criterion in (("apoz", APoZ(exact)), ("selectivity", Selectivity(exact))):
+    for key, criterion, scope in (("apoz", APoZ(exact), "layer"), ("selectivity", Selectivity(exact), "layer"),
+                                  ("selectivity-global", Selectivity(exact), "global")):
         row = next(r for r in again["rows"] if r["method"] == key)
         plan = PrunePlan.load(other / row["plan"])
-        want = PrunePlan.from_criterion(criterion, dense, 1.0 - row["selected_fraction"])
+        want = PrunePlan.from_criterion(criterion, dense, 1.0 - row["selected_fraction"], scope=scope)
         assert {n: layer.kept for n, layer in plan.layers.items()} == \
             {n: layer.kept for n, layer in want.layers.items()}, key
+        if scope == "global":  # the scope matters here: per layer, the same fraction keeps other filters
+            per_layer = PrunePlan.from_criterion(criterion, dense, 1.0 - row["selected_fraction"], scope="layer")
+            assert {n: l.kept for n, l in per_layer.layers.items()} != {n: l.kept for n, l in plan.layers.items()}
 
 
 # ---------------------------------------------------------------------- config errors

@@ -143,7 +143,7 @@ def test_pruning_rows_are_combined_over_the_seeds_written(tmp_path):
 
     source = json.loads((Path(__file__).parents[1] / "docs/results/method-table-xeon/method_table.json").read_text())
     out = tmp_path / "ext"
-    assert rx.pruning_config(out, 2).methods == ("l1-norm", "apoz", "selectivity")
+    assert rx.pruning_config(out, 2).methods == ("l1-norm", "apoz", "selectivity", "apoz-global", "selectivity-global")
     assert rx.pruning_config(out, 2).run_config("adam-l2").seed == 2
     for seed in (0, 1):
         table = json.loads(json.dumps(source))

@@ -15,8 +15,8 @@ Every run is the quick setting of ``scripts/reproduce.py`` (BasicNet width 0.25,
   mechanism:   Adam and momentum SGD with L2 2e-3 and log_mechanism (gamma's regulariser vs loss
                updates per BN channel and 500-step interval, next to its selectivity)
   vgg16:       VGG-16 width 0.25, Adam + L2 2e-3, 2 and 10 epochs: % of filters removable exactly
-  pruning:     `sparsekern compare-methods --methods l1-norm,apoz,selectivity` per seed (the Adam + L2
-               network trained again, keeping its checkpoint), combined over the seeds
+  pruning:     `sparsekern compare-methods --methods l1-norm,apoz,selectivity,apoz-global,selectivity-global`
+               per seed (the Adam + L2 network trained again, keeping its checkpoint), combined over seeds
 Runs that ``scripts/reproduce.py`` or the harvest already made (same identity) are read from their
 directories, not trained again. ``--tables-only`` trains nothing and writes the tables from the runs finished
 so far (``sparsekern.experiments.reproduction_extended``).
@@ -24,6 +24,7 @@ so far (``sparsekern.experiments.reproduction_extended``).
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from sparsekern.experiments import reproduction_extended as rx
@@ -58,7 +59,9 @@ def main(argv=None) -> None:
         if "pruning" in groups:
             for seed in seeds:
                 config = rx.pruning_config(out, seed)
-                if not (Path(config.out_dir) / f"{OUTPUT_STEM}.json").is_file():
+                table = Path(config.out_dir) / f"{OUTPUT_STEM}.json"
+                # measured again (training reused) when the rows planned changed since
+                if not table.is_file() or json.loads(table.read_text())["config"]["methods"] != list(config.methods):
                     run_method_table(config, progress=False)
     for path in rx.write_tables(out, reuse, seeds):
         print("wrote", path)

@@ -5,8 +5,8 @@ remove with no accuracy loss, and what the pruned network costs and runs at.
     sparsekern compare-methods --out /tmp/mt --quick --dataset synthetic
     sparsekern compare-methods --aggregate runs/mt-s0,runs/mt-s1,runs/mt-s2 --out runs/mt   # mean ± std over seeds
 
-Four BasicNets are trained (one seed, the same width, data and step budget), and seven methods
-prune them, without fine-tuning:
+Four BasicNets are trained (one seed, the same width, data and step budget), and the methods
+prune them, without fine-tuning (nine rows):
 
     implicit     Adam + L2 (the reproduction's run): remove the filters implicit sparsity left
                  dead, exactly: dead by activation over the training corpus or |gamma| < 1e-3
@@ -26,6 +26,8 @@ prune them, without fine-tuning:
     selectivity  the same Adam + L2 network, the paper's corollary: per layer, the most selective
                  filters first (max below 1e-3 x the corpus max on the most training images;
                  :class:`sparsekern.prune.criteria.Selectivity`)
+    APoZ, global / selectivity, global   the same two scores (fractions, comparable between layers)
+                 under one threshold over all layers: dead filters (APoZ 1, selectivity 1) go first
 
 ``--methods`` restricts the swept rows (the implicit row is always there); a training no chosen
 method needs is not run, e.g. ``--methods l1-norm,apoz,selectivity`` trains the Adam + L2 network
@@ -129,9 +131,12 @@ METHODS = {m.key: m for m in (
     Method("selectivity", "selectivity", "adam-l2",
            "most selective over the training corpus first (max < 1e-3 x corpus max on the most images), "
            "same fraction per layer"),
+    Method("apoz-global", "APoZ, global", "adam-l2", "most zeros after ReLU first, one threshold over all layers"),
+    Method("selectivity-global", "selectivity, global", "adam-l2",
+           "most selective first, one threshold over all layers"),
 )}
 SWEPT = tuple(key for key in METHODS if key != "implicit")
-NEEDS_ANALYSIS = ("apoz", "selectivity")  # swept methods whose scores come from an analysis
+NEEDS_ANALYSIS = ("apoz", "selectivity", "apoz-global", "selectivity-global")  # scores of an analysis
 
 
 @dataclass(frozen=True)
@@ -302,8 +307,9 @@ def plan_maker(method: str, model: nn.Module, optimization, example_inputs=None,
     if method in NEEDS_ANALYSIS:
         if analysis is None:
             raise ValueError(f"{method!r} scores an analysis of the model; none was given")
-        criterion = APoZ(analysis) if method == "apoz" else Selectivity(analysis)
-        return lambda keep: PrunePlan.from_criterion(criterion, model, keep)
+        criterion = APoZ(analysis) if method.startswith("apoz") else Selectivity(analysis)
+        scope = "global" if method.endswith("-global") else "layer"
+        return lambda keep: PrunePlan.from_criterion(criterion, model, keep, scope=scope)
     raise ValueError(f"{method!r} is not a swept method")
 
 

@@ -14,7 +14,7 @@ was active and had a loss gradient is a point (selectivity, reg / loss); the tab
 rank correlation over a run's points, mean ± std over seeds, and the ratio's median among
 non-selective and selective points.
 
-The pruning rows are ``sparsekern compare-methods --methods l1-norm,apoz,selectivity`` per seed
+The pruning rows are ``sparsekern compare-methods --methods <PRUNING_METHODS>`` per seed
 (``PRUNING_DIR/seed-N``: the Adam + L2 network trained again with its checkpoint, which the
 reproduction's runs do not keep), combined over seeds by the method table's own aggregation.
 """
@@ -48,7 +48,7 @@ MATCHED_WD = 5e-4
 GROUPS = ("strength", "optimizers", "mechanism", "vgg16")  # RunConfig groups; the pruning rows are method tables
 MECHANISM_OPTIMIZERS = ("adam", "momentum")
 PRUNING_DIR = "pruning"
-PRUNING_METHODS = ("l1-norm", "apoz", "selectivity")
+PRUNING_METHODS = ("l1-norm", "apoz", "selectivity", "apoz-global", "selectivity-global")
 # VGG-16 (width 0.25, Adam + L2 2e-3, batch 20): the harvest's 2 epochs and the longest budget
 # planned for the CPU (10 epochs = 30000 steps, about 30 CPU-minutes a run with flushed subnormals).
 VGG_EPOCHS = (2, 10)
@@ -346,7 +346,8 @@ def mechanism_figure(out, reuse, seeds, path) -> Path:
 
 # ---------------------------------------------------------------------- pruning rows
 def pruning_config(out, seed: int) -> MethodTableConfig:
-    """The method table of one seed with the APoZ and selectivity rows next to L1-norm and implicit."""
+    """The method table of one seed with the APoZ and selectivity rows (per layer and global) next to
+    L1-norm and implicit."""
     return MethodTableConfig(out_dir=str(Path(out) / PRUNING_DIR / f"seed-{seed}"), seed=seed,
                              methods=PRUNING_METHODS, threads=1, device="cpu")
 
