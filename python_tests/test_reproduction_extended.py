@@ -130,7 +130,7 @@ def test_mechanism_points_and_table_from_logged_runs(tmp_path):
     assert lines["momentum SGD"][1:] == [0, 0, None, None, None, None, None]
     written = rx.write_tables(out, None, [0, 1])
     assert {p.name for p in written} >= {"table_mechanism.md", "table_mechanism.csv", "fig_mechanism.png"}
-    assert "| Adam | 1 | 4 | 1.0 |" in (out / "table_mechanism.md").read_text()
+    assert "| Adam | 1 | 4 | 1.00 |" in (out / "table_mechanism.md").read_text()
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "metrics.jsonl").write_text(json.dumps({"step": 500}) + "\n")

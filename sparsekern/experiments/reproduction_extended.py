@@ -53,7 +53,8 @@ PRUNING_METHODS = ("l1-norm", "apoz", "selectivity", "apoz-global", "selectivity
 # planned for the CPU (10 epochs = 30000 steps, about 30 CPU-minutes a run with flushed subnormals).
 VGG_EPOCHS = (2, 10)
 GAMMA_THRESHOLD = 1e-3  # |gamma| below it: a constant unit (the reports' threshold)
-# Selectivity bands of the mechanism table's medians.
+# Selectivity bands of the mechanism table's medians; the figure's ratio axis.
+FIGURE_RATIO_RANGE = (1e-3, 1e3)
 NON_SELECTIVE, SELECTIVE = 0.1, 0.5
 
 
@@ -314,7 +315,7 @@ def mechanism_table(out, reuse, seeds) -> Table:
                  ["optimizer", "seeds", "points", "Spearman ρ (selectivity, reg/loss)",
                   f"median reg/loss, selectivity < {NON_SELECTIVE:g}",
                   f"median reg/loss, selectivity ≥ {SELECTIVE:g}", f"points with selectivity ≥ {SELECTIVE:g} (%)",
-                  "mean selectivity"], lines)
+                  "mean selectivity"], lines, digits=2)
 
 
 def mechanism_figure(out, reuse, seeds, path) -> Path:
@@ -323,19 +324,29 @@ def mechanism_figure(out, reuse, seeds, path) -> Path:
     rows = _mechanism_rows()
     fig, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 3.6), sharey=True, squeeze=False)
     for ax, row in zip(axes[0], rows):
-        rhos = []
+        rhos, pooled = [], []
         for run_dir in _finished_dirs(row, out, reuse, seeds):
             selectivity, ratio = mechanism_points(run_dir)
             rhos.append(spearman(selectivity, ratio))
-            keep = ratio > 0
-            ax.scatter(selectivity[keep], ratio[keep], s=3, alpha=0.25, label=f"seed {read_result(run_dir)['config']['seed']}")
+            pooled.append((selectivity, ratio))
+            # Nearly-dead channels have loss parts near 0 and ratios up to 1e150: drawn at the edge.
+            ax.scatter(selectivity, np.clip(ratio, *FIGURE_RATIO_RANGE), s=3, alpha=0.25,
+                       label=f"seed {read_result(run_dir)['config']['seed']}")
+        if pooled:
+            selectivity, ratio = (np.concatenate(parts) for parts in zip(*pooled))
+            edges = np.linspace(0.0, 1.0, 11)
+            bins = np.clip(np.digitize(selectivity, edges) - 1, 0, 9)
+            centres = [(edges[b] + edges[b + 1]) / 2 for b in range(10) if (bins == b).any()]
+            medians = [np.median(ratio[bins == b]) for b in range(10) if (bins == b).any()]
+            ax.plot(centres, np.clip(medians, *FIGURE_RATIO_RANGE), "k-o", markersize=3, label="median per 0.1 bin")
         ax.set_yscale("log")
+        ax.set_ylim(*FIGURE_RATIO_RANGE)
         ax.set_xlabel("selectivity on the interval's training stream")
         rho = "no runs" if not rhos else "ρ = " + ", ".join(f"{r:.2f}" for r in rhos)
         ax.set_title(f"{OPTIMIZER_NAMES[row['optimizer']]} + L2 {L2_STRENGTH:g} ({rho})", fontsize=9)
         if rhos:
             ax.legend(fontsize=7, markerscale=3)
-    axes[0][0].set_ylabel("Σ|reg update| / Σ|loss update| of γ")
+    axes[0][0].set_ylabel("Σ|reg update| / Σ|loss update| of γ (clipped)")
     fig.suptitle("Per BN channel and 500-step interval: BasicNet w0.25, Fashion-MNIST, batch 20", fontsize=10)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

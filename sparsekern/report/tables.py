@@ -35,10 +35,11 @@ class Table:
     title: str
     columns: list[str]
     rows: list[list]
+    digits: int = 1  # decimals per number in markdown (the paper's tables: one)
 
     def to_markdown(self) -> str:
-        """The table in markdown, one decimal per number (the paper's tables)."""
-        return markdown_table(self.columns, self.rows, digits=1)
+        """The table in markdown, ``digits`` decimals per number."""
+        return markdown_table(self.columns, self.rows, digits=self.digits)
 
     def to_csv(self) -> str:
         """One column per text/number cell; a mean +- std cell becomes '<col> mean' and '<col> std'."""
